@@ -1,0 +1,147 @@
+"""The audit log: entries written inside the caller's transaction, and the trail query."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, insert, literal
+from sqlalchemy import select as sql_select
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from mcp_server import paging
+from mcp_server.db import json_object
+from mcp_server.errors import NotFoundError
+from mcp_server.models import AuditAction, AuditEntry, Entity, EntityKind, Task, TaskStatus, UTCDateTime
+from mcp_server.schemas import AuditEntryPublic, AuditTrail, EntityRef
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is changing data, in which tool call. The server decides it; no tool argument can."""
+
+    agent_id: str
+    request_id: str
+
+
+def snapshot(entity: Entity) -> dict[str, Any]:
+    """The JSON form of an entity's audited fields."""
+    values: dict[str, Any] = {"title": entity.title, "description": entity.description}
+    if entity.kind == EntityKind.TASK:
+        values |= {
+            "status": json_value(entity.status),
+            "priority": json_value(entity.priority),
+            "project_id": entity.project_id,
+        }
+    return values
+
+
+def json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value.value if hasattr(value, "value") else value
+
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The before and after of just the keys whose values differ."""
+    changed = [key for key in new if old.get(key) != new[key]]
+    return {key: old.get(key) for key in changed}, {key: new[key] for key in changed}
+
+
+def record(
+    session: AsyncSession,
+    actor: Actor,
+    entity: Entity,
+    action: AuditAction,
+    *,
+    at: datetime,
+    old: dict[str, Any] | None,
+    new: dict[str, Any] | None,
+) -> None:
+    assert entity.id is not None
+    session.add(
+        AuditEntry(
+            entity_id=entity.id,
+            entity_type=entity.kind,
+            action=action,
+            changed_by=actor.agent_id,
+            changed_at=at,
+            request_id=actor.request_id,
+            old_value={k: json_value(v) for k, v in old.items()} if old is not None else None,
+            new_value={k: json_value(v) for k, v in new.items()} if new is not None else None,
+        )
+    )
+
+
+async def record_status_changes(
+    session: AsyncSession, actor: Actor, matching: ColumnElement[bool], status: TaskStatus, *, at: datetime
+) -> None:
+    """One entry per task matching `matching`, old and new status, in a single INSERT ... SELECT.
+
+    On PostgreSQL the SELECT locks the rows it reads (FOR UPDATE), so the old status recorded is
+    the one the following UPDATE overwrites, even with concurrent writers.
+    """
+    columns = ["entity_id", "entity_type", "action", "changed_by", "changed_at", "request_id"]
+    source = (
+        sql_select(
+            Task.id,
+            literal(EntityKind.TASK.value),
+            literal(AuditAction.UPDATED.value),
+            literal(actor.agent_id),
+            literal(at, UTCDateTime),
+            literal(actor.request_id),
+            json_object(literal("status"), Task.status),
+            json_object(literal("status"), literal(status.value)),
+        )
+        .where(matching)
+        .with_for_update()
+    )
+    await session.execute(insert(AuditEntry).from_select([*columns, "old_value", "new_value"], source))
+
+
+_TRAIL_KEYS = [
+    paging.SortKey("changed_at", AuditEntry.changed_at, True, datetime.isoformat, datetime.fromisoformat),  # type: ignore[arg-type]
+    paging.SortKey("id", AuditEntry.id, True, int, int),  # type: ignore[arg-type]
+]
+
+
+async def get_audit_trail(
+    session: AsyncSession,
+    entity_id: int,
+    *,
+    changed_by: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    page_token: str | None,
+) -> AuditTrail:
+    entity = await session.get(Entity, entity_id)
+    if entity is None:
+        raise NotFoundError(f"no task or project has id {entity_id}")
+    conditions = [AuditEntry.entity_id == entity_id]
+    if changed_by is not None:
+        conditions.append(AuditEntry.changed_by == changed_by)
+    if since is not None:
+        conditions.append(AuditEntry.changed_at >= since)
+    if until is not None:
+        conditions.append(AuditEntry.changed_at < until)
+    query = paging.fingerprint("audit", entity_id, changed_by, since, until)
+    page = await paging.fetch_page(
+        session,
+        select(AuditEntry).where(*conditions),
+        _TRAIL_KEYS,
+        limit=limit,
+        page_token=page_token,
+        query=query,
+    )
+    assert entity.id is not None
+    return AuditTrail(
+        entity=EntityRef(
+            id=entity.id, type=EntityKind(entity.kind), name=entity.title, deleted=entity.deleted_at is not None
+        ),
+        items=[AuditEntryPublic.of(entry) for entry in page.rows],
+        has_more=page.has_more,
+        next_page_token=page.next_page_token,
+    )

@@ -1,0 +1,222 @@
+"""The filter language of search_tasks and bulk_update_status, and its compiler to SQL.
+
+This module is the security boundary between agent input and SQL: fields and operators come from
+the allow-list below, every value becomes a bound parameter of the column's type, and the size of
+a tree is capped. It does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, date, datetime, time
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
+from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy.orm import InstrumentedAttribute
+
+from mcp_server.errors import InvalidInputError
+from mcp_server.models import Priority, Task, TaskStatus
+
+MAX_DEPTH = 4
+MAX_NODES = 50
+MAX_LIST_VALUES = 100
+MAX_TEXT_LENGTH = 200
+
+
+class FilterField(StrEnum):
+    ID = "id"
+    TITLE = "title"
+    DESCRIPTION = "description"
+    STATUS = "status"
+    PRIORITY = "priority"
+    PROJECT_ID = "project_id"
+    CREATED_AT = "created_at"
+    UPDATED_AT = "updated_at"
+    DELETED_AT = "deleted_at"
+
+
+class Operator(StrEnum):
+    EQ = "eq"
+    NE = "ne"
+    IN = "in"
+    CONTAINS = "contains"
+    BEFORE = "before"
+    AFTER = "after"
+    IS_NULL = "is_null"
+
+
+ScalarValue = str | int | bool
+FilterValue = ScalarValue | list[str | int] | None
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: FilterField = Field(description="The task field to test.")
+    op: Operator = Field(
+        description=(
+            "eq / ne: equal or not; in: equal to one of a list; contains: case-insensitive substring "
+            "(title, description); before / after: strictly earlier / later than an ISO 8601 time "
+            "(dates); is_null: value true or false (deleted_at)."
+        )
+    )
+    value: FilterValue = Field(
+        default=None,
+        description="A value of the field's type; a list for `in`; true or false for `is_null`.",
+    )
+
+
+class AllOf(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    all_of: list[FilterNode] = Field(alias="and", min_length=1, description="Every node must match.")
+
+
+class AnyOf(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    any_of: list[FilterNode] = Field(alias="or", min_length=1, description="At least one node must match.")
+
+
+def _node_kind(node: Any) -> str | None:
+    if isinstance(node, dict):
+        if "and" in node:
+            return "and"
+        if "or" in node:
+            return "or"
+        return "condition"
+    return {Condition: "condition", AllOf: "and", AnyOf: "or"}.get(type(node))
+
+
+FilterNode = Annotated[
+    Annotated[Condition, Tag("condition")] | Annotated[AllOf, Tag("and")] | Annotated[AnyOf, Tag("or")],
+    Discriminator(_node_kind),
+]
+AllOf.model_rebuild()
+AnyOf.model_rebuild()
+
+
+def _utc_datetime(value: Any) -> datetime:
+    """ISO 8601 date or date-time; a time without an offset is taken as UTC."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = datetime.combine(date.fromisoformat(value), time())
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    raise ValueError("not a string")
+
+
+_Coerce = Callable[[Any], Any]
+
+
+def _adapter(tp: Any) -> _Coerce:
+    return TypeAdapter(tp).validate_python
+
+
+_INT = _adapter(Annotated[int, Field(strict=False)])
+_TEXT = _adapter(Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH)])
+_STATUS = _adapter(TaskStatus)
+_PRIORITY = _adapter(Priority)
+
+
+class _FieldSpec:
+    def __init__(self, column: Any, ops: set[Operator], coerce: _Coerce, expects: str) -> None:
+        self.column: InstrumentedAttribute[Any] = column
+        self.ops = ops
+        self.coerce = coerce
+        self.expects = expects
+
+
+_EQUALITY = {Operator.EQ, Operator.NE, Operator.IN}
+_TIME = {Operator.BEFORE, Operator.AFTER}
+_ISO = "an ISO 8601 time such as 2026-01-31T09:00:00Z"
+
+FIELDS: dict[FilterField, _FieldSpec] = {
+    FilterField.ID: _FieldSpec(Task.id, _EQUALITY, _INT, "an integer id"),
+    FilterField.TITLE: _FieldSpec(Task.title, _EQUALITY | {Operator.CONTAINS}, _TEXT, "text"),
+    FilterField.DESCRIPTION: _FieldSpec(Task.description, {Operator.CONTAINS}, _TEXT, "text"),
+    FilterField.STATUS: _FieldSpec(
+        Task.status, _EQUALITY, _STATUS, "one of " + ", ".join(s.value for s in TaskStatus)
+    ),
+    FilterField.PRIORITY: _FieldSpec(
+        Task.priority, _EQUALITY, _PRIORITY, "one of " + ", ".join(p.value for p in Priority)
+    ),
+    FilterField.PROJECT_ID: _FieldSpec(Task.project_id, _EQUALITY, _INT, "an integer project id"),
+    FilterField.CREATED_AT: _FieldSpec(Task.created_at, _TIME, _utc_datetime, _ISO),
+    FilterField.UPDATED_AT: _FieldSpec(Task.updated_at, _TIME, _utc_datetime, _ISO),
+    FilterField.DELETED_AT: _FieldSpec(Task.deleted_at, _TIME | {Operator.IS_NULL}, _utc_datetime, _ISO),
+}
+
+
+def compile_filter(node: Condition | AllOf | AnyOf) -> ColumnElement[bool]:
+    """The SQL condition for a filter tree, or InvalidInputError naming the node that is wrong."""
+    counter = [0]
+    return _compile(node, "filter", 1, counter)
+
+
+def _compile(node: Condition | AllOf | AnyOf, path: str, depth: int, counter: list[int]) -> ColumnElement[bool]:
+    counter[0] += 1
+    if counter[0] > MAX_NODES:
+        raise InvalidInputError(f"the filter has more than {MAX_NODES} nodes; simplify it or split the query")
+    if isinstance(node, Condition):
+        return _compile_condition(node, path)
+    if depth > MAX_DEPTH:
+        raise InvalidInputError(
+            f"{path}: groups nest deeper than {MAX_DEPTH} levels; flatten the filter "
+            "(an `in` condition often replaces a group of `eq` conditions)"
+        )
+    key, children, combine = (
+        ("and", node.all_of, and_) if isinstance(node, AllOf) else ("or", node.any_of, or_)
+    )
+    compiled = [_compile(child, f"{path}.{key}[{i}]", depth + 1, counter) for i, child in enumerate(children)]
+    return combine(*compiled)
+
+
+def _compile_condition(cond: Condition, path: str) -> ColumnElement[bool]:
+    spec = FIELDS[cond.field]
+    where = f"{path} ({cond.field.value} {cond.op.value})"
+    if cond.op not in spec.ops:
+        allowed = ", ".join(sorted(op.value for op in spec.ops))
+        raise InvalidInputError(f"{where}: operator not allowed on {cond.field.value}; allowed: {allowed}")
+    column = spec.column
+    value = cond.value
+    if cond.op is Operator.IS_NULL:
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"{where}: value must be true or false")
+        return column.is_(None) if value else column.is_not(None)
+    if cond.op is Operator.IN:
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_VALUES:
+            raise InvalidInputError(f"{where}: value must be a list of 1 to {MAX_LIST_VALUES} values")
+        return column.in_([_coerce(spec, item, where) for item in value])
+    if isinstance(value, list) or value is None:
+        raise InvalidInputError(f"{where}: value must be a single value ({spec.expects})")
+    coerced = _coerce(spec, value, where)
+    match cond.op:
+        case Operator.EQ:
+            return column == coerced
+        case Operator.NE:
+            return column != coerced
+        case Operator.CONTAINS:
+            return column.icontains(coerced, autoescape=True)
+        case Operator.BEFORE:
+            return column < coerced
+        case Operator.AFTER:
+            return column > coerced
+    raise AssertionError(cond.op)  # pragma: no cover - every operator is matched above
+
+
+def _coerce(spec: _FieldSpec, value: Any, where: str) -> Any:
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{where}: expected {spec.expects}, got a boolean")
+    try:
+        return spec.coerce(value)
+    except (ValidationError, ValueError, TypeError):
+        raise InvalidInputError(f"{where}: expected {spec.expects}, got {_preview(value)}") from None
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,206 @@
+"""The tables.
+
+Projects and tasks live in one `entity` table behind the `kind` discriminator and are loaded as
+their own classes (`Project`, `Task`) through SQLAlchemy single-table inheritance. One id space
+means an audit entry points at any entity through a real foreign key, and an agent can name any
+entity by its id alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from sqlalchemy import JSON, CheckConstraint, Column, DateTime, Dialect, Index, SmallInteger, String, Text, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeMeta, foreign, relationship, remote
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    BLOCKED = "blocked"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class EntityKind(StrEnum):
+    PROJECT = "project"
+    TASK = "task"
+
+
+class AuditAction(StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+    RESTORED = "restored"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on both databases (SQLite stores no offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where a timezone-aware one is required")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+PRIORITY_RANK: dict[Priority, int] = {p: rank for rank, p in enumerate(Priority, start=1)}
+_PRIORITY_BY_RANK = {rank: p for p, rank in PRIORITY_RANK.items()}
+
+
+class PriorityType(TypeDecorator[Priority]):
+    """Stored as its rank, so ordering by priority is ordering by urgency and can use an index."""
+
+    impl = SmallInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Priority | str | None, dialect: Dialect) -> int | None:
+        return None if value is None else PRIORITY_RANK[Priority(value)]
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> Priority | None:
+        return None if value is None else _PRIORITY_BY_RANK[value]
+
+
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
+
+_STATUS_VALUES = ", ".join(f"'{s.value}'" for s in TaskStatus)
+_LIVE_PROJECT = "kind = 'project' AND deleted_at IS NULL"
+
+
+class Entity(SQLModel, table=True):
+    __tablename__ = "entity"
+    __table_args__ = (
+        CheckConstraint("kind IN ('project', 'task')", name="ck_entity_kind"),
+        CheckConstraint(f"status IS NULL OR status IN ({_STATUS_VALUES})", name="ck_entity_status"),
+        CheckConstraint(
+            "kind <> 'task' OR (status IS NOT NULL AND priority IS NOT NULL AND project_id IS NOT NULL)",
+            name="ck_entity_task_fields",
+        ),
+        # The orderings search_tasks offers, each ending in id so keyset paging is exact.
+        Index("ix_entity_kind_created", "kind", "created_at", "id"),
+        Index("ix_entity_kind_updated", "kind", "updated_at", "id"),
+        Index("ix_entity_kind_priority", "kind", "priority", "id"),
+        Index("ix_entity_status_created", "status", "created_at", "id"),
+        Index("ix_entity_project_created", "project_id", "created_at", "id"),
+        Index("ix_entity_title", "title"),
+        # A project name is unique among live projects only, so a deleted project's name is reusable.
+        Index(
+            "uq_entity_live_project_title",
+            "title",
+            unique=True,
+            sqlite_where=text(_LIVE_PROJECT),
+            postgresql_where=text(_LIVE_PROJECT),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(sa_type=String(16), nullable=False)
+    title: str = Field(sa_type=String(200), nullable=False)
+    description: str = Field(default="", sa_type=Text, nullable=False)
+    status: TaskStatus | None = Field(default=None, sa_type=String(16), index=True)
+    priority: Priority | None = Field(default=None, sa_type=PriorityType)
+    project_id: int | None = Field(default=None, foreign_key="entity.id")
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind"}
+
+
+_E = TypeVar("_E", bound=type[Entity])
+
+
+def _single_table_subclass(identity: EntityKind) -> Any:
+    """Map an `Entity` subclass into the same table under its discriminator value.
+
+    SQLModel maps only the first table class in a hierarchy, so the subclass is mapped here:
+    the per-field Columns SQLModel made for it are dropped (the parent's table already has
+    them) and the parent's pydantic field defaults are restored over the instrumented
+    attributes that pydantic picked up as defaults.
+    """
+
+    def apply(cls: _E) -> _E:
+        namespace = {k: v for k, v in cls.__dict__.items() if not isinstance(v, Column)}
+        for name, value in list(cls.__dict__.items()):
+            if isinstance(value, Column):
+                delattr(cls, name)
+        cls.__mapper_args__ = namespace["__mapper_args__"] = {"polymorphic_identity": identity.value}
+        DeclarativeMeta.__init__(cls, cls.__name__, cls.__bases__, namespace)  # type: ignore[arg-type]
+        for name, field in Entity.model_fields.items():
+            cls.__pydantic_fields__[name] = copy.copy(field)
+        cls.model_rebuild(force=True)
+        return cls
+
+    return apply
+
+
+@_single_table_subclass(EntityKind.PROJECT)
+class Project(Entity, table=True):
+    __tablename__ = None  # type: ignore[assignment]
+
+
+@_single_table_subclass(EntityKind.TASK)
+class Task(Entity, table=True):
+    __tablename__ = None  # type: ignore[assignment]
+
+    if TYPE_CHECKING:
+        project: Project
+
+
+# Lazy loading would do I/O on attribute access, which async code cannot do: it raises, and every
+# read that returns a task's project eager-loads it.
+Task.__mapper__.add_property(
+    "project",
+    relationship(
+        Project,
+        primaryjoin=foreign(Task.__table__.c.project_id) == remote(Project.__table__.c.id),
+        lazy="raise",
+        viewonly=True,
+    ),
+)
+
+
+class AuditEntry(SQLModel, table=True):
+    __tablename__ = "audit_entry"
+    __table_args__ = (
+        Index("ix_audit_entity_changed", "entity_id", "changed_at", "id"),
+        Index("ix_audit_changed_by_changed", "changed_by", "changed_at"),
+        Index("ix_audit_request", "request_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    entity_id: int = Field(foreign_key="entity.id", nullable=False)
+    entity_type: str = Field(sa_type=String(16), nullable=False)
+    action: AuditAction = Field(sa_type=String(16), nullable=False)
+    changed_by: str = Field(sa_type=String(200), nullable=False)
+    changed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    request_id: str = Field(sa_type=String(64), nullable=False)
+    old_value: dict[str, Any] | None = Field(default=None, sa_type=JSONValue)
+    new_value: dict[str, Any] | None = Field(default=None, sa_type=JSONValue)

@@ -1,0 +1,149 @@
+"""What the tools take and return: the structured output and its schema."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mcp_server.models import AuditAction, AuditEntry, EntityKind, Priority, Project, Task, TaskStatus
+
+TITLE_MAX = 200
+DESCRIPTION_MAX = 10_000
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class TaskCreate(_Input):
+    title: str = Field(min_length=1, max_length=TITLE_MAX, description="Short title of the task.")
+    project_id: int = Field(description="Id of the live project the task belongs to (see list_projects).")
+    description: str = Field(default="", max_length=DESCRIPTION_MAX, description="Longer free text.")
+    status: TaskStatus = Field(default=TaskStatus.PENDING, description="Initial status.")
+    priority: Priority = Field(default=Priority.MEDIUM, description="Urgency.")
+
+
+class TaskUpdate(_Input):
+    title: str | None = Field(default=None, min_length=1, max_length=TITLE_MAX, description="New title.")
+    description: str | None = Field(default=None, max_length=DESCRIPTION_MAX, description="New description.")
+    status: TaskStatus | None = Field(default=None, description="New status.")
+    priority: Priority | None = Field(default=None, description="New priority.")
+    project_id: int | None = Field(default=None, description="Move the task to this live project.")
+
+
+class OrderBy(_Input):
+    field: Literal["created_at", "updated_at", "title", "priority", "id"] = Field(
+        description="Field to sort on; priority sorts by urgency (low < medium < high < critical)."
+    )
+    direction: Literal["asc", "desc"] = Field(default="asc", description="Sort direction.")
+
+
+class ProjectRef(BaseModel):
+    id: int
+    name: str
+
+
+class TaskPublic(BaseModel):
+    id: int
+    title: str
+    description: str
+    status: TaskStatus
+    priority: Priority
+    project: ProjectRef
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = Field(description="Set when the task is soft-deleted.")
+
+    @classmethod
+    def of(cls, task: Task) -> TaskPublic:
+        assert task.id is not None and task.status is not None and task.priority is not None
+        return cls(
+            id=task.id,
+            title=task.title,
+            description=task.description,
+            status=TaskStatus(task.status),
+            priority=task.priority,
+            project=ProjectRef(id=task.project.id or 0, name=task.project.title),
+            created_at=task.created_at,
+            updated_at=task.updated_at,
+            deleted_at=task.deleted_at,
+        )
+
+
+class TaskPage(BaseModel):
+    items: list[TaskPublic]
+    has_more: bool = Field(description="True when another page follows.")
+    next_page_token: str | None = Field(description="Pass as page_token to get the next page.")
+    total: int | None = Field(description="Number of matching tasks; only when include_total was true.")
+
+
+class ProjectPublic(BaseModel):
+    id: int
+    name: str
+    description: str
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, project: Project) -> ProjectPublic:
+        assert project.id is not None
+        return cls(
+            id=project.id,
+            name=project.title,
+            description=project.description,
+            created_at=project.created_at,
+            updated_at=project.updated_at,
+        )
+
+
+class ProjectPage(BaseModel):
+    items: list[ProjectPublic]
+    has_more: bool
+    next_page_token: str | None
+
+
+class BulkUpdateResult(BaseModel):
+    status: TaskStatus = Field(description="The status the changed tasks now have.")
+    changed_count: int = Field(description="How many tasks changed (tasks already in the status are not).")
+    changed_ids: list[int] = Field(description="Ids of the changed tasks, ascending, at most 500.")
+    changed_ids_truncated: bool = Field(description="True when more tasks changed than changed_ids lists.")
+    request_id: str = Field(description="Shared by the audit entries of this call.")
+
+
+class EntityRef(BaseModel):
+    id: int
+    type: EntityKind
+    name: str
+    deleted: bool
+
+
+class AuditEntryPublic(BaseModel):
+    id: int
+    action: AuditAction
+    changed_by: str
+    changed_at: datetime
+    request_id: str
+    old_value: dict[str, Any] | None
+    new_value: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, entry: AuditEntry) -> AuditEntryPublic:
+        assert entry.id is not None
+        return cls(
+            id=entry.id,
+            action=AuditAction(entry.action),
+            changed_by=entry.changed_by,
+            changed_at=entry.changed_at,
+            request_id=entry.request_id,
+            old_value=entry.old_value,
+            new_value=entry.new_value,
+        )
+
+
+class AuditTrail(BaseModel):
+    entity: EntityRef
+    items: list[AuditEntryPublic] = Field(description="Newest first.")
+    has_more: bool
+    next_page_token: str | None

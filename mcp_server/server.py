@@ -1,0 +1,319 @@
+"""The MCP server: tool handlers, thin.
+
+A handler decides who is calling, opens one transaction, calls one data function and returns
+its result. Expected failures become a `ToolError` that tells the agent what to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp.types import ToolAnnotations
+from pydantic import AwareDatetime, ConfigDict, Field
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from mcp_server import __version__, audit, identity, projects, tasks
+from mcp_server.audit import Actor
+from mcp_server.config import Settings
+from mcp_server.db import Database, create_database
+from mcp_server.errors import TaskServerError, translate_database_error
+from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterNode
+from mcp_server.models import Priority, TaskStatus
+from mcp_server.schemas import (
+    DESCRIPTION_MAX,
+    TITLE_MAX,
+    AuditTrail,
+    BulkUpdateResult,
+    OrderBy,
+    ProjectPage,
+    ProjectPublic,
+    TaskCreate,
+    TaskPage,
+    TaskPublic,
+    TaskUpdate,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 100
+MAX_BULK_IDS = 1000
+
+INSTRUCTIONS = (
+    "Tasks belong to projects. Find tasks with search_tasks, change them with update_task or "
+    "bulk_update_status. Every change is recorded in an audit log under your agent identity "
+    "(get_audit_trail). Deleting is soft: restore_task undoes it."
+)
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    db: Database
+
+
+ToolContext = Context[AppState, Any]
+
+
+def _state(ctx: ToolContext) -> AppState:
+    state: AppState = ctx.request_context.lifespan_context
+    return state
+
+
+def _actor(ctx: ToolContext) -> Actor:
+    return Actor(agent_id=identity.agent_identity(ctx, _state(ctx).settings), request_id=uuid.uuid4().hex)
+
+
+@asynccontextmanager
+async def _transaction(ctx: ToolContext, *, write: bool) -> AsyncIterator[AsyncSession]:
+    """One transaction for the call; every expected failure leaves as a ToolError."""
+    try:
+        async with _state(ctx).db.transaction(write=write) as session:
+            yield session
+    except TaskServerError as exc:
+        raise ToolError(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        translated = translate_database_error(exc)
+        if translated is None:
+            raise
+        logger.warning("tool call failed on the database: %s", type(exc).__name__)
+        raise ToolError(str(translated)) from exc
+
+
+# --- parameter types shared by several tools -------------------------------------------------
+
+TaskId = Annotated[int, Field(ge=1, description="The task's id.")]
+Limit = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description=f"Page size, 1 to {MAX_PAGE_SIZE}.")]
+PageToken = Annotated[
+    str | None,
+    Field(
+        default=None,
+        max_length=1000,
+        description="next_page_token from the previous page of the same query; omit for the first page.",
+    ),
+]
+Filter = Annotated[
+    FilterNode | None,
+    Field(
+        default=None,
+        description=(
+            'A condition {"field", "op", "value"} or a group {"and": [...]} / {"or": [...]} of nodes. '
+            "Fields: id, title, description, status, priority, project_id, created_at, updated_at, "
+            f"deleted_at. Groups nest at most {MAX_DEPTH} deep, {MAX_NODES} nodes in all, "
+            f"`in` lists at most {MAX_LIST_VALUES} values."
+        ),
+    ),
+]
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+
+async def search_tasks(
+    ctx: ToolContext,
+    filter: Filter = None,
+    order_by: Annotated[
+        list[OrderBy] | None,
+        Field(max_length=3, description="Sort keys, most significant first. Default: newest first."),
+    ] = None,
+    limit: Limit = 20,
+    page_token: PageToken = None,
+    include_deleted: Annotated[bool, Field(description="Also return soft-deleted tasks.")] = False,
+    include_total: Annotated[
+        bool, Field(description="Also count every match (a full count: slow on big result sets).")
+    ] = False,
+) -> TaskPage:
+    """Search tasks with a filter tree, in a stable order, one page at a time.
+
+    Soft-deleted tasks are left out unless include_deleted is true. has_more tells whether
+    another page follows; pass next_page_token back as page_token with the same filter and order.
+    """
+    async with _transaction(ctx, write=False) as session:
+        return await tasks.search_tasks(
+            session,
+            filter=filter,
+            order_by=order_by or [],
+            limit=limit,
+            page_token=page_token,
+            include_deleted=include_deleted,
+            include_total=include_total,
+        )
+
+
+async def get_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
+    """Fetch one live task with its project. A soft-deleted task is an error that says so."""
+    async with _transaction(ctx, write=False) as session:
+        return await tasks.get_task(session, task_id)
+
+
+async def create_task(
+    ctx: ToolContext,
+    title: Annotated[str, Field(min_length=1, max_length=TITLE_MAX, description="Short title.")],
+    project_id: Annotated[int, Field(ge=1, description="Id of a live project (see list_projects).")],
+    description: Annotated[str, Field(max_length=DESCRIPTION_MAX, description="Longer free text.")] = "",
+    status: Annotated[TaskStatus, Field(description="Initial status.")] = TaskStatus.PENDING,
+    priority: Annotated[Priority, Field(description="Urgency.")] = Priority.MEDIUM,
+) -> TaskPublic:
+    """Create a task in a project. Audited as `created` under your agent identity."""
+    data = TaskCreate(
+        title=title, project_id=project_id, description=description, status=status, priority=priority
+    )
+    async with _transaction(ctx, write=True) as session:
+        return await tasks.create_task(session, _actor(ctx), data)
+
+
+async def update_task(
+    ctx: ToolContext,
+    task_id: TaskId,
+    title: Annotated[str | None, Field(min_length=1, max_length=TITLE_MAX, description="New title.")] = None,
+    description: Annotated[str | None, Field(max_length=DESCRIPTION_MAX, description="New description.")] = None,
+    status: Annotated[TaskStatus | None, Field(description="New status.")] = None,
+    priority: Annotated[Priority | None, Field(description="New priority.")] = None,
+    project_id: Annotated[int | None, Field(ge=1, description="Move the task to this live project.")] = None,
+) -> TaskPublic:
+    """Change some fields of a live task; omitted fields stay as they are.
+
+    Audited as `updated` with the before and after of the fields that actually changed; a call
+    that changes nothing writes nothing.
+    """
+    changes = TaskUpdate(
+        title=title, description=description, status=status, priority=priority, project_id=project_id
+    )
+    async with _transaction(ctx, write=True) as session:
+        return await tasks.update_task(session, _actor(ctx), task_id, changes)
+
+
+async def soft_delete_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
+    """Soft-delete a task: it disappears from searches and reads but stays restorable (restore_task).
+
+    Audited as `deleted`.
+    """
+    async with _transaction(ctx, write=True) as session:
+        return await tasks.soft_delete_task(session, _actor(ctx), task_id)
+
+
+async def restore_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
+    """Bring back a soft-deleted task. Audited as `restored`."""
+    async with _transaction(ctx, write=True) as session:
+        return await tasks.restore_task(session, _actor(ctx), task_id)
+
+
+async def bulk_update_status(
+    ctx: ToolContext,
+    status: Annotated[TaskStatus, Field(description="The status to set.")],
+    filter: Filter = None,
+    task_ids: Annotated[
+        list[Annotated[int, Field(ge=1)]] | None,
+        Field(min_length=1, max_length=MAX_BULK_IDS, description="Ids of live tasks to change, instead of a filter."),
+    ] = None,
+) -> BulkUpdateResult:
+    """Set the status of every live task matching a filter (same language as search_tasks) or a list of ids.
+
+    All or nothing. Tasks already in that status are left alone; each task that changes gets
+    one audit entry with its old and new status. Preview the match with search_tasks first.
+    """
+    async with _transaction(ctx, write=True) as session:
+        return await tasks.bulk_update_status(session, _actor(ctx), status, filter=filter, task_ids=task_ids)
+
+
+async def get_audit_trail(
+    ctx: ToolContext,
+    entity_id: Annotated[int, Field(ge=1, description="Id of a task or a project, deleted ones included.")],
+    changed_by: Annotated[str | None, Field(max_length=200, description="Only entries by this agent.")] = None,
+    since: Annotated[AwareDatetime | None, Field(description="Only entries at or after this time.")] = None,
+    until: Annotated[AwareDatetime | None, Field(description="Only entries before this time.")] = None,
+    limit: Limit = 50,
+    page_token: PageToken = None,
+) -> AuditTrail:
+    """The audit entries of one task or project, newest first: who changed what, when, before and after."""
+    async with _transaction(ctx, write=False) as session:
+        return await audit.get_audit_trail(
+            session, entity_id, changed_by=changed_by, since=since, until=until, limit=limit, page_token=page_token
+        )
+
+
+async def create_project(
+    ctx: ToolContext,
+    name: Annotated[str, Field(min_length=1, max_length=TITLE_MAX, description="Unique among live projects.")],
+    description: Annotated[str, Field(max_length=DESCRIPTION_MAX, description="Longer free text.")] = "",
+) -> ProjectPublic:
+    """Create a project to hold tasks. Audited as `created`."""
+    async with _transaction(ctx, write=True) as session:
+        return await projects.create_project(session, _actor(ctx), name.strip(), description)
+
+
+async def list_projects(
+    ctx: ToolContext,
+    name_contains: Annotated[
+        str | None, Field(max_length=TITLE_MAX, description="Only projects whose name contains this text.")
+    ] = None,
+    limit: Limit = 50,
+    page_token: PageToken = None,
+) -> ProjectPage:
+    """List live projects by name, one page at a time."""
+    async with _transaction(ctx, write=False) as session:
+        return await projects.list_projects(session, name_contains=name_contains, limit=limit, page_token=page_token)
+
+
+def _annotations(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
+    return ToolAnnotations(
+        read_only_hint=False, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
+    )
+
+
+TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
+    (search_tasks, "Search tasks", READ_ONLY),
+    (get_task, "Get a task", READ_ONLY),
+    (create_task, "Create a task", _annotations(destructive=False, idempotent=False)),
+    (update_task, "Update a task", _annotations(destructive=True, idempotent=True)),
+    (soft_delete_task, "Delete a task (restorable)", _annotations(destructive=True, idempotent=True)),
+    (restore_task, "Restore a deleted task", _annotations(destructive=False, idempotent=True)),
+    (bulk_update_status, "Set the status of many tasks", _annotations(destructive=True, idempotent=True)),
+    (get_audit_trail, "Audit trail of a task or project", READ_ONLY),
+    (create_project, "Create a project", _annotations(destructive=False, idempotent=False)),
+    (list_projects, "List projects", READ_ONLY),
+]
+
+
+def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> Tool:
+    tool = Tool.from_function(fn, title=title, annotations=annotations, structured_output=True)
+    # Unknown arguments are an error the agent should see, not something silently dropped.
+    loose = tool.fn_metadata.arg_model
+    strict = type(
+        loose.__name__,
+        (loose,),
+        {"model_config": ConfigDict(extra="forbid", arbitrary_types_allowed=True), "__module__": __name__},
+    )
+    tool.fn_metadata.arg_model = strict
+    tool.parameters = strict.model_json_schema(by_alias=True)
+    return tool
+
+
+def create_server(settings: Settings) -> MCPServer[AppState]:
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        db = create_database(settings)
+        try:
+            await db.create_schema()
+            yield AppState(settings=settings, db=db)
+        finally:
+            await db.dispose()
+
+    return MCPServer(
+        "tasks",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        log_level=settings.log_level,  # type: ignore[arg-type]
+        tools=[_tool(fn, title, annotations) for fn, title, annotations in TOOLS],
+    )

@@ -1,0 +1,229 @@
+"""Task data functions. Each takes the caller's session (and actor, when it writes) and never commits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, update
+from sqlmodel import select
+from sqlalchemy.orm import joinedload
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from mcp_server import audit, paging, projects
+from mcp_server.audit import Actor
+from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError
+from mcp_server.filters import AllOf, AnyOf, Condition, compile_filter
+from mcp_server.models import AuditAction, AuditEntry, Priority, Project, Task, TaskStatus, utcnow
+from mcp_server.schemas import BulkUpdateResult, OrderBy, TaskCreate, TaskPage, TaskPublic, TaskUpdate
+
+MAX_CHANGED_IDS = 500
+DEFAULT_ORDER = (OrderBy(field="created_at", direction="desc"),)
+
+FilterTree = Condition | AllOf | AnyOf
+
+_SORT_KEYS: dict[str, tuple[Any, Any, Any]] = {
+    "created_at": (Task.created_at, datetime.isoformat, datetime.fromisoformat),
+    "updated_at": (Task.updated_at, datetime.isoformat, datetime.fromisoformat),
+    "title": (Task.title, str, str),
+    "priority": (Task.priority, lambda p: Priority(p).value, Priority),
+    "id": (Task.id, int, int),
+}
+
+
+def _sort_keys(order_by: Sequence[OrderBy]) -> list[paging.SortKey]:
+    keys = []
+    for item in order_by:
+        column, dump, load = _SORT_KEYS[item.field]
+        keys.append(paging.SortKey(item.field, column, item.direction == "desc", dump, load))
+    if all(key.name != "id" for key in keys):
+        # id breaks ties, so the order is total and keyset paging neither skips nor repeats a row.
+        keys.append(paging.SortKey("id", Task.id, keys[-1].descending, int, int))  # type: ignore[arg-type]
+    return keys
+
+
+def _with_project() -> Any:
+    return joinedload(Task.project, innerjoin=True)
+
+
+async def search_tasks(
+    session: AsyncSession,
+    *,
+    filter: FilterTree | None,
+    order_by: Sequence[OrderBy],
+    limit: int,
+    page_token: str | None,
+    include_deleted: bool,
+    include_total: bool,
+) -> TaskPage:
+    order_by = order_by or DEFAULT_ORDER
+    fields = [item.field for item in order_by]
+    if len(set(fields)) != len(fields):
+        raise InvalidInputError("order_by names a field twice; give each field once")
+    conditions = _conditions(filter, include_deleted)
+    query = paging.fingerprint(
+        filter.model_dump(mode="json", by_alias=True) if filter else None,
+        [item.model_dump() for item in order_by],
+        include_deleted,
+    )
+    page = await paging.fetch_page(
+        session,
+        select(Task).where(*conditions).options(_with_project()),
+        _sort_keys(order_by),
+        limit=limit,
+        page_token=page_token,
+        query=query,
+    )
+    total = None
+    if include_total:
+        total = (await session.exec(select(func.count(Task.id)).where(*conditions))).one()
+    return TaskPage(
+        items=[TaskPublic.of(task) for task in page.rows],
+        has_more=page.has_more,
+        next_page_token=page.next_page_token,
+        total=total,
+    )
+
+
+def _conditions(filter: FilterTree | None, include_deleted: bool) -> list[ColumnElement[bool]]:
+    conditions = [] if filter is None else [compile_filter(filter)]
+    if not include_deleted:
+        conditions.append(Task.deleted_at.is_(None))  # type: ignore[union-attr]
+    return conditions
+
+
+async def get_task(session: AsyncSession, task_id: int) -> TaskPublic:
+    return TaskPublic.of(await _load(session, task_id, deleted=False))
+
+
+async def _load(session: AsyncSession, task_id: int, *, deleted: bool | None, lock: bool = False) -> Task:
+    """The task with its project; `deleted` says whether it must be deleted (None: either)."""
+    statement = select(Task).where(Task.id == task_id).options(_with_project())
+    if lock:
+        statement = statement.with_for_update(of=Task)
+    task = (await session.exec(statement)).one_or_none()
+    if task is None:
+        raise NotFoundError(f"task {task_id} does not exist; search_tasks finds tasks by title or other fields")
+    if deleted is False and task.deleted_at is not None:
+        raise NotFoundError(
+            f"task {task_id} was deleted at {task.deleted_at.isoformat()}; restore_task brings it back"
+        )
+    if deleted is True and task.deleted_at is None:
+        raise ConflictError(f"task {task_id} is not deleted; nothing to restore")
+    return task
+
+
+async def create_task(session: AsyncSession, actor: Actor, data: TaskCreate) -> TaskPublic:
+    project = await projects.load_live(session, data.project_id)
+    now = utcnow()
+    task = Task(
+        title=data.title,
+        description=data.description,
+        status=data.status,
+        priority=data.priority,
+        project_id=data.project_id,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(task)
+    await session.flush()
+    _attach_project(task, project)
+    audit.record(session, actor, task, AuditAction.CREATED, at=now, old=None, new=audit.snapshot(task))
+    return TaskPublic.of(task)
+
+
+async def update_task(session: AsyncSession, actor: Actor, task_id: int, changes: TaskUpdate) -> TaskPublic:
+    requested = changes.model_dump(exclude_none=True)
+    if not requested:
+        raise InvalidInputError("give at least one field to change: title, description, status, priority, project_id")
+    task = await _load(session, task_id, deleted=False, lock=True)
+    before = audit.snapshot(task)
+    old, new = audit.diff(before, {key: audit.json_value(value) for key, value in requested.items()})
+    if not new:
+        return TaskPublic.of(task)
+    if "project_id" in new:
+        _attach_project(task, await projects.load_live(session, new["project_id"]))
+    now = utcnow()
+    for key, value in requested.items():
+        if key in new:
+            setattr(task, key, value)
+    task.updated_at = now
+    audit.record(session, actor, task, AuditAction.UPDATED, at=now, old=old, new=new)
+    await session.flush()
+    return TaskPublic.of(task)
+
+
+async def soft_delete_task(session: AsyncSession, actor: Actor, task_id: int) -> TaskPublic:
+    task = await _load(session, task_id, deleted=False, lock=True)
+    now = utcnow()
+    task.deleted_at = task.updated_at = now
+    audit.record(session, actor, task, AuditAction.DELETED, at=now, old={"deleted_at": None}, new={"deleted_at": now})
+    await session.flush()
+    return TaskPublic.of(task)
+
+
+async def restore_task(session: AsyncSession, actor: Actor, task_id: int) -> TaskPublic:
+    task = await _load(session, task_id, deleted=True, lock=True)
+    now = utcnow()
+    old = {"deleted_at": task.deleted_at}
+    task.deleted_at = None
+    task.updated_at = now
+    audit.record(session, actor, task, AuditAction.RESTORED, at=now, old=old, new={"deleted_at": None})
+    await session.flush()
+    return TaskPublic.of(task)
+
+
+async def bulk_update_status(
+    session: AsyncSession,
+    actor: Actor,
+    status: TaskStatus,
+    *,
+    filter: FilterTree | None,
+    task_ids: Sequence[int] | None,
+) -> BulkUpdateResult:
+    """Set `status` on every live matching task, set-based: one INSERT ... SELECT writes the audit
+    entries of exactly the tasks that change, then one UPDATE changes the tasks those entries name."""
+    if (filter is None) == (task_ids is None):
+        raise InvalidInputError("give either filter or task_ids, not both and not neither")
+    if task_ids is not None:
+        await _require_live(session, task_ids)
+        matching = Task.id.in_(task_ids)  # type: ignore[union-attr]
+    else:
+        assert filter is not None
+        matching = compile_filter(filter)
+    now = utcnow()
+    changing = [matching, Task.deleted_at.is_(None), Task.status != status]  # type: ignore[union-attr]
+    await audit.record_status_changes(session, actor, and_(*changing), status, at=now)
+    this_call = select(AuditEntry.entity_id).where(AuditEntry.request_id == actor.request_id)
+    result = await session.execute(
+        update(Task)
+        .where(Task.id.in_(this_call))  # type: ignore[union-attr]
+        .values(status=status, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    changed_ids = list(
+        (await session.exec(this_call.order_by(AuditEntry.entity_id).limit(MAX_CHANGED_IDS + 1))).all()
+    )
+    return BulkUpdateResult(
+        status=status,
+        changed_count=result.rowcount,  # type: ignore[attr-defined]
+        changed_ids=changed_ids[:MAX_CHANGED_IDS],
+        changed_ids_truncated=len(changed_ids) > MAX_CHANGED_IDS,
+        request_id=actor.request_id,
+    )
+
+
+async def _require_live(session: AsyncSession, task_ids: Sequence[int]) -> None:
+    found = set(
+        (await session.exec(select(Task.id).where(Task.id.in_(task_ids), Task.deleted_at.is_(None)))).all()  # type: ignore[union-attr]
+    )
+    missing = sorted(set(task_ids) - found)
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise NotFoundError(f"these tasks do not exist or are deleted: {shown}; nothing was changed")
+
+
+def _attach_project(task: Task, project: Project) -> None:
+    set_committed_value(task, "project", project)
