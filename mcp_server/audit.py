@@ -98,7 +98,7 @@ async def record_status_changes(
         .where(matching)
         .with_for_update()
     )
-    await session.execute(insert(AuditEntry).from_select([*columns, "old_value", "new_value"], source))
+    await session.exec(insert(AuditEntry).from_select([*columns, "old_value", "new_value"], source))
 
 
 _TRAIL_KEYS = [

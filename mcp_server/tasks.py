@@ -197,7 +197,7 @@ async def bulk_update_status(
     changing = [matching, Task.deleted_at.is_(None), Task.status != status]  # type: ignore[union-attr]
     await audit.record_status_changes(session, actor, and_(*changing), status, at=now)
     this_call = select(AuditEntry.entity_id).where(AuditEntry.request_id == actor.request_id)
-    result = await session.execute(
+    result = await session.exec(
         update(Task)
         .where(Task.id.in_(this_call))  # type: ignore[union-attr]
         .values(status=status, updated_at=now)

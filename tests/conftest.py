@@ -1,0 +1,127 @@
+"""Fixtures: every database test runs on SQLite and on PostgreSQL; tools run through the protocol."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from mcp import Client
+from mcp.types import CallToolResult, Implementation, TextContent
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from mcp_server.config import Settings
+from mcp_server.db import Database, create_database
+from mcp_server.server import create_server
+
+AGENT = "test-agent"
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/mcp_server_test")
+_postgres_checked: str | None = None
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    # Test modules mark themselves `pytest.mark.anyio`: anyio's plugin keeps an async fixture's
+    # setup and teardown in one task, which an MCP client's cancel scopes require.
+    return "asyncio"
+
+
+async def _postgres_problem() -> str | None:
+    """None when the test database is reachable (created if missing), else why not."""
+    url = make_url(POSTGRES_URL)
+    try:
+        admin = await asyncpg.connect(
+            host=url.host, port=url.port or 5432, user=url.username, password=url.password, database="postgres"
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"PostgreSQL at {url.host}:{url.port} is unreachable: {exc}"
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
+        if not exists:
+            await admin.execute(f'CREATE DATABASE "{url.database}"')
+    finally:
+        await admin.close()
+    return None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    global _postgres_checked
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tasks.db'}"
+        return
+    if _postgres_checked is None:
+        _postgres_checked = await _postgres_problem() or ""
+    if _postgres_checked:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires PostgreSQL: {_postgres_checked}")
+        pytest.skip(_postgres_checked)
+    db = create_database(Settings(database_url=POSTGRES_URL))
+    await db.create_schema()
+    async with db.engine.begin() as conn:
+        await conn.execute(text("TRUNCATE audit_entry, entity RESTART IDENTITY CASCADE"))
+    await db.dispose()
+    yield POSTGRES_URL
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url)
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[Database]:
+    """A second connection to the test database, to look at rows behind the server's back."""
+    database = create_database(settings)
+    await database.create_schema()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture(params=["legacy", "auto"])
+def era(request: pytest.FixtureRequest) -> str:
+    """'legacy': the initialize handshake (2025-11-25); 'auto': the stateless 2026-07-28 protocol."""
+    return str(request.param)
+
+
+def connect(settings: Settings, era: str, name: str = AGENT) -> Client:
+    return Client(create_server(settings), mode=era, client_info=Implementation(name=name, version="1"))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def client(settings: Settings, era: str, db: Database) -> AsyncIterator[Client]:
+    async with connect(settings, era) as c:
+        yield c
+
+
+async def call(client: Client, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+    result = await client.call_tool(tool, arguments or {})
+    assert not result.is_error, error_text(result)
+    return result.structured_content
+
+
+async def call_error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, f"{tool} should have failed but returned {result.structured_content}"
+    return error_text(result)
+
+
+def error_text(result: CallToolResult) -> str:
+    return " ".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+async def count_rows(db: Database, table: str) -> int:
+    async with db.engine.connect() as conn:
+        return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())  # noqa: S608
+
+
+async def snapshot(db: Database) -> list[Any]:
+    """Every row of both tables, to show that a rejected call changed nothing."""
+    async with db.engine.connect() as conn:
+        entities = (await conn.execute(text("SELECT * FROM entity ORDER BY id"))).all()
+        entries = (await conn.execute(text("SELECT * FROM audit_entry ORDER BY id"))).all()
+    return [tuple(row) for row in entities] + [tuple(row) for row in entries]

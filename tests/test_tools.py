@@ -1,0 +1,323 @@
+"""The tools, through the MCP protocol (in-memory client, both protocol eras), on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from mcp import Client
+from sqlalchemy import text
+
+from mcp_server.config import Settings
+from mcp_server.db import Database
+from tests.conftest import AGENT, call, call_error, connect, count_rows, snapshot
+
+pytestmark = pytest.mark.anyio
+
+EXPECTED_TOOLS = {
+    "search_tasks",
+    "get_task",
+    "create_task",
+    "update_task",
+    "soft_delete_task",
+    "restore_task",
+    "bulk_update_status",
+    "get_audit_trail",
+    "create_project",
+    "list_projects",
+}
+
+
+async def make_project(client: Client, name: str = "Apollo") -> int:
+    return int((await call(client, "create_project", {"name": name}))["id"])
+
+
+async def make_task(client: Client, project_id: int, title: str = "a task", **fields: Any) -> dict[str, Any]:
+    result: dict[str, Any] = await call(client, "create_task", {"title": title, "project_id": project_id, **fields})
+    return result
+
+
+async def audit_rows(db: Database, entity_id: int) -> list[Any]:
+    async with db.engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT action, changed_by FROM audit_entry WHERE entity_id = :id ORDER BY id"), {"id": entity_id}
+        )
+        return [tuple(row) for row in rows]
+
+
+async def test_every_tool_describes_itself_and_its_parameters_and_declares_its_output(client: Client) -> None:
+    tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert set(tools) == EXPECTED_TOOLS
+    for tool in tools.values():
+        assert tool.description and tool.title, tool.name
+        assert tool.output_schema is not None, tool.name
+        assert tool.input_schema.get("additionalProperties") is False, tool.name
+        for name, schema in tool.input_schema.get("properties", {}).items():
+            assert schema.get("description"), f"{tool.name}.{name} has no description"
+        annotations = tool.annotations
+        assert annotations is not None and annotations.open_world_hint is False, tool.name
+    assert tools["search_tasks"].annotations.read_only_hint is True  # type: ignore[union-attr]
+    assert tools["create_task"].annotations.read_only_hint is False  # type: ignore[union-attr]
+    assert tools["soft_delete_task"].annotations.destructive_hint is True  # type: ignore[union-attr]
+
+
+async def test_create_task_returns_it_with_its_project_and_audits_it_under_the_client_name(
+    client: Client, db: Database
+) -> None:
+    project_id = await make_project(client)
+    task = await make_task(client, project_id, "Write the launch plan", priority="high")
+    assert task["project"] == {"id": project_id, "name": "Apollo"}
+    assert task["status"] == "pending" and task["priority"] == "high"
+    assert datetime.fromisoformat(task["created_at"]).utcoffset() == timedelta(0)
+    trail = await call(client, "get_audit_trail", {"entity_id": task["id"]})
+    [entry] = trail["items"]
+    assert entry["action"] == "created" and entry["changed_by"] == AGENT
+    assert entry["old_value"] is None
+    assert entry["new_value"]["title"] == "Write the launch plan"
+    assert await audit_rows(db, task["id"]) == [("created", AGENT)]
+
+
+async def test_a_tool_argument_cannot_set_changed_by(client: Client, db: Database) -> None:
+    project_id = await make_project(client)
+    before = await snapshot(db)
+    message = await call_error(
+        client, "create_task", {"title": "t", "project_id": project_id, "changed_by": "someone-else"}
+    )
+    assert "changed_by" in message
+    assert await snapshot(db) == before
+    task = await make_task(client, project_id)
+    await call_error(client, "update_task", {"task_id": task["id"], "status": "blocked", "changed_by": "x"})
+    assert await audit_rows(db, task["id"]) == [("created", AGENT)]
+
+
+async def test_the_configured_agent_id_wins_over_the_client_reported_name(settings: Settings, era: str) -> None:
+    configured = settings.model_copy(update={"agent_id": "planner-bot"})
+    async with connect(configured, era, name="something-else") as client:
+        project_id = await make_project(client)
+        trail = await call(client, "get_audit_trail", {"entity_id": project_id})
+    assert [entry["changed_by"] for entry in trail["items"]] == ["planner-bot"]
+
+
+async def test_update_task_audits_only_the_fields_that_changed_and_a_no_op_writes_nothing(
+    client: Client, db: Database
+) -> None:
+    project_id = await make_project(client)
+    other_project = await make_project(client, "Gemini")
+    task = await make_task(client, project_id, "Draft", priority="low")
+    updated = await call(
+        client,
+        "update_task",
+        {"task_id": task["id"], "title": "Draft", "priority": "critical", "project_id": other_project},
+    )
+    assert updated["priority"] == "critical" and updated["project"]["name"] == "Gemini"
+    latest = (await call(client, "get_audit_trail", {"entity_id": task["id"]}))["items"][0]
+    assert latest["old_value"] == {"priority": "low", "project_id": project_id}
+    assert latest["new_value"] == {"priority": "critical", "project_id": other_project}
+    entries = await count_rows(db, "audit_entry")
+    await call(client, "update_task", {"task_id": task["id"], "priority": "critical"})
+    assert await count_rows(db, "audit_entry") == entries
+
+
+async def test_soft_deleted_tasks_stay_out_of_every_default_read(client: Client, db: Database) -> None:
+    project_id = await make_project(client)
+    kept = await make_task(client, project_id, "kept")
+    gone = await make_task(client, project_id, "gone")
+    deleted = await call(client, "soft_delete_task", {"task_id": gone["id"]})
+    assert deleted["deleted_at"] is not None
+
+    page = await call(client, "search_tasks", {"include_total": True})
+    assert [t["id"] for t in page["items"]] == [kept["id"]] and page["total"] == 1
+    by_id = {"field": "id", "op": "eq", "value": gone["id"]}
+    assert (await call(client, "search_tasks", {"filter": by_id}))["items"] == []
+    assert "restore_task" in await call_error(client, "get_task", {"task_id": gone["id"]})
+    await call_error(client, "update_task", {"task_id": gone["id"], "title": "x"})
+    await call_error(client, "soft_delete_task", {"task_id": gone["id"]})
+    await call_error(client, "bulk_update_status", {"status": "completed", "task_ids": [gone["id"]]})
+    result = await call(client, "bulk_update_status", {"status": "completed", "filter": by_id})
+    assert result["changed_count"] == 0
+
+    with_deleted = await call(client, "search_tasks", {"filter": by_id, "include_deleted": True})
+    assert [t["id"] for t in with_deleted["items"]] == [gone["id"]]
+
+    restored = await call(client, "restore_task", {"task_id": gone["id"]})
+    assert restored["deleted_at"] is None
+    assert (await call(client, "get_task", {"task_id": gone["id"]}))["title"] == "gone"
+    actions = [action for action, _ in await audit_rows(db, gone["id"])]
+    assert actions == ["created", "deleted", "restored"]
+
+
+async def test_bulk_update_status_changes_matching_live_tasks_with_one_audit_entry_each(
+    client: Client, db: Database
+) -> None:
+    project_id = await make_project(client)
+    pending = [await make_task(client, project_id, f"p{i}") for i in range(3)]
+    done = await make_task(client, project_id, "already done", status="completed")
+    other = await make_task(client, project_id, "blocked one", status="blocked")
+    entries = await count_rows(db, "audit_entry")
+
+    result = await call(
+        client,
+        "bulk_update_status",
+        {"status": "completed", "filter": {"field": "status", "op": "in", "value": ["pending", "completed"]}},
+    )
+    assert result["changed_count"] == 3
+    assert result["changed_ids"] == sorted(t["id"] for t in pending)
+    assert result["changed_ids_truncated"] is False
+    assert await count_rows(db, "audit_entry") == entries + 3
+    trail = await call(client, "get_audit_trail", {"entity_id": pending[0]["id"]})
+    latest = trail["items"][0]
+    assert latest["old_value"] == {"status": "pending"} and latest["new_value"] == {"status": "completed"}
+    assert latest["changed_by"] == AGENT and latest["request_id"] == result["request_id"]
+    assert [a for a, _ in await audit_rows(db, done["id"])] == ["created"]
+    assert (await call(client, "get_task", {"task_id": other["id"]}))["status"] == "blocked"
+    assert (await call(client, "get_task", {"task_id": pending[1]["id"]}))["status"] == "completed"
+
+
+async def test_bulk_update_by_ids_with_a_missing_id_changes_nothing(client: Client, db: Database) -> None:
+    project_id = await make_project(client)
+    task = await make_task(client, project_id)
+    before = await snapshot(db)
+    message = await call_error(client, "bulk_update_status", {"status": "blocked", "task_ids": [task["id"], 9999]})
+    assert "9999" in message
+    assert await snapshot(db) == before
+
+
+async def test_a_failing_bulk_update_leaves_neither_changes_nor_audit_entries(
+    client: Client, db: Database
+) -> None:
+    project_id = await make_project(client)
+    tasks = [await make_task(client, project_id, f"t{i}") for i in range(4)]
+    # The database itself refuses to update the last task, after the audit rows were inserted
+    # and some tasks may already have been updated by the same statement.
+    async with db.engine.begin() as conn:
+        if db.is_sqlite:
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_update BEFORE UPDATE OF status ON entity "
+                    f"WHEN NEW.id = {tasks[-1]['id']} BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        else:
+            await conn.execute(
+                text(
+                    "CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_update BEFORE UPDATE OF status ON entity FOR EACH ROW "
+                    f"WHEN (NEW.id = {tasks[-1]['id']}) EXECUTE FUNCTION refuse_update()"
+                )
+            )
+    try:
+        before = await snapshot(db)
+        message = await call_error(client, "bulk_update_status", {"status": "completed", "task_ids": [t["id"] for t in tasks]})
+        assert "refused" not in message and "UPDATE" not in message
+        assert await snapshot(db) == before
+    finally:
+        async with db.engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER refuse_update" + ("" if db.is_sqlite else " ON entity")))
+            if not db.is_sqlite:
+                await conn.execute(text("DROP FUNCTION refuse_update()"))
+    # The server keeps serving, and the same call now succeeds whole.
+    result = await call(client, "bulk_update_status", {"status": "completed", "task_ids": [t["id"] for t in tasks]})
+    assert result["changed_count"] == 4
+
+
+async def test_search_pages_through_every_match_once_in_order(client: Client) -> None:
+    project_id = await make_project(client)
+    priorities = ["low", "medium", "high", "critical"]
+    created = [await make_task(client, project_id, f"task {i:02d}", priority=priorities[i % 4]) for i in range(11)]
+    order = [{"field": "priority", "direction": "desc"}, {"field": "title", "direction": "asc"}]
+    seen: list[dict[str, Any]] = []
+    token = None
+    while True:
+        args: dict[str, Any] = {"order_by": order, "limit": 4}
+        if token:
+            args["page_token"] = token
+        page = await call(client, "search_tasks", args)
+        seen += page["items"]
+        token = page["next_page_token"]
+        assert page["has_more"] == (token is not None)
+        if not token:
+            break
+    expected = sorted(created, key=lambda t: (-priorities.index(t["priority"]), t["title"]))
+    assert [t["id"] for t in seen] == [t["id"] for t in expected]
+
+    default = await call(client, "search_tasks", {"limit": 3})
+    assert [t["id"] for t in default["items"]] == [t["id"] for t in reversed(created)][:3]
+
+
+async def test_a_page_token_only_works_with_the_query_that_issued_it(client: Client) -> None:
+    project_id = await make_project(client)
+    for i in range(3):
+        await make_task(client, project_id, f"t{i}")
+    page = await call(client, "search_tasks", {"limit": 1})
+    other_query = {"limit": 1, "page_token": page["next_page_token"], "order_by": [{"field": "title"}]}
+    assert "page_token" in await call_error(client, "search_tasks", other_query)
+    assert "page_token" in await call_error(client, "search_tasks", {"page_token": "not-a-token"})
+
+
+async def test_get_audit_trail_is_newest_first_and_filters_by_agent_and_time(
+    settings: Settings, era: str, db: Database
+) -> None:
+    async with connect(settings, era, name="alice") as alice:
+        project_id = await make_project(alice)
+        task = await make_task(alice, project_id)
+    async with connect(settings, era, name="bob") as bob:
+        for status in ("in_progress", "blocked", "completed"):
+            await call(bob, "update_task", {"task_id": task["id"], "status": status})
+        trail = await call(bob, "get_audit_trail", {"entity_id": task["id"], "limit": 2})
+        assert [e["new_value"].get("status") for e in trail["items"]] == ["completed", "blocked"]
+        rest = await call(bob, "get_audit_trail", {"entity_id": task["id"], "page_token": trail["next_page_token"]})
+        assert [e["action"] for e in rest["items"]] == ["updated", "created"] and not rest["has_more"]
+
+        by_alice = await call(bob, "get_audit_trail", {"entity_id": task["id"], "changed_by": "alice"})
+        assert [e["action"] for e in by_alice["items"]] == ["created"]
+        created_at = by_alice["items"][0]["changed_at"]
+        since = await call(bob, "get_audit_trail", {"entity_id": task["id"], "since": created_at})
+        assert len(since["items"]) == 4
+        until = await call(bob, "get_audit_trail", {"entity_id": task["id"], "until": created_at})
+        assert until["items"] == []
+        assert "9999" in await call_error(bob, "get_audit_trail", {"entity_id": 9999})
+
+
+async def test_project_names_are_unique_among_live_projects_only(client: Client, db: Database) -> None:
+    first = await make_project(client, "Apollo")
+    before = await snapshot(db)
+    message = await call_error(client, "create_project", {"name": "Apollo"})
+    assert "already exists" in message and str(first) in message
+    assert await snapshot(db) == before
+    async with db.engine.begin() as conn:  # soft-delete the project behind the server's back
+        await conn.execute(text("UPDATE entity SET deleted_at = CURRENT_TIMESTAMP WHERE id = :id"), {"id": first})
+    second = await make_project(client, "Apollo")
+    assert second != first
+    listed = await call(client, "list_projects", {})
+    assert [(p["id"], p["name"]) for p in listed["items"]] == [(second, "Apollo")]
+    message = await call_error(client, "create_task", {"title": "t", "project_id": first})
+    assert "list_projects" in message
+
+
+async def test_list_projects_pages_by_name_and_filters_by_text(client: Client) -> None:
+    for name in ["Zeta", "alpha", "Beta launch", "Gamma launch"]:
+        await make_project(client, name)
+    first = await call(client, "list_projects", {"limit": 2})
+    second = await call(client, "list_projects", {"limit": 2, "page_token": first["next_page_token"]})
+    names = [p["name"] for p in first["items"] + second["items"]]
+    assert sorted(names) == sorted(["Zeta", "alpha", "Beta launch", "Gamma launch"]) and len(set(names)) == 4
+    launch = await call(client, "list_projects", {"name_contains": "LAUNCH"})
+    assert [p["name"] for p in launch["items"]] == ["Beta launch", "Gamma launch"]
+
+
+async def test_search_after_and_before_compare_times_across_timezones(client: Client) -> None:
+    project_id = await make_project(client)
+    task = await make_task(client, project_id)
+    created = datetime.fromisoformat(task["created_at"])
+    just_before = (created - timedelta(seconds=1)).astimezone(UTC).replace(tzinfo=None).isoformat()
+    in_tokyo = (created + timedelta(seconds=1)).astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo")).isoformat()
+    after = {"field": "created_at", "op": "after", "value": just_before}
+    before = {"field": "created_at", "op": "before", "value": in_tokyo}
+    page = await call(client, "search_tasks", {"filter": {"and": [after, before]}})
+    assert [t["id"] for t in page["items"]] == [task["id"]]
