@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from mcp import Client
@@ -316,8 +317,11 @@ async def test_search_after_and_before_compare_times_across_timezones(client: Cl
     task = await make_task(client, project_id)
     created = datetime.fromisoformat(task["created_at"])
     just_before = (created - timedelta(seconds=1)).astimezone(UTC).replace(tzinfo=None).isoformat()
-    in_tokyo = (created + timedelta(seconds=1)).astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo")).isoformat()
+    in_tokyo = (created + timedelta(seconds=1)).astimezone(ZoneInfo("Asia/Tokyo")).isoformat()
     after = {"field": "created_at", "op": "after", "value": just_before}
     before = {"field": "created_at", "op": "before", "value": in_tokyo}
     page = await call(client, "search_tasks", {"filter": {"and": [after, before]}})
     assert [t["id"] for t in page["items"]] == [task["id"]]
+    for op in ("before", "after"):  # strict: the task's own time is neither before nor after it
+        exact = {"field": "created_at", "op": op, "value": task["created_at"]}
+        assert (await call(client, "search_tasks", {"filter": exact}))["items"] == []

@@ -1,0 +1,109 @@
+"""Bad input: a clear ToolError that says what is allowed, no change, and the server keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from mcp import Client
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from mcp_server.db import Database
+from tests.conftest import call, call_error, snapshot
+from tests.test_tools import make_project, make_task
+
+pytestmark = pytest.mark.anyio
+
+LEAKS = ("SELECT", "INSERT", "UPDATE ", "sqlalchemy", "asyncpg", "sqlite3", "[SQL", "Traceback", "postgresql://")
+
+
+def nest(depth: int) -> dict[str, Any]:
+    node: dict[str, Any] = {"field": "status", "op": "eq", "value": "pending"}
+    for _ in range(depth):
+        node = {"and": [node]}
+    return node
+
+
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("search_tasks", {"filter": {"field": "secret", "op": "eq", "value": 1}}, "title"),
+    ("search_tasks", {"filter": {"field": "status", "op": "like", "value": "x"}}, "contains"),
+    ("search_tasks", {"filter": {"field": "status", "op": "contains", "value": "pend"}}, "allowed: eq, in, ne"),
+    ("search_tasks", {"filter": {"field": "status", "op": "eq", "value": "done"}}, "in_progress"),
+    ("search_tasks", {"filter": {"field": "id", "op": "eq", "value": "seven"}}, "integer"),
+    ("search_tasks", {"filter": {"field": "created_at", "op": "after", "value": "yesterday"}}, "ISO 8601"),
+    ("search_tasks", {"filter": {"field": "title", "op": "in", "value": "a"}}, "list"),
+    ("search_tasks", {"filter": {"field": "deleted_at", "op": "is_null", "value": "yes"}}, "true or false"),
+    ("search_tasks", {"filter": nest(5)}, "deeper than 4"),
+    ("search_tasks", {"filter": {"or": [{"field": "id", "op": "eq", "value": i} for i in range(60)]}}, "50 nodes"),
+    ("search_tasks", {"filter": {"and": []}}, "at least 1"),
+    ("search_tasks", {"filter": {"field": "title", "op": "contains", "value": "x", "extra": 1}}, "extra"),
+    ("search_tasks", {"limit": 101}, "less than or equal to 100"),
+    ("search_tasks", {"limit": 0}, "greater than or equal to 1"),
+    ("search_tasks", {"order_by": [{"field": "description"}]}, "created_at"),
+    ("search_tasks", {"order_by": [{"field": "title"}, {"field": "title"}]}, "twice"),
+    ("search_tasks", {"unknown_argument": True}, "unknown_argument"),
+    ("create_task", {"title": "t", "project_id": 1, "status": "done"}, "in_progress"),
+    ("create_task", {"title": "t", "project_id": 1, "priority": "urgent"}, "critical"),
+    ("create_task", {"title": "", "project_id": 1}, "at least 1 character"),
+    ("create_task", {"title": "t" * 201, "project_id": 1}, "at most 200"),
+    ("create_task", {"title": "t", "project_id": 424242}, "list_projects"),
+    ("create_task", {"title": "t", "project_id": "one"}, "integer"),
+    ("get_task", {"task_id": 424242}, "does not exist"),
+    ("update_task", {"task_id": 424242, "title": "x"}, "does not exist"),
+    ("update_task", {"task_id": 1}, "at least one field"),
+    ("soft_delete_task", {"task_id": 424242}, "does not exist"),
+    ("restore_task", {"task_id": 424242}, "does not exist"),
+    ("bulk_update_status", {"status": "completed"}, "either filter or task_ids"),
+    ("bulk_update_status", {"status": "finished", "task_ids": [1]}, "in_progress"),
+    ("bulk_update_status", {"status": "completed", "task_ids": list(range(1, 1002))}, "at most 1000"),
+    ("get_audit_trail", {"entity_id": 424242}, "no task or project"),
+    ("get_audit_trail", {"entity_id": 1, "since": "2026-01-01T00:00:00"}, "timezone"),
+    ("list_projects", {"limit": 500}, "less than or equal to 100"),
+    ("no_such_tool", {}, "no_such_tool"),
+]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "hint"), CASES, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(CASES)])
+async def test_bad_input_gets_a_tool_error_that_says_what_to_fix_and_changes_nothing(
+    client: Client, db: Database, tool: str, arguments: dict[str, Any], hint: str
+) -> None:
+    project_id = await make_project(client)
+    await make_task(client, project_id)
+    before = await snapshot(db)
+    message = await call_error(client, tool, arguments)
+    assert hint.lower() in message.lower(), message
+    assert not any(leak in message for leak in LEAKS), message
+    assert await snapshot(db) == before
+    assert (await call(client, "search_tasks", {}))["items"], "the server stopped serving"
+
+
+@contextmanager
+def count_selects() -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+async def test_search_query_count_does_not_grow_with_page_size(client: Client) -> None:
+    projects = [await make_project(client, f"p{i}") for i in range(5)]
+    for i in range(100):
+        await make_task(client, projects[i % 5], f"task {i}")
+    counts = {}
+    for limit in (1, 100):
+        with count_selects() as statements:
+            page = await call(client, "search_tasks", {"limit": limit, "include_total": True})
+        assert len(page["items"]) == limit
+        assert {t["project"]["name"] for t in page["items"]} <= {f"p{i}" for i in range(5)}
+        counts[limit] = len(statements)
+    assert counts[1] == counts[100] == 2  # the page with its projects joined in, and the total
