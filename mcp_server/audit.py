@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, insert, literal
 from sqlalchemy import select as sql_select
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import paging
@@ -86,13 +86,13 @@ async def record_status_changes(
     columns = ["entity_id", "entity_type", "action", "changed_by", "changed_at", "request_id"]
     source = (
         sql_select(
-            Task.id,
+            col(Task.id),
             literal(EntityKind.TASK.value),
             literal(AuditAction.UPDATED.value),
             literal(actor.agent_id),
             literal(at, UTCDateTime),
             literal(actor.request_id),
-            json_object(literal("status"), Task.status),
+            json_object(literal("status"), col(Task.status)),
             json_object(literal("status"), literal(status.value)),
         )
         .where(matching)
@@ -102,8 +102,10 @@ async def record_status_changes(
 
 
 _TRAIL_KEYS = [
-    paging.SortKey("changed_at", AuditEntry.changed_at, True, datetime.isoformat, datetime.fromisoformat),  # type: ignore[arg-type]
-    paging.SortKey("id", AuditEntry.id, True, int, int),  # type: ignore[arg-type]
+    paging.SortKey(
+        "changed_at", col(AuditEntry.changed_at), True, datetime.isoformat, datetime.fromisoformat
+    ),
+    paging.SortKey("id", col(AuditEntry.id), True, int, int),
 ]
 
 
@@ -139,7 +141,10 @@ async def get_audit_trail(
     assert entity.id is not None
     return AuditTrail(
         entity=EntityRef(
-            id=entity.id, type=EntityKind(entity.kind), name=entity.title, deleted=entity.deleted_at is not None
+            id=entity.id,
+            type=EntityKind(entity.kind),
+            name=entity.title,
+            deleted=entity.deleted_at is not None,
         ),
         items=[AuditEntryPublic.of(entry) for entry in page.rows],
         has_more=page.has_more,

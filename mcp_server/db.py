@@ -86,10 +86,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
 
 
-class json_object(FunctionElement[dict[str, Any]]):  # noqa: N801 - SQL function naming
+class json_object(FunctionElement[dict[str, Any]]):
     """`json_object(key, value, ...)` in SQL: builds an audit value inside a set-based statement."""
 
-    type = models.JSONValue
+    type = models.JSONValue  # type: ignore[assignment]  # JSON on SQLite, JSONB on PostgreSQL
     inherit_cache = True
 
 

@@ -87,7 +87,11 @@ def _node_kind(node: Any) -> str | None:
         if "or" in node:
             return "or"
         return "condition"
-    return {Condition: "condition", AllOf: "and", AnyOf: "or"}.get(type(node))
+    if isinstance(node, AllOf):
+        return "and"
+    if isinstance(node, AnyOf):
+        return "or"
+    return "condition" if isinstance(node, Condition) else None
 
 
 FilterNode = Annotated[
@@ -157,7 +161,9 @@ def compile_filter(node: Condition | AllOf | AnyOf) -> ColumnElement[bool]:
     return _compile(node, "filter", 1, counter)
 
 
-def _compile(node: Condition | AllOf | AnyOf, path: str, depth: int, counter: list[int]) -> ColumnElement[bool]:
+def _compile(
+    node: Condition | AllOf | AnyOf, path: str, depth: int, counter: list[int]
+) -> ColumnElement[bool]:
     counter[0] += 1
     if counter[0] > MAX_NODES:
         raise InvalidInputError(f"the filter has more than {MAX_NODES} nodes; simplify it or split the query")
@@ -194,18 +200,19 @@ def _compile_condition(cond: Condition, path: str) -> ColumnElement[bool]:
     if isinstance(value, list) or value is None:
         raise InvalidInputError(f"{where}: value must be a single value ({spec.expects})")
     coerced = _coerce(spec, value, where)
+    clause: ColumnElement[bool]
     match cond.op:
         case Operator.EQ:
-            return column == coerced
+            clause = column == coerced
         case Operator.NE:
-            return column != coerced
+            clause = column != coerced
         case Operator.CONTAINS:
-            return column.icontains(coerced, autoescape=True)
+            clause = column.icontains(coerced, autoescape=True)
         case Operator.BEFORE:
-            return column < coerced
+            clause = column < coerced
         case Operator.AFTER:
-            return column > coerced
-    raise AssertionError(cond.op)  # pragma: no cover - every operator is matched above
+            clause = column > coerced
+    return clause
 
 
 def _coerce(spec: _FieldSpec, value: Any, where: str) -> Any:

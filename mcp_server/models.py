@@ -11,11 +11,23 @@ from __future__ import annotations
 import copy
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy import JSON, CheckConstraint, Column, DateTime, Dialect, Index, SmallInteger, String, Text, text
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    SmallInteger,
+    String,
+    Text,
+    inspect,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeMeta, foreign, relationship, remote
+from sqlalchemy.orm import DeclarativeMeta, Mapped, foreign, relationship, remote
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -121,7 +133,8 @@ class Entity(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    kind: str = Field(sa_type=String(16), nullable=False)
+    # Set from the subclass's polymorphic identity; the default only keeps the constructor optional.
+    kind: str = Field(default="", sa_type=String(16), nullable=False)
     title: str = Field(sa_type=String(200), nullable=False)
     description: str = Field(default="", sa_type=Text, nullable=False)
     status: TaskStatus | None = Field(default=None, sa_type=String(16), index=True)
@@ -142,8 +155,8 @@ def _single_table_subclass(identity: EntityKind) -> Any:
 
     SQLModel maps only the first table class in a hierarchy, so the subclass is mapped here:
     the per-field Columns SQLModel made for it are dropped (the parent's table already has
-    them) and the parent's pydantic field defaults are restored over the instrumented
-    attributes that pydantic picked up as defaults.
+    them), the parent's pydantic field defaults are restored over the instrumented attributes
+    that pydantic picked up as defaults, and `kind` defaults to the subclass's identity.
     """
 
     def apply(cls: _E) -> _E:
@@ -152,9 +165,10 @@ def _single_table_subclass(identity: EntityKind) -> Any:
             if isinstance(value, Column):
                 delattr(cls, name)
         cls.__mapper_args__ = namespace["__mapper_args__"] = {"polymorphic_identity": identity.value}
-        DeclarativeMeta.__init__(cls, cls.__name__, cls.__bases__, namespace)  # type: ignore[arg-type]
+        DeclarativeMeta.__init__(cls, cls.__name__, cls.__bases__, namespace)
         for name, field in Entity.model_fields.items():
             cls.__pydantic_fields__[name] = copy.copy(field)
+        cls.__pydantic_fields__["kind"].default = identity.value
         cls.model_rebuild(force=True)
         return cls
 
@@ -170,17 +184,17 @@ class Project(Entity, table=True):
 class Task(Entity, table=True):
     __tablename__ = None  # type: ignore[assignment]
 
-    if TYPE_CHECKING:
-        project: Project
+    project: ClassVar[Mapped[Project]]  # mapped below; the subclass mapping cannot declare it
 
 
 # Lazy loading would do I/O on attribute access, which async code cannot do: it raises, and every
 # read that returns a task's project eager-loads it.
-Task.__mapper__.add_property(
+_entity_table = Entity.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
+inspect(Task).add_property(
     "project",
     relationship(
         Project,
-        primaryjoin=foreign(Task.__table__.c.project_id) == remote(Project.__table__.c.id),
+        primaryjoin=foreign(_entity_table.c.project_id) == remote(_entity_table.c.id),
         lazy="raise",
         viewonly=True,
     ),

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, literal, or_, tuple_
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import ColumnElement, and_, literal, or_, tuple_
 from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import SelectOfScalar
 
 from mcp_server.errors import InvalidInputError
 
@@ -30,7 +30,7 @@ _TOKEN_ERROR = (
 @dataclass(frozen=True)
 class SortKey:
     name: str
-    column: InstrumentedAttribute[Any]
+    column: Any  # a mapped column attribute
     descending: bool
     dump: Callable[[Any], Any]
     load: Callable[[Any], Any]
@@ -90,7 +90,7 @@ def order(keys: Sequence[SortKey]) -> list[Any]:
 
 async def fetch_page(
     session: AsyncSession,
-    statement: Select[tuple[T]],
+    statement: SelectOfScalar[T],
     keys: Sequence[SortKey],
     *,
     limit: int,

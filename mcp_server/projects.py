@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import exc as sa_exc
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import audit, paging
@@ -13,24 +13,28 @@ from mcp_server.models import AuditAction, Project, utcnow
 from mcp_server.schemas import ProjectPage, ProjectPublic
 
 _KEYS = [
-    paging.SortKey("title", Project.title, False, str, str),  # type: ignore[arg-type]
-    paging.SortKey("id", Project.id, False, int, int),  # type: ignore[arg-type]
+    paging.SortKey("title", col(Project.title), False, str, str),
+    paging.SortKey("id", col(Project.id), False, int, int),
 ]
 
 
 async def load_live(session: AsyncSession, project_id: int) -> Project:
     project = await session.get(Project, project_id)
     if project is None or project.deleted_at is not None:
-        raise NotFoundError(f"project {project_id} does not exist or is deleted; list_projects shows the live ones")
+        raise NotFoundError(
+            f"project {project_id} does not exist or is deleted; list_projects shows the live ones"
+        )
     return project
 
 
 async def create_project(session: AsyncSession, actor: Actor, name: str, description: str) -> ProjectPublic:
     existing = (
-        await session.exec(select(Project.id).where(Project.title == name, Project.deleted_at.is_(None)))  # type: ignore[union-attr]
+        await session.exec(select(Project.id).where(Project.title == name, col(Project.deleted_at).is_(None)))
     ).first()
     if existing is not None:
-        raise ConflictError(f"a project named {name!r} already exists (id {existing}); use it or pick another name")
+        raise ConflictError(
+            f"a project named {name!r} already exists (id {existing}); use it or pick another name"
+        )
     now = utcnow()
     project = Project(title=name, description=description, created_at=now, updated_at=now)
     session.add(project)
@@ -46,9 +50,9 @@ async def create_project(session: AsyncSession, actor: Actor, name: str, descrip
 async def list_projects(
     session: AsyncSession, *, name_contains: str | None, limit: int, page_token: str | None
 ) -> ProjectPage:
-    statement = select(Project).where(Project.deleted_at.is_(None))  # type: ignore[union-attr]
+    statement = select(Project).where(col(Project.deleted_at).is_(None))
     if name_contains:
-        statement = statement.where(Project.title.icontains(name_contains, autoescape=True))  # type: ignore[attr-defined]
+        statement = statement.where(col(Project.title).icontains(name_contains, autoescape=True))
     page = await paging.fetch_page(
         session,
         statement,

@@ -11,11 +11,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import ToolAnnotations
 from pydantic import AwareDatetime, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
@@ -176,7 +177,9 @@ async def update_task(
     ctx: ToolContext,
     task_id: TaskId,
     title: Annotated[str | None, Field(min_length=1, max_length=TITLE_MAX, description="New title.")] = None,
-    description: Annotated[str | None, Field(max_length=DESCRIPTION_MAX, description="New description.")] = None,
+    description: Annotated[
+        str | None, Field(max_length=DESCRIPTION_MAX, description="New description.")
+    ] = None,
     status: Annotated[TaskStatus | None, Field(description="New status.")] = None,
     priority: Annotated[Priority | None, Field(description="New priority.")] = None,
     project_id: Annotated[int | None, Field(ge=1, description="Move the task to this live project.")] = None,
@@ -214,7 +217,11 @@ async def bulk_update_status(
     filter: Filter = None,
     task_ids: Annotated[
         list[Annotated[int, Field(ge=1)]] | None,
-        Field(min_length=1, max_length=MAX_BULK_IDS, description="Ids of live tasks to change, instead of a filter."),
+        Field(
+            min_length=1,
+            max_length=MAX_BULK_IDS,
+            description="Ids of live tasks to change, instead of a filter.",
+        ),
     ] = None,
 ) -> BulkUpdateResult:
     """Set the status of every live task matching a filter (same language as search_tasks) or a list of ids.
@@ -229,7 +236,9 @@ async def bulk_update_status(
 async def get_audit_trail(
     ctx: ToolContext,
     entity_id: Annotated[int, Field(ge=1, description="Id of a task or a project, deleted ones included.")],
-    changed_by: Annotated[str | None, Field(max_length=200, description="Only entries by this agent.")] = None,
+    changed_by: Annotated[
+        str | None, Field(max_length=200, description="Only entries by this agent.")
+    ] = None,
     since: Annotated[AwareDatetime | None, Field(description="Only entries at or after this time.")] = None,
     until: Annotated[AwareDatetime | None, Field(description="Only entries before this time.")] = None,
     limit: Limit = 50,
@@ -238,13 +247,21 @@ async def get_audit_trail(
     """The audit entries of one task or project, newest first: who changed what, when, before and after."""
     async with _transaction(ctx, write=False) as session:
         return await audit.get_audit_trail(
-            session, entity_id, changed_by=changed_by, since=since, until=until, limit=limit, page_token=page_token
+            session,
+            entity_id,
+            changed_by=changed_by,
+            since=since,
+            until=until,
+            limit=limit,
+            page_token=page_token,
         )
 
 
 async def create_project(
     ctx: ToolContext,
-    name: Annotated[str, Field(min_length=1, max_length=TITLE_MAX, description="Unique among live projects.")],
+    name: Annotated[
+        str, Field(min_length=1, max_length=TITLE_MAX, description="Unique among live projects.")
+    ],
     description: Annotated[str, Field(max_length=DESCRIPTION_MAX, description="Longer free text.")] = "",
 ) -> ProjectPublic:
     """Create a project to hold tasks. Audited as `created`."""
@@ -262,7 +279,9 @@ async def list_projects(
 ) -> ProjectPage:
     """List live projects by name, one page at a time."""
     async with _transaction(ctx, write=False) as session:
-        return await projects.list_projects(session, name_contains=name_contains, limit=limit, page_token=page_token)
+        return await projects.list_projects(
+            session, name_contains=name_contains, limit=limit, page_token=page_token
+        )
 
 
 def _annotations(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
@@ -289,10 +308,16 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
     tool = Tool.from_function(fn, title=title, annotations=annotations, structured_output=True)
     # Unknown arguments are an error the agent should see, not something silently dropped.
     loose = tool.fn_metadata.arg_model
-    strict = type(
-        loose.__name__,
-        (loose,),
-        {"model_config": ConfigDict(extra="forbid", arbitrary_types_allowed=True), "__module__": __name__},
+    strict = cast(
+        type[ArgModelBase],
+        type(
+            loose.__name__,
+            (loose,),
+            {
+                "model_config": ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                "__module__": __name__,
+            },
+        ),
     )
     tool.fn_metadata.arg_model = strict
     tool.parameters = strict.model_json_schema(by_alias=True)

@@ -7,9 +7,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, update
-from sqlmodel import select
 from sqlalchemy.orm import joinedload
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import audit, paging, projects
@@ -40,7 +40,7 @@ def _sort_keys(order_by: Sequence[OrderBy]) -> list[paging.SortKey]:
         keys.append(paging.SortKey(item.field, column, item.direction == "desc", dump, load))
     if all(key.name != "id" for key in keys):
         # id breaks ties, so the order is total and keyset paging neither skips nor repeats a row.
-        keys.append(paging.SortKey("id", Task.id, keys[-1].descending, int, int))  # type: ignore[arg-type]
+        keys.append(paging.SortKey("id", col(Task.id), keys[-1].descending, int, int))
     return keys
 
 
@@ -78,7 +78,7 @@ async def search_tasks(
     )
     total = None
     if include_total:
-        total = (await session.exec(select(func.count(Task.id)).where(*conditions))).one()
+        total = (await session.exec(select(func.count(col(Task.id))).where(*conditions))).one()
     return TaskPage(
         items=[TaskPublic.of(task) for task in page.rows],
         has_more=page.has_more,
@@ -90,7 +90,7 @@ async def search_tasks(
 def _conditions(filter: FilterTree | None, include_deleted: bool) -> list[ColumnElement[bool]]:
     conditions = [] if filter is None else [compile_filter(filter)]
     if not include_deleted:
-        conditions.append(Task.deleted_at.is_(None))  # type: ignore[union-attr]
+        conditions.append(col(Task.deleted_at).is_(None))
     return conditions
 
 
@@ -105,7 +105,9 @@ async def _load(session: AsyncSession, task_id: int, *, deleted: bool | None, lo
         statement = statement.with_for_update(of=Task)
     task = (await session.exec(statement)).one_or_none()
     if task is None:
-        raise NotFoundError(f"task {task_id} does not exist; search_tasks finds tasks by title or other fields")
+        raise NotFoundError(
+            f"task {task_id} does not exist; search_tasks finds tasks by title or other fields"
+        )
     if deleted is False and task.deleted_at is not None:
         raise NotFoundError(
             f"task {task_id} was deleted at {task.deleted_at.isoformat()}; restore_task brings it back"
@@ -137,7 +139,9 @@ async def create_task(session: AsyncSession, actor: Actor, data: TaskCreate) -> 
 async def update_task(session: AsyncSession, actor: Actor, task_id: int, changes: TaskUpdate) -> TaskPublic:
     requested = changes.model_dump(exclude_none=True)
     if not requested:
-        raise InvalidInputError("give at least one field to change: title, description, status, priority, project_id")
+        raise InvalidInputError(
+            "give at least one field to change: title, description, status, priority, project_id"
+        )
     task = await _load(session, task_id, deleted=False, lock=True)
     before = audit.snapshot(task)
     old, new = audit.diff(before, {key: audit.json_value(value) for key, value in requested.items()})
@@ -159,7 +163,9 @@ async def soft_delete_task(session: AsyncSession, actor: Actor, task_id: int) ->
     task = await _load(session, task_id, deleted=False, lock=True)
     now = utcnow()
     task.deleted_at = task.updated_at = now
-    audit.record(session, actor, task, AuditAction.DELETED, at=now, old={"deleted_at": None}, new={"deleted_at": now})
+    audit.record(
+        session, actor, task, AuditAction.DELETED, at=now, old={"deleted_at": None}, new={"deleted_at": now}
+    )
     await session.flush()
     return TaskPublic.of(task)
 
@@ -187,28 +193,29 @@ async def bulk_update_status(
     entries of exactly the tasks that change, then one UPDATE changes the tasks those entries name."""
     if (filter is None) == (task_ids is None):
         raise InvalidInputError("give either filter or task_ids, not both and not neither")
+    matching: ColumnElement[bool]
     if task_ids is not None:
         await _require_live(session, task_ids)
-        matching = Task.id.in_(task_ids)  # type: ignore[union-attr]
+        matching = col(Task.id).in_(task_ids)
     else:
         assert filter is not None
         matching = compile_filter(filter)
     now = utcnow()
-    changing = [matching, Task.deleted_at.is_(None), Task.status != status]  # type: ignore[union-attr]
+    changing = [matching, col(Task.deleted_at).is_(None), col(Task.status) != status]
     await audit.record_status_changes(session, actor, and_(*changing), status, at=now)
     this_call = select(AuditEntry.entity_id).where(AuditEntry.request_id == actor.request_id)
     result = await session.exec(
         update(Task)
-        .where(Task.id.in_(this_call))  # type: ignore[union-attr]
+        .where(col(Task.id).in_(this_call))
         .values(status=status, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     changed_ids = list(
-        (await session.exec(this_call.order_by(AuditEntry.entity_id).limit(MAX_CHANGED_IDS + 1))).all()
+        (await session.exec(this_call.order_by(col(AuditEntry.entity_id)).limit(MAX_CHANGED_IDS + 1))).all()
     )
     return BulkUpdateResult(
         status=status,
-        changed_count=result.rowcount,  # type: ignore[attr-defined]
+        changed_count=result.rowcount,
         changed_ids=changed_ids[:MAX_CHANGED_IDS],
         changed_ids_truncated=len(changed_ids) > MAX_CHANGED_IDS,
         request_id=actor.request_id,
@@ -217,7 +224,11 @@ async def bulk_update_status(
 
 async def _require_live(session: AsyncSession, task_ids: Sequence[int]) -> None:
     found = set(
-        (await session.exec(select(Task.id).where(Task.id.in_(task_ids), Task.deleted_at.is_(None)))).all()  # type: ignore[union-attr]
+        (
+            await session.exec(
+                select(Task.id).where(col(Task.id).in_(task_ids), col(Task.deleted_at).is_(None))
+            )
+        ).all()
     )
     missing = sorted(set(task_ids) - found)
     if missing:

@@ -35,7 +35,11 @@ async def _postgres_problem() -> str | None:
     url = make_url(POSTGRES_URL)
     try:
         admin = await asyncpg.connect(
-            host=url.host, port=url.port or 5432, user=url.username, password=url.password, database="postgres"
+            host=url.host,
+            port=url.port or 5432,
+            user=url.username,
+            password=url.password,
+            database="postgres",
         )
     except (OSError, asyncpg.PostgresError) as exc:
         return f"PostgreSQL at {url.host}:{url.port} is unreachable: {exc}"

@@ -17,7 +17,17 @@ from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
 
-LEAKS = ("SELECT", "INSERT", "UPDATE ", "sqlalchemy", "asyncpg", "sqlite3", "[SQL", "Traceback", "postgresql://")
+LEAKS = (
+    "SELECT",
+    "INSERT",
+    "UPDATE ",
+    "sqlalchemy",
+    "asyncpg",
+    "sqlite3",
+    "[SQL",
+    "Traceback",
+    "postgresql://",
+)
 
 
 def nest(depth: int) -> dict[str, Any]:
@@ -30,14 +40,22 @@ def nest(depth: int) -> dict[str, Any]:
 CASES: list[tuple[str, dict[str, Any], str]] = [
     ("search_tasks", {"filter": {"field": "secret", "op": "eq", "value": 1}}, "title"),
     ("search_tasks", {"filter": {"field": "status", "op": "like", "value": "x"}}, "contains"),
-    ("search_tasks", {"filter": {"field": "status", "op": "contains", "value": "pend"}}, "allowed: eq, in, ne"),
+    (
+        "search_tasks",
+        {"filter": {"field": "status", "op": "contains", "value": "pend"}},
+        "allowed: eq, in, ne",
+    ),
     ("search_tasks", {"filter": {"field": "status", "op": "eq", "value": "done"}}, "in_progress"),
     ("search_tasks", {"filter": {"field": "id", "op": "eq", "value": "seven"}}, "integer"),
     ("search_tasks", {"filter": {"field": "created_at", "op": "after", "value": "yesterday"}}, "ISO 8601"),
     ("search_tasks", {"filter": {"field": "title", "op": "in", "value": "a"}}, "list"),
     ("search_tasks", {"filter": {"field": "deleted_at", "op": "is_null", "value": "yes"}}, "true or false"),
     ("search_tasks", {"filter": nest(5)}, "deeper than 4"),
-    ("search_tasks", {"filter": {"or": [{"field": "id", "op": "eq", "value": i} for i in range(60)]}}, "50 nodes"),
+    (
+        "search_tasks",
+        {"filter": {"or": [{"field": "id", "op": "eq", "value": i} for i in range(60)]}},
+        "50 nodes",
+    ),
     ("search_tasks", {"filter": {"and": []}}, "at least 1"),
     ("search_tasks", {"filter": {"field": "title", "op": "contains", "value": "x", "extra": 1}}, "extra"),
     ("search_tasks", {"limit": 101}, "less than or equal to 100"),
@@ -66,7 +84,9 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("tool", "arguments", "hint"), CASES, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("tool", "arguments", "hint"), CASES, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(CASES)]
+)
 async def test_bad_input_gets_a_tool_error_that_says_what_to_fix_and_changes_nothing(
     client: Client, db: Database, tool: str, arguments: dict[str, Any], hint: str
 ) -> None:

@@ -78,7 +78,11 @@ def conditions() -> st.SearchStrategy[dict[str, Any]]:
         cond("description", "contains", text),
     )
     times_ = st.one_of(
-        *(cond(f, op, times) for f in ("created_at", "updated_at", "deleted_at") for op in ("before", "after")),
+        *(
+            cond(f, op, times)
+            for f in ("created_at", "updated_at", "deleted_at")
+            for op in ("before", "after")
+        ),
         cond("deleted_at", "is_null", st.booleans()),
     )
     return st.one_of(numbers, choices, texts, times_)
@@ -117,14 +121,18 @@ def matches(node: dict[str, Any], task: dict[str, Any]) -> bool:
 
 
 depth_ok = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 
 @pytest.fixture
 async def everything(client: Client, db: Database) -> list[dict[str, Any]]:
     await seed(db)
-    page = await call(client, "search_tasks", {"include_deleted": True, "limit": 100, "order_by": [{"field": "id"}]})
+    page = await call(
+        client, "search_tasks", {"include_deleted": True, "limit": 100, "order_by": [{"field": "id"}]}
+    )
     assert len(page["items"]) == 60
     return list(page["items"])
 

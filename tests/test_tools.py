@@ -35,14 +35,17 @@ async def make_project(client: Client, name: str = "Apollo") -> int:
 
 
 async def make_task(client: Client, project_id: int, title: str = "a task", **fields: Any) -> dict[str, Any]:
-    result: dict[str, Any] = await call(client, "create_task", {"title": title, "project_id": project_id, **fields})
+    result: dict[str, Any] = await call(
+        client, "create_task", {"title": title, "project_id": project_id, **fields}
+    )
     return result
 
 
 async def audit_rows(db: Database, entity_id: int) -> list[Any]:
     async with db.engine.connect() as conn:
         rows = await conn.execute(
-            text("SELECT action, changed_by FROM audit_entry WHERE entity_id = :id ORDER BY id"), {"id": entity_id}
+            text("SELECT action, changed_by FROM audit_entry WHERE entity_id = :id ORDER BY id"),
+            {"id": entity_id},
         )
         return [tuple(row) for row in rows]
 
@@ -92,7 +95,9 @@ async def test_a_tool_argument_cannot_set_changed_by(client: Client, db: Databas
     assert await audit_rows(db, task["id"]) == [("created", AGENT)]
 
 
-async def test_the_configured_agent_id_wins_over_the_client_reported_name(settings: Settings, era: str) -> None:
+async def test_the_configured_agent_id_wins_over_the_client_reported_name(
+    settings: Settings, era: str
+) -> None:
     configured = settings.model_copy(update={"agent_id": "planner-bot"})
     async with connect(configured, era, name="something-else") as client:
         project_id = await make_project(client)
@@ -179,7 +184,9 @@ async def test_bulk_update_by_ids_with_a_missing_id_changes_nothing(client: Clie
     project_id = await make_project(client)
     task = await make_task(client, project_id)
     before = await snapshot(db)
-    message = await call_error(client, "bulk_update_status", {"status": "blocked", "task_ids": [task["id"], 9999]})
+    message = await call_error(
+        client, "bulk_update_status", {"status": "blocked", "task_ids": [task["id"], 9999]}
+    )
     assert "9999" in message
     assert await snapshot(db) == before
 
@@ -214,7 +221,9 @@ async def test_a_failing_bulk_update_leaves_neither_changes_nor_audit_entries(
             )
     try:
         before = await snapshot(db)
-        message = await call_error(client, "bulk_update_status", {"status": "completed", "task_ids": [t["id"] for t in tasks]})
+        message = await call_error(
+            client, "bulk_update_status", {"status": "completed", "task_ids": [t["id"] for t in tasks]}
+        )
         assert "refused" not in message and "UPDATE" not in message
         assert await snapshot(db) == before
     finally:
@@ -223,14 +232,18 @@ async def test_a_failing_bulk_update_leaves_neither_changes_nor_audit_entries(
             if not db.is_sqlite:
                 await conn.execute(text("DROP FUNCTION refuse_update()"))
     # The server keeps serving, and the same call now succeeds whole.
-    result = await call(client, "bulk_update_status", {"status": "completed", "task_ids": [t["id"] for t in tasks]})
+    result = await call(
+        client, "bulk_update_status", {"status": "completed", "task_ids": [t["id"] for t in tasks]}
+    )
     assert result["changed_count"] == 4
 
 
 async def test_search_pages_through_every_match_once_in_order(client: Client) -> None:
     project_id = await make_project(client)
     priorities = ["low", "medium", "high", "critical"]
-    created = [await make_task(client, project_id, f"task {i:02d}", priority=priorities[i % 4]) for i in range(11)]
+    created = [
+        await make_task(client, project_id, f"task {i:02d}", priority=priorities[i % 4]) for i in range(11)
+    ]
     order = [{"field": "priority", "direction": "desc"}, {"field": "title", "direction": "asc"}]
     seen: list[dict[str, Any]] = []
     token = None
@@ -272,7 +285,9 @@ async def test_get_audit_trail_is_newest_first_and_filters_by_agent_and_time(
             await call(bob, "update_task", {"task_id": task["id"], "status": status})
         trail = await call(bob, "get_audit_trail", {"entity_id": task["id"], "limit": 2})
         assert [e["new_value"].get("status") for e in trail["items"]] == ["completed", "blocked"]
-        rest = await call(bob, "get_audit_trail", {"entity_id": task["id"], "page_token": trail["next_page_token"]})
+        rest = await call(
+            bob, "get_audit_trail", {"entity_id": task["id"], "page_token": trail["next_page_token"]}
+        )
         assert [e["action"] for e in rest["items"]] == ["updated", "created"] and not rest["has_more"]
 
         by_alice = await call(bob, "get_audit_trail", {"entity_id": task["id"], "changed_by": "alice"})
@@ -292,7 +307,9 @@ async def test_project_names_are_unique_among_live_projects_only(client: Client,
     assert "already exists" in message and str(first) in message
     assert await snapshot(db) == before
     async with db.engine.begin() as conn:  # soft-delete the project behind the server's back
-        await conn.execute(text("UPDATE entity SET deleted_at = CURRENT_TIMESTAMP WHERE id = :id"), {"id": first})
+        await conn.execute(
+            text("UPDATE entity SET deleted_at = CURRENT_TIMESTAMP WHERE id = :id"), {"id": first}
+        )
     second = await make_project(client, "Apollo")
     assert second != first
     listed = await call(client, "list_projects", {})
