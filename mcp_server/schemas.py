@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from mcp_server.models import AuditAction, AuditEntry, EntityKind, Priority, Project, Task, TaskStatus
 
-TITLE_MAX = 200
-DESCRIPTION_MAX = 10_000
+# Text as tools accept it, shared by the tool signatures and the models below so both enforce the same.
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Description = Annotated[str, StringConstraints(max_length=10_000)]
+Id = Annotated[int, Field(ge=1)]
 
 
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class TaskCreate(_Input):
-    title: str = Field(min_length=1, max_length=TITLE_MAX, description="Short title of the task.")
-    project_id: int = Field(description="Id of the live project the task belongs to (see list_projects).")
-    description: str = Field(default="", max_length=DESCRIPTION_MAX, description="Longer free text.")
-    status: TaskStatus = Field(default=TaskStatus.PENDING, description="Initial status.")
-    priority: Priority = Field(default=Priority.MEDIUM, description="Urgency.")
+    title: Name
+    project_id: Id
+    description: Description = ""
+    status: TaskStatus = TaskStatus.PENDING
+    priority: Priority = Priority.MEDIUM
 
 
 class TaskUpdate(_Input):
-    title: str | None = Field(default=None, min_length=1, max_length=TITLE_MAX, description="New title.")
-    description: str | None = Field(default=None, max_length=DESCRIPTION_MAX, description="New description.")
-    status: TaskStatus | None = Field(default=None, description="New status.")
-    priority: Priority | None = Field(default=None, description="New priority.")
-    project_id: int | None = Field(default=None, description="Move the task to this live project.")
+    title: Name | None = None
+    description: Description | None = None
+    status: TaskStatus | None = None
+    priority: Priority | None = None
+    project_id: Id | None = None
 
 
 class OrderBy(_Input):

@@ -30,10 +30,11 @@ from mcp_server.errors import TaskServerError, translate_database_error
 from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterNode
 from mcp_server.models import Priority, TaskStatus
 from mcp_server.schemas import (
-    DESCRIPTION_MAX,
-    TITLE_MAX,
     AuditTrail,
     BulkUpdateResult,
+    Description,
+    Id,
+    Name,
     OrderBy,
     ProjectPage,
     ProjectPublic,
@@ -91,7 +92,7 @@ async def _transaction(ctx: ToolContext, *, write: bool) -> AsyncIterator[AsyncS
 
 # --- parameter types shared by several tools -------------------------------------------------
 
-TaskId = Annotated[int, Field(ge=1, description="The task's id.")]
+TaskId = Annotated[Id, Field(description="The task's id.")]
 Limit = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description=f"Page size, 1 to {MAX_PAGE_SIZE}.")]
 PageToken = Annotated[
     str | None,
@@ -159,9 +160,9 @@ async def get_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
 
 async def create_task(
     ctx: ToolContext,
-    title: Annotated[str, Field(min_length=1, max_length=TITLE_MAX, description="Short title.")],
-    project_id: Annotated[int, Field(ge=1, description="Id of a live project (see list_projects).")],
-    description: Annotated[str, Field(max_length=DESCRIPTION_MAX, description="Longer free text.")] = "",
+    title: Annotated[Name, Field(description="Short title.")],
+    project_id: Annotated[Id, Field(description="Id of a live project (see list_projects).")],
+    description: Annotated[Description, Field(description="Longer free text.")] = "",
     status: Annotated[TaskStatus, Field(description="Initial status.")] = TaskStatus.PENDING,
     priority: Annotated[Priority, Field(description="Urgency.")] = Priority.MEDIUM,
 ) -> TaskPublic:
@@ -176,13 +177,11 @@ async def create_task(
 async def update_task(
     ctx: ToolContext,
     task_id: TaskId,
-    title: Annotated[str | None, Field(min_length=1, max_length=TITLE_MAX, description="New title.")] = None,
-    description: Annotated[
-        str | None, Field(max_length=DESCRIPTION_MAX, description="New description.")
-    ] = None,
+    title: Annotated[Name | None, Field(description="New title.")] = None,
+    description: Annotated[Description | None, Field(description="New description.")] = None,
     status: Annotated[TaskStatus | None, Field(description="New status.")] = None,
     priority: Annotated[Priority | None, Field(description="New priority.")] = None,
-    project_id: Annotated[int | None, Field(ge=1, description="Move the task to this live project.")] = None,
+    project_id: Annotated[Id | None, Field(description="Move the task to this live project.")] = None,
 ) -> TaskPublic:
     """Change some fields of a live task; omitted fields stay as they are.
 
@@ -216,7 +215,7 @@ async def bulk_update_status(
     status: Annotated[TaskStatus, Field(description="The status to set.")],
     filter: Filter = None,
     task_ids: Annotated[
-        list[Annotated[int, Field(ge=1)]] | None,
+        list[Id] | None,
         Field(
             min_length=1,
             max_length=MAX_BULK_IDS,
@@ -235,7 +234,7 @@ async def bulk_update_status(
 
 async def get_audit_trail(
     ctx: ToolContext,
-    entity_id: Annotated[int, Field(ge=1, description="Id of a task or a project, deleted ones included.")],
+    entity_id: Annotated[Id, Field(description="Id of a task or a project, deleted ones included.")],
     changed_by: Annotated[
         str | None, Field(max_length=200, description="Only entries by this agent.")
     ] = None,
@@ -259,20 +258,18 @@ async def get_audit_trail(
 
 async def create_project(
     ctx: ToolContext,
-    name: Annotated[
-        str, Field(min_length=1, max_length=TITLE_MAX, description="Unique among live projects.")
-    ],
-    description: Annotated[str, Field(max_length=DESCRIPTION_MAX, description="Longer free text.")] = "",
+    name: Annotated[Name, Field(description="Unique among live projects.")],
+    description: Annotated[Description, Field(description="Longer free text.")] = "",
 ) -> ProjectPublic:
     """Create a project to hold tasks. Audited as `created`."""
     async with _transaction(ctx, write=True) as session:
-        return await projects.create_project(session, _actor(ctx), name.strip(), description)
+        return await projects.create_project(session, _actor(ctx), name, description)
 
 
 async def list_projects(
     ctx: ToolContext,
     name_contains: Annotated[
-        str | None, Field(max_length=TITLE_MAX, description="Only projects whose name contains this text.")
+        Name | None, Field(description="Only projects whose name contains this text.")
     ] = None,
     limit: Limit = 50,
     page_token: PageToken = None,
