@@ -67,17 +67,20 @@ class TaskPublic(BaseModel):
             description=task.description,
             status=TaskStatus(task.status),
             priority=task.priority,
-            project=ProjectRef(id=task.project.id or 0, name=task.project.title),
+            project=ProjectRef(id=task.project_id or 0, name=task.project.title),
             created_at=task.created_at,
             updated_at=task.updated_at,
             deleted_at=task.deleted_at,
         )
 
 
-class TaskPage(BaseModel):
-    items: list[TaskPublic]
+class _Paged(BaseModel):
     has_more: bool = Field(description="True when another page follows.")
     next_page_token: str | None = Field(description="Pass as page_token to get the next page.")
+
+
+class TaskPage(_Paged):
+    items: list[TaskPublic]
     total: int | None = Field(description="Number of matching tasks; only when include_total was true.")
 
 
@@ -100,10 +103,8 @@ class ProjectPublic(BaseModel):
         )
 
 
-class ProjectPage(BaseModel):
+class ProjectPage(_Paged):
     items: list[ProjectPublic]
-    has_more: bool
-    next_page_token: str | None
 
 
 class BulkUpdateResult(BaseModel):
@@ -144,8 +145,6 @@ class AuditEntryPublic(BaseModel):
         )
 
 
-class AuditTrail(BaseModel):
+class AuditTrail(_Paged):
     entity: EntityRef
     items: list[AuditEntryPublic] = Field(description="Newest first.")
-    has_more: bool
-    next_page_token: str | None

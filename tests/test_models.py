@@ -14,12 +14,16 @@ from mcp_server.models import Entity, Priority, Project, Task, TaskStatus
 pytestmark = pytest.mark.anyio
 
 
-async def test_projects_and_tasks_in_one_table_load_as_their_own_classes(db: Database) -> None:
+async def add_project_with_a_task(db: Database) -> None:
     async with db.transaction(write=True) as session:
         project = Project(title="Apollo")
         session.add(project)
         await session.flush()
         session.add(Task(title="t", status=TaskStatus.PENDING, priority=Priority.LOW, project_id=project.id))
+
+
+async def test_projects_and_tasks_in_one_table_load_as_their_own_classes(db: Database) -> None:
+    await add_project_with_a_task(db)
     async with db.transaction(write=False) as session:
         loaded = (await session.exec(select(Entity).order_by(Entity.id))).all()  # type: ignore[arg-type]
         tasks_only = (await session.exec(select(Task))).all()
@@ -29,11 +33,7 @@ async def test_projects_and_tasks_in_one_table_load_as_their_own_classes(db: Dat
 
 
 async def test_a_relationship_that_was_not_eager_loaded_raises_instead_of_lazy_loading(db: Database) -> None:
-    async with db.transaction(write=True) as session:
-        project = Project(title="Apollo")
-        session.add(project)
-        await session.flush()
-        session.add(Task(title="t", status=TaskStatus.PENDING, priority=Priority.LOW, project_id=project.id))
+    await add_project_with_a_task(db)
     async with db.transaction(write=False) as session:
         task = (await session.exec(select(Task))).one()
         with pytest.raises(InvalidRequestError, match="lazy"):
