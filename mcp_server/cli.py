@@ -16,10 +16,12 @@ from typing import Any
 
 import anyio
 from mcp import Client, StdioServerParameters
+from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
 
 from mcp_server import __version__
 from mcp_server.config import ConfigError, load_settings
+from mcp_server.errors import StartupError
 from mcp_server.server import create_server
 
 logger = logging.getLogger("mcp_server")
@@ -38,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = args.command or "serve"
     if command == "serve":
-        create_server(settings).run("stdio")
+        try:
+            create_server(settings).run("stdio")
+        except ExceptionGroup as group:
+            if (startup := group.subgroup(StartupError)) is None:
+                raise
+            for problem in _leaves(startup):
+                logger.error("%s", problem)
+            return 1
         return 0
     server = _server_parameters(args.config)
     if command == "tools":
@@ -81,8 +90,13 @@ def _client(server: StdioServerParameters) -> Client:
 
 
 async def _list_tools(server: StdioServerParameters) -> int:
-    async with _client(server) as client:
-        result = await client.list_tools()
+    try:
+        async with _client(server) as client:
+            result = await client.list_tools()
+    except ExceptionGroup as group:
+        if group.subgroup(MCPError) is None:
+            raise
+        return _server_died()
     for tool in result.tools:
         summary = (tool.description or "").strip().splitlines()[0] if tool.description else ""
         _write(f"{tool.name}: {summary}")
@@ -90,14 +104,32 @@ async def _list_tools(server: StdioServerParameters) -> int:
 
 
 async def _call_tool(server: StdioServerParameters, tool: str, arguments: dict[str, Any]) -> int:
-    async with _client(server) as client:
-        result = await client.call_tool(tool, arguments)
+    try:
+        async with _client(server) as client:
+            result = await client.call_tool(tool, arguments)
+    except ExceptionGroup as group:
+        if group.subgroup(MCPError) is None:
+            raise
+        return _server_died()
     if result.is_error:
         text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
         sys.stderr.write(f"{text}\n")
         return 1
     _write(json.dumps(result.structured_content, indent=2, ensure_ascii=False))
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
+
+
+def _server_died() -> int:
+    sys.stderr.write("mcp-task-server: the server stopped before answering; its log above says why\n")
+    return 1
 
 
 def _write(line: str) -> None:

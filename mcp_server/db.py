@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -18,6 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import models
 from mcp_server.config import Settings
+from mcp_server.errors import StartupError
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
@@ -43,8 +45,13 @@ class Database:
             yield session
 
     async def create_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all)
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(SQLModel.metadata.create_all)
+        except (SQLAlchemyError, OSError) as exc:
+            where = self.engine.url.render_as_string(hide_password=True)
+            reason = exc.orig if isinstance(exc, DBAPIError) else exc
+            raise StartupError(f"cannot open the database {where}: {reason}") from exc
 
     async def dispose(self) -> None:
         await self.engine.dispose()

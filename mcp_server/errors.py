@@ -29,6 +29,10 @@ class DatabaseBusyError(TaskServerError):
     pass
 
 
+class StartupError(Exception):
+    """The server cannot start; the message is for the operator and names what to fix."""
+
+
 BUSY_MESSAGE = "the database is busy right now; nothing was changed, retry the call in a moment"
 UNAVAILABLE_MESSAGE = "the database is unreachable right now; nothing was changed, retry the call later"
 

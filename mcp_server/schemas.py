@@ -60,14 +60,15 @@ class TaskPublic(BaseModel):
 
     @classmethod
     def of(cls, task: Task) -> TaskPublic:
-        assert task.id is not None and task.status is not None and task.priority is not None
+        assert task.id is not None and task.project_id is not None
+        assert task.status is not None and task.priority is not None
         return cls(
             id=task.id,
             title=task.title,
             description=task.description,
             status=TaskStatus(task.status),
             priority=task.priority,
-            project=ProjectRef(id=task.project_id or 0, name=task.project.title),
+            project=ProjectRef(id=task.project_id, name=task.project.title),
             created_at=task.created_at,
             updated_at=task.updated_at,
             deleted_at=task.deleted_at,

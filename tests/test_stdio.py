@@ -89,3 +89,14 @@ async def test_the_call_command_prints_the_result_as_json_and_fails_on_a_tool_er
 def test_a_named_config_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     result = run_cli("--config", str(tmp_path / "missing.json"), "serve", env={"HOME": str(tmp_path)})
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_an_unreachable_database_at_start_is_one_clear_line_and_a_failing_exit(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "DATABASE_URL": "postgresql://postgres:hunter2@127.0.0.1:1/nowhere"}
+    served = run_cli("serve", env=env)
+    assert served.returncode == 1
+    assert "cannot open the database" in served.stderr and "127.0.0.1:1" in served.stderr
+    assert "hunter2" not in served.stderr and "Traceback" not in served.stderr
+    called = run_cli("call", "list_projects", "{}", env=env)
+    assert called.returncode == 1 and "stopped before answering" in called.stderr
+    assert "Traceback" not in called.stderr
