@@ -1,0 +1,65 @@
+"""Several agents writing at once through one server: every change lands with exactly its audit entries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import anyio
+import pytest
+from sqlmodel import col, select
+
+from mcp_server.audit import snapshot
+from mcp_server.config import Settings
+from mcp_server.db import Database
+from mcp_server.models import AuditEntry, Task
+from tests.conftest import call, connect
+from tests.test_tools import make_project, make_task
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
+    settings: Settings, era: str, db: Database
+) -> None:
+    async with connect(settings, era, name="setup") as setup:
+        project_id = await make_project(setup)
+        seeded = [(await make_task(setup, project_id, f"seed {i}"))["id"] for i in range(10)]
+
+    everything = {"field": "id", "op": "in", "value": seeded}
+
+    async def agent(name: str) -> None:
+        async with connect(settings, era, name=name) as client:
+            for i in range(5):
+                own = await make_task(client, project_id, f"{name} {i}")
+                await call(
+                    client, "update_task", {"task_id": seeded[i], "title": f"{name} {i}", "priority": "high"}
+                )
+                await call(client, "bulk_update_status", {"status": "blocked", "filter": everything})
+                await call(client, "soft_delete_task", {"task_id": own["id"]})
+                if i % 2:
+                    await call(client, "restore_task", {"task_id": own["id"]})
+                await call(client, "bulk_update_status", {"status": "pending", "filter": everything})
+
+    async with anyio.create_task_group() as group:
+        for n in range(4):
+            group.start_soon(agent, f"agent-{n}")
+
+    async with db.transaction(write=False) as session:
+        tasks = {t.id: t for t in (await session.exec(select(Task))).all()}
+        entries = (await session.exec(select(AuditEntry).order_by(col(AuditEntry.id)))).all()
+    assert len(tasks) == 10 + 4 * 5
+    chains: dict[int, list[AuditEntry]] = defaultdict(list)
+    for entry in entries:
+        chains[entry.entity_id].append(entry)
+    for task_id, task in tasks.items():
+        chain = chains[task_id]
+        assert chain[0].action == "created" and [e.action for e in chain].count("created") == 1
+        state: dict[str, Any] = {**chain[0].new_value, "deleted_at": None}  # type: ignore[dict-item]
+        for entry in chain[1:]:
+            assert entry.old_value is not None and entry.new_value is not None
+            for key, old in entry.old_value.items():
+                assert state[key] == old, f"task {task_id}: entry {entry.id} recorded a stale {key}"
+            state |= entry.new_value
+        current = {**snapshot(task), "deleted_at": task.deleted_at.isoformat() if task.deleted_at else None}
+        assert state == current, f"task {task_id}: replaying its audit chain does not give its current state"
