@@ -188,12 +188,15 @@ class Task(Entity, table=True):
 
 
 # Lazy loading would do I/O on attribute access, which async code cannot do: it raises, and every
-# read that returns a task's project eager-loads it.
+# read that returns a task's project eager-loads it. The target is Entity, not Project: a task's
+# project_id only ever names a project (the row loads as a Project all the same), and Project's
+# `kind = 'project'` criterion on the join made PostgreSQL misjudge the join as tiny, then scan
+# and sort every task instead of walking the ordering index.
 _entity_table = Entity.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
 inspect(Task).add_property(
     "project",
     relationship(
-        Project,
+        Entity,
         primaryjoin=foreign(_entity_table.c.project_id) == remote(_entity_table.c.id),
         lazy="raise",
         viewonly=True,

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import joinedload
 from sqlmodel import select
 
 from mcp_server.db import Database
@@ -26,8 +27,9 @@ async def test_projects_and_tasks_in_one_table_load_as_their_own_classes(db: Dat
     await add_project_with_a_task(db)
     async with db.transaction(write=False) as session:
         loaded = (await session.exec(select(Entity).order_by(Entity.id))).all()  # type: ignore[arg-type]
-        tasks_only = (await session.exec(select(Task))).all()
+        tasks_only = (await session.exec(select(Task).options(joinedload(Task.project)))).all()
     assert [type(e) for e in loaded] == [Project, Task]
+    assert type(tasks_only[0].project) is Project
     assert [e.kind for e in loaded] == ["project", "task"]
     assert [t.title for t in tasks_only] == ["t"]
 
