@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import ColumnElement, insert, literal
@@ -27,21 +28,22 @@ class Actor:
 
 
 def snapshot(entity: Entity) -> dict[str, Any]:
-    """The JSON form of an entity's audited fields."""
-    values: dict[str, Any] = {"title": entity.title, "description": entity.description}
-    if entity.kind == EntityKind.TASK:
-        values |= {
-            "status": json_value(entity.status),
-            "priority": json_value(entity.priority),
-            "project_id": entity.project_id,
-        }
-    return values
+    """The JSON form of an entity's audited fields, named as the tools name them."""
+    if entity.kind == EntityKind.PROJECT:
+        return {"name": entity.title, "description": entity.description}
+    return {
+        "title": entity.title,
+        "description": entity.description,
+        "status": json_value(entity.status),
+        "priority": json_value(entity.priority),
+        "project_id": entity.project_id,
+    }
 
 
 def json_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
-    return value.value if hasattr(value, "value") else value
+    return value.value if isinstance(value, Enum) else value
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,23 +24,26 @@ DEFAULT_ORDER = (OrderBy(field="created_at", direction="desc"),)
 
 FilterTree = Condition | AllOf | AnyOf
 
-_SORT_KEYS: dict[str, tuple[Any, Any, Any]] = {
-    "created_at": (Task.created_at, datetime.isoformat, datetime.fromisoformat),
-    "updated_at": (Task.updated_at, datetime.isoformat, datetime.fromisoformat),
-    "title": (Task.title, str, str),
-    "priority": (Task.priority, lambda p: Priority(p).value, Priority),
-    "id": (Task.id, int, int),
+# Sortable field -> (column, its value as JSON in a page token, and back).
+_SORTABLE: dict[str, tuple[Any, Any, Any]] = {
+    "created_at": (col(Task.created_at), datetime.isoformat, datetime.fromisoformat),
+    "updated_at": (col(Task.updated_at), datetime.isoformat, datetime.fromisoformat),
+    "title": (col(Task.title), str, str),
+    "priority": (col(Task.priority), lambda p: Priority(p).value, Priority),
+    "id": (col(Task.id), int, int),
 }
 
 
+def _sort_key(field: str, descending: bool) -> paging.SortKey:
+    column, dump, load = _SORTABLE[field]
+    return paging.SortKey(field, column, descending, dump, load)
+
+
 def _sort_keys(order_by: Sequence[OrderBy]) -> list[paging.SortKey]:
-    keys = []
-    for item in order_by:
-        column, dump, load = _SORT_KEYS[item.field]
-        keys.append(paging.SortKey(item.field, column, item.direction == "desc", dump, load))
+    keys = [_sort_key(item.field, item.direction == "desc") for item in order_by]
     if all(key.name != "id" for key in keys):
         # id breaks ties, so the order is total and keyset paging neither skips nor repeats a row.
-        keys.append(paging.SortKey("id", col(Task.id), keys[-1].descending, int, int))
+        keys.append(_sort_key("id", keys[-1].descending))
     return keys
 
 

@@ -103,6 +103,8 @@ async def test_the_configured_agent_id_wins_over_the_client_reported_name(
         project_id = await make_project(client)
         trail = await call(client, "get_audit_trail", {"entity_id": project_id})
     assert [entry["changed_by"] for entry in trail["items"]] == ["planner-bot"]
+    assert trail["entity"] == {"id": project_id, "type": "project", "name": "Apollo", "deleted": False}
+    assert trail["items"][0]["new_value"] == {"name": "Apollo", "description": ""}
 
 
 async def test_update_task_audits_only_the_fields_that_changed_and_a_no_op_writes_nothing(
