@@ -34,7 +34,11 @@ class StartupError(Exception):
 
 
 BUSY_MESSAGE = "the database is busy right now; nothing was changed, retry the call in a moment"
-UNAVAILABLE_MESSAGE = "the database is unreachable right now; nothing was changed, retry the call later"
+UNAVAILABLE_MESSAGE = "the database is unreachable right now; retry the call later"
+REFUSED_MESSAGE = (
+    "the database refused this call and nothing was changed; this is not an input problem, "
+    "so report it to the server's operator if it happens again"
+)
 
 
 def translate_database_error(error: Exception) -> TaskServerError | None:

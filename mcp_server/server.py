@@ -26,7 +26,7 @@ from mcp_server import __version__, audit, identity, projects, tasks
 from mcp_server.audit import Actor
 from mcp_server.config import Settings
 from mcp_server.db import Database, create_database
-from mcp_server.errors import TaskServerError, translate_database_error
+from mcp_server.errors import REFUSED_MESSAGE, TaskServerError, translate_database_error
 from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterNode
 from mcp_server.models import Priority, TaskStatus
 from mcp_server.schemas import (
@@ -85,7 +85,8 @@ async def _transaction(ctx: ToolContext, *, write: bool) -> AsyncIterator[AsyncS
     except (SQLAlchemyError, OSError) as exc:
         translated = translate_database_error(exc)
         if translated is None:
-            raise
+            logger.exception("the database refused a tool call")
+            raise ToolError(REFUSED_MESSAGE) from exc
         logger.warning("tool call failed on the database: %s", type(exc).__name__)
         raise ToolError(str(translated)) from exc
 

@@ -205,14 +205,14 @@ async def test_a_failing_bulk_update_leaves_neither_changes_nor_audit_entries(
             await conn.execute(
                 text(
                     "CREATE TRIGGER refuse_update BEFORE UPDATE OF status ON entity "
-                    f"WHEN NEW.id = {tasks[-1]['id']} BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                    f"WHEN NEW.id = {tasks[-1]['id']} BEGIN SELECT RAISE(ABORT, 'trigger-said-no'); END"
                 )
             )
         else:
             await conn.execute(
                 text(
                     "CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS "
-                    "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+                    "$$ BEGIN RAISE EXCEPTION 'trigger-said-no'; END $$"
                 )
             )
             await conn.execute(
@@ -226,7 +226,8 @@ async def test_a_failing_bulk_update_leaves_neither_changes_nor_audit_entries(
         message = await call_error(
             client, "bulk_update_status", {"status": "completed", "task_ids": [t["id"] for t in tasks]}
         )
-        assert "refused" not in message and "UPDATE" not in message
+        assert "nothing was changed" in message
+        assert "trigger-said-no" not in message and "UPDATE" not in message
         assert await snapshot(db) == before
     finally:
         async with db.engine.begin() as conn:
