@@ -104,9 +104,7 @@ async def record_status_changes(
 
 
 _TRAIL_KEYS = [
-    paging.SortKey(
-        "changed_at", col(AuditEntry.changed_at), True, datetime.isoformat, datetime.fromisoformat
-    ),
+    paging.SortKey("changed_at", col(AuditEntry.changed_at), True, datetime.isoformat, paging.load_time),
     paging.SortKey("id", col(AuditEntry.id), True, int, int),
 ]
 

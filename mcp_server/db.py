@@ -65,13 +65,11 @@ def create_database(settings: Settings) -> Database:
         "pool_timeout": settings.pool_timeout,
         "pool_pre_ping": True,
     }
+    engine = create_async_engine(url, **kwargs)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, **kwargs)
         _configure_sqlite(engine)
-    else:
-        engine = create_async_engine(url, **kwargs)
     return Database(engine)
 
 

@@ -120,7 +120,7 @@ def _adapter(tp: Any) -> _Coerce:
     return TypeAdapter(tp).validate_python
 
 
-_INT = _adapter(Annotated[int, Field(strict=False)])
+_INT = _adapter(int)
 _TEXT = _adapter(Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH)])
 _STATUS = _adapter(TaskStatus)
 _PRIORITY = _adapter(Priority)

@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, and_, literal, or_, tuple_
@@ -44,6 +45,14 @@ class Page(Generic[T]):
     rows: list[T]
     has_more: bool
     next_page_token: str | None
+
+
+def load_time(value: str) -> datetime:
+    """A time from a page token; tokens only ever hold times with an offset."""
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError("time without an offset")
+    return parsed
 
 
 def fingerprint(*parts: Any) -> str:

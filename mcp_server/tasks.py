@@ -26,8 +26,8 @@ FilterTree = Condition | AllOf | AnyOf
 
 # Sortable field -> (column, its value as JSON in a page token, and back).
 _SORTABLE: dict[str, tuple[Any, Any, Any]] = {
-    "created_at": (col(Task.created_at), datetime.isoformat, datetime.fromisoformat),
-    "updated_at": (col(Task.updated_at), datetime.isoformat, datetime.fromisoformat),
+    "created_at": (col(Task.created_at), datetime.isoformat, paging.load_time),
+    "updated_at": (col(Task.updated_at), datetime.isoformat, paging.load_time),
     "title": (col(Task.title), str, str),
     "priority": (col(Task.priority), lambda p: Priority(p).value, Priority),
     "id": (col(Task.id), int, int),

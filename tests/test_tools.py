@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -275,6 +277,11 @@ async def test_a_page_token_only_works_with_the_query_that_issued_it(client: Cli
     other_query = {"limit": 1, "page_token": page["next_page_token"], "order_by": [{"field": "title"}]}
     assert "page_token" in await call_error(client, "search_tasks", other_query)
     assert "page_token" in await call_error(client, "search_tasks", {"page_token": "not-a-token"})
+    # A hand-edited token (here: its time stripped of the offset) is refused as a token, too.
+    data = json.loads(base64.urlsafe_b64decode(page["next_page_token"] + "=="))
+    data["after"][0] = data["after"][0][:19]
+    edited = base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+    assert "page_token" in await call_error(client, "search_tasks", {"limit": 1, "page_token": edited})
 
 
 async def test_get_audit_trail_is_newest_first_and_filters_by_agent_and_time(
