@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from mcp import Client, StdioServerParameters
@@ -25,6 +26,7 @@ from mcp_server.errors import StartupError
 from mcp_server.server import create_server
 
 logger = logging.getLogger("mcp_server")
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,14 +91,22 @@ def _client(server: StdioServerParameters) -> Client:
     return Client(server, client_info=Implementation(name="mcp-task-server-cli", version=__version__))
 
 
-async def _list_tools(server: StdioServerParameters) -> int:
+async def _ask(server: StdioServerParameters, request: Callable[[Client], Awaitable[T]]) -> T | None:
+    """The answer to one request, or None (said on stderr) when the server died before answering."""
     try:
         async with _client(server) as client:
-            result = await client.list_tools()
+            return await request(client)
     except ExceptionGroup as group:
         if group.subgroup(MCPError) is None:
             raise
-        return _server_died()
+        sys.stderr.write("mcp-task-server: the server stopped before answering; its log above says why\n")
+        return None
+
+
+async def _list_tools(server: StdioServerParameters) -> int:
+    result = await _ask(server, lambda client: client.list_tools())
+    if result is None:
+        return 1
     for tool in result.tools:
         summary = (tool.description or "").strip().splitlines()[0] if tool.description else ""
         _write(f"{tool.name}: {summary}")
@@ -104,13 +114,9 @@ async def _list_tools(server: StdioServerParameters) -> int:
 
 
 async def _call_tool(server: StdioServerParameters, tool: str, arguments: dict[str, Any]) -> int:
-    try:
-        async with _client(server) as client:
-            result = await client.call_tool(tool, arguments)
-    except ExceptionGroup as group:
-        if group.subgroup(MCPError) is None:
-            raise
-        return _server_died()
+    result = await _ask(server, lambda client: client.call_tool(tool, arguments))
+    if result is None:
+        return 1
     if result.is_error:
         text = " ".join(block.text for block in result.content if isinstance(block, TextContent))
         sys.stderr.write(f"{text}\n")
@@ -125,11 +131,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
         for exc in group.exceptions
         for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     ]
-
-
-def _server_died() -> int:
-    sys.stderr.write("mcp-task-server: the server stopped before answering; its log above says why\n")
-    return 1
 
 
 def _write(line: str) -> None:

@@ -27,7 +27,7 @@ from mcp_server.audit import Actor
 from mcp_server.config import Settings
 from mcp_server.db import Database, create_database
 from mcp_server.errors import REFUSED_MESSAGE, TaskServerError, translate_database_error
-from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterNode
+from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterField, FilterNode
 from mcp_server.models import Priority, TaskStatus
 from mcp_server.schemas import (
     AuditTrail,
@@ -109,8 +109,8 @@ Filter = Annotated[
         default=None,
         description=(
             'A condition {"field", "op", "value"} or a group {"and": [...]} / {"or": [...]} of nodes. '
-            "Fields: id, title, description, status, priority, project_id, created_at, updated_at, "
-            f"deleted_at. Groups nest at most {MAX_DEPTH} deep, {MAX_NODES} nodes in all, "
+            f"Fields: {', '.join(field.value for field in FilterField)}. "
+            f"Groups nest at most {MAX_DEPTH} deep, {MAX_NODES} nodes in all, "
             f"`in` lists at most {MAX_LIST_VALUES} values."
         ),
     ),
@@ -237,7 +237,7 @@ async def get_audit_trail(
     ctx: ToolContext,
     entity_id: Annotated[Id, Field(description="Id of a task or a project, deleted ones included.")],
     changed_by: Annotated[
-        str | None, Field(max_length=200, description="Only entries by this agent.")
+        str | None, Field(max_length=identity.MAX_LENGTH, description="Only entries by this agent.")
     ] = None,
     since: Annotated[AwareDatetime | None, Field(description="Only entries at or after this time.")] = None,
     until: Annotated[AwareDatetime | None, Field(description="Only entries before this time.")] = None,
