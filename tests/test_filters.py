@@ -120,7 +120,7 @@ def matches(node: dict[str, Any], task: dict[str, Any]) -> bool:
     return (actual == value) if op == "eq" else (actual != value)
 
 
-depth_ok = settings(
+property_settings = settings(
     max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -137,7 +137,7 @@ async def everything(client: Client, db: Database) -> list[dict[str, Any]]:
     return list(page["items"])
 
 
-@depth_ok
+@property_settings
 @given(tree=trees, include_deleted=st.booleans())
 async def test_search_results_equal_a_python_evaluation_of_the_filter(
     client: Client, everything: list[dict[str, Any]], tree: dict[str, Any], include_deleted: bool
