@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, literal
+from sqlalchemy import ColumnElement, String, insert, literal
 from sqlalchemy import select as sql_select
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -15,16 +16,31 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from mcp_server import paging
 from mcp_server.db import json_object
 from mcp_server.errors import NotFoundError
-from mcp_server.models import AuditAction, AuditEntry, Entity, EntityKind, Task, TaskStatus, UTCDateTime
+from mcp_server.models import (
+    AuditAction,
+    AuditEntry,
+    Entity,
+    EntityKind,
+    Task,
+    TaskStatus,
+    UTCDateTime,
+    utcnow,
+)
 from mcp_server.schemas import AuditEntryPublic, AuditTrail, EntityRef
+
+MAX_RECORDED_ARGUMENTS = 20_000
 
 
 @dataclass(frozen=True)
 class Actor:
-    """Who is changing data, in which tool call. The server decides it; no tool argument can."""
+    """Who is changing data, in which tool call. The server decides it; no tool argument can.
+
+    `client_name` is what the client called itself when it connected: context, not identity.
+    """
 
     agent_id: str
     request_id: str
+    client_name: str | None = None
 
 
 def snapshot(entity: Entity) -> dict[str, Any]:
@@ -69,6 +85,7 @@ def record(
             entity_type=entity.kind,
             action=action,
             changed_by=actor.agent_id,
+            client_name=actor.client_name,
             changed_at=at,
             request_id=actor.request_id,
             old_value={k: json_value(v) for k, v in old.items()} if old is not None else None,
@@ -77,21 +94,39 @@ def record(
     )
 
 
+def record_refusal(session: AsyncSession, actor: Actor, tool: str, permission: str, arguments: Any) -> None:
+    """A call refused for want of a permission: who tried which tool with what, and what was missing."""
+    if len(json.dumps(arguments, default=str)) > MAX_RECORDED_ARGUMENTS:
+        arguments = {"omitted": f"the arguments were longer than {MAX_RECORDED_ARGUMENTS} characters"}
+    session.add(
+        AuditEntry(
+            action=AuditAction.REFUSED,
+            changed_by=actor.agent_id,
+            client_name=actor.client_name,
+            changed_at=utcnow(),
+            request_id=actor.request_id,
+            new_value={"tool": tool, "missing_permission": permission, "arguments": arguments},
+        )
+    )
+
+
 async def record_status_changes(
     session: AsyncSession, actor: Actor, matching: ColumnElement[bool], status: TaskStatus, *, at: datetime
-) -> None:
+) -> int:
     """One entry per task matching `matching`, old and new status, in a single INSERT ... SELECT.
 
     On PostgreSQL the SELECT locks the rows it reads (FOR UPDATE), so the old status recorded is
     the one the following UPDATE overwrites, even with concurrent writers.
+    Returns how many entries (so how many tasks) it wrote.
     """
-    columns = ["entity_id", "entity_type", "action", "changed_by", "changed_at", "request_id"]
+    columns = ["entity_id", "entity_type", "action", "changed_by", "client_name", "changed_at", "request_id"]
     source = (
         sql_select(
             col(Task.id),
             literal(EntityKind.TASK.value),
             literal(AuditAction.UPDATED.value),
             literal(actor.agent_id),
+            literal(actor.client_name, String),
             literal(at, UTCDateTime),
             literal(actor.request_id),
             json_object(literal("status"), col(Task.status)),
@@ -100,7 +135,8 @@ async def record_status_changes(
         .where(matching)
         .with_for_update()
     )
-    await session.exec(insert(AuditEntry).from_select([*columns, "old_value", "new_value"], source))
+    result = await session.exec(insert(AuditEntry).from_select([*columns, "old_value", "new_value"], source))
+    return result.rowcount
 
 
 _TRAIL_KEYS = [
@@ -111,25 +147,34 @@ _TRAIL_KEYS = [
 
 async def get_audit_trail(
     session: AsyncSession,
-    entity_id: int,
     *,
+    entity_id: int | None,
+    request_id: str | None,
     changed_by: str | None,
+    action: AuditAction | None,
     since: datetime | None,
     until: datetime | None,
     limit: int,
     page_token: str | None,
 ) -> AuditTrail:
-    entity = await session.get(Entity, entity_id)
-    if entity is None:
-        raise NotFoundError(f"no task or project has id {entity_id}")
-    conditions = [AuditEntry.entity_id == entity_id]
+    entity = None
+    conditions = []
+    if entity_id is not None:
+        entity = await session.get(Entity, entity_id)
+        if entity is None:
+            raise NotFoundError(f"no task or project has id {entity_id}")
+        conditions.append(AuditEntry.entity_id == entity_id)
+    if request_id is not None:
+        conditions.append(AuditEntry.request_id == request_id)
     if changed_by is not None:
         conditions.append(AuditEntry.changed_by == changed_by)
+    if action is not None:
+        conditions.append(AuditEntry.action == action)
     if since is not None:
         conditions.append(AuditEntry.changed_at >= since)
     if until is not None:
         conditions.append(AuditEntry.changed_at < until)
-    query = paging.fingerprint("audit", entity_id, changed_by, since, until)
+    query = paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until)
     page = await paging.fetch_page(
         session,
         select(AuditEntry).where(*conditions),
@@ -138,14 +183,8 @@ async def get_audit_trail(
         page_token=page_token,
         query=query,
     )
-    assert entity.id is not None
     return AuditTrail(
-        entity=EntityRef(
-            id=entity.id,
-            type=EntityKind(entity.kind),
-            name=entity.title,
-            deleted=entity.deleted_at is not None,
-        ),
+        entity=None if entity is None else EntityRef.of(entity),
         items=[AuditEntryPublic.of(entry) for entry in page.rows],
         has_more=page.has_more,
         next_page_token=page.next_page_token,

@@ -1,7 +1,8 @@
-"""Command line: serve over stdio, or act as a scripted MCP client of this server.
+"""Command line: serve (stdio or HTTP), act as a scripted MCP client, and the operator's commands.
 
 `tools` and `call` start the server as a stdio subprocess and talk to it through the real
-protocol, so they show exactly what an agent would see.
+protocol, so they show exactly what an agent would see. `mint-token`, `verify-audit-log` and
+`grant-app-role` are for the operator and work on the configuration and the database directly.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from typing import Any, TypeVar
 
 import anyio
 from mcp import Client, StdioServerParameters
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from mcp_server import __version__
-from mcp_server.config import ConfigError, load_settings
+from mcp_server import __version__, chain
+from mcp_server.auth import AgentTokenVerifier, mint_token, token_sha256
+from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
+from mcp_server.db import create_database, grant_app_role
 from mcp_server.errors import StartupError
-from mcp_server.server import create_server
+from mcp_server.server import check_tool_names, create_server
 
 logger = logging.getLogger("mcp_server")
 T = TypeVar("T")
@@ -33,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
+        if args.command == "serve" and args.transport == "http":
+            settings = _http_settings(settings, args)
     except ConfigError as exc:
         sys.stderr.write(f"mcp-task-server: {exc}\n")
         return 2
@@ -41,16 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     command = args.command or "serve"
-    if command == "serve":
-        try:
-            create_server(settings).run("stdio")
-        except ExceptionGroup as group:
-            if (startup := group.subgroup(StartupError)) is None:
-                raise
-            for problem in _leaves(startup):
-                logger.error("%s", problem)
-            return 1
-        return 0
+    try:
+        if command == "serve":
+            return _serve(settings, http=args.transport == "http")
+        if command == "mint-token":
+            return _mint_token(args)
+        if command == "verify-audit-log":
+            return anyio.run(_verify_audit_log, settings)
+        if command == "grant-app-role":
+            return anyio.run(_grant_app_role, settings, args.role)
+    except ConfigError as exc:
+        sys.stderr.write(f"mcp-task-server: {exc}\n")
+        return 2
+    except StartupError as exc:
+        sys.stderr.write(f"mcp-task-server: {exc}\n")
+        return 1
     server = _server_parameters(args.config)
     if command == "tools":
         return anyio.run(_list_tools, server)
@@ -70,14 +82,146 @@ def _parser() -> argparse.ArgumentParser:
         prog="mcp-task-server", description="MCP server for an audited task database (stdio by default)."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.set_defaults(transport="stdio")
     parser.add_argument("--config", type=Path, help="JSON settings file; environment variables override it")
     commands = parser.add_subparsers(dest="command")
-    commands.add_parser("serve", help="serve MCP over stdio (the default)")
+    serve = commands.add_parser("serve", help="serve MCP over stdio (the default) or streamable HTTP")
+    serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    serve.add_argument("--host", help="HTTP: address to listen on (default 127.0.0.1, setting http_host)")
+    serve.add_argument("--port", type=int, help="HTTP: port to listen on (default 8000, setting http_port)")
+    serve.add_argument(
+        "--stateless",
+        action="store_true",
+        default=None,
+        help="HTTP: keep no session state, so several server processes can share one database",
+    )
+    mint = commands.add_parser(
+        "mint-token", help="make a bearer token for an agent and print the config entry that admits it"
+    )
+    mint.add_argument("agent", help="the agent's identity, recorded as changed_by")
+    mint.add_argument("--read-only", action="store_true", help="the agent may only read")
+    mint.add_argument(
+        "--tool", action="append", dest="tools", help="a tool it may call (repeat); default all"
+    )
+    mint.add_argument("--max-bulk-rows", type=int, help="most tasks one bulk update of its may change")
+    commands.add_parser(
+        "verify-audit-log",
+        help="walk the audit log's hash chain; exit 1 at the first entry that does not match",
+    )
+    grant = commands.add_parser(
+        "grant-app-role",
+        help="PostgreSQL: create the schema and grant an existing role what the server needs, and no more",
+    )
+    grant.add_argument("role", help="the role the server will connect as")
     commands.add_parser("tools", help="start the server and list its tools")
     call = commands.add_parser("call", help="start the server, call one tool, print its structured result")
     call.add_argument("tool", help="tool name, e.g. search_tasks")
     call.add_argument("arguments", nargs="?", default="{}", help="tool arguments as a JSON object")
     return parser
+
+
+def _http_settings(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The settings with the command line's HTTP options over them, checked for serving HTTP."""
+    overrides = {"http_host": args.host, "http_port": args.port, "http_stateless": args.stateless}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if not AgentTokenVerifier(settings).configured:
+        raise ConfigError(
+            "serving HTTP needs a way to check tokens: add agents with token_sha256 (see mint-token) "
+            "or a jwt section to the config file"
+        )
+    if settings.http_host not in LOOPBACK_HOSTS and not settings.allowed_hosts:
+        raise ConfigError(
+            f"serving on {settings.http_host} needs allowed_hosts (the host:port names clients use, "
+            "e.g. tasks.example.com:443) so that DNS-rebinding protection can check them"
+        )
+    return settings
+
+
+def _serve(settings: Settings, *, http: bool) -> int:
+    server = create_server(settings)
+    try:
+        if not http:
+            server.run("stdio")
+            return 0
+        security = None
+        if settings.allowed_hosts:
+            security = TransportSecuritySettings(
+                enable_dns_rebinding_protection=True,
+                allowed_hosts=list(settings.allowed_hosts),
+                allowed_origins=list(settings.allowed_origins),
+            )
+        server.run(
+            "streamable-http",
+            host=settings.http_host,
+            port=settings.http_port,
+            stateless_http=settings.http_stateless,
+            max_request_body_size=settings.http_max_body_bytes,
+            transport_security=security,
+        )
+    except ExceptionGroup as group:
+        if (startup := group.subgroup(StartupError)) is None:
+            raise
+        for problem in _leaves(startup):
+            logger.error("%s", problem)
+        return 1
+    return 0
+
+
+def _mint_token(args: argparse.Namespace) -> int:
+    token = mint_token()
+    entry: dict[str, Any] = {"id": args.agent, "token_sha256": token_sha256(token)}
+    if args.read_only:
+        entry["read_only"] = True
+    if args.tools:
+        entry["tools"] = sorted(set(args.tools))
+    if args.max_bulk_rows is not None:
+        entry["max_bulk_rows"] = args.max_bulk_rows
+    agent = AgentConfig.model_validate(entry)  # the same checks the config file gets
+    check_tool_names(Settings(agents=(agent,)))
+    _write(
+        f"token for {args.agent} (give it to the agent as 'Authorization: Bearer <token>'; it is not stored):"
+    )
+    _write(token)
+    _write('add this entry to "agents" in the config file:')
+    _write(json.dumps(entry))
+    return 0
+
+
+async def _verify_audit_log(settings: Settings) -> int:
+    db = create_database(settings)
+    try:
+        async with db.engine.connect() as conn:
+            report = await chain.verify(conn)
+    except (SQLAlchemyError, OSError) as exc:
+        raise StartupError(f"cannot read the audit log: {type(exc).__name__}") from exc
+    finally:
+        await db.dispose()
+    _write(json.dumps(report.model_dump(mode="json"), indent=2))
+    if report.first_problem is not None:
+        problem = report.first_problem
+        sys.stderr.write(f"audit log: entry seq={problem.seq} id={problem.id}: {problem.problem}\n")
+        return 1
+    sys.stderr.write(f"audit log: {report.entries_checked} entries, chain intact; head {report.head_hash}\n")
+    return 0
+
+
+async def _grant_app_role(settings: Settings, role: str) -> int:
+    db = create_database(settings)
+    try:
+        if db.is_sqlite:
+            raise ConfigError(
+                "grant-app-role is for PostgreSQL; on SQLite, file permissions decide who writes"
+            )
+        await db.create_schema()
+        async with db.engine.begin() as conn:
+            await conn.run_sync(lambda sync: grant_app_role(sync, role))
+    except SQLAlchemyError as exc:
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        raise StartupError(f"could not grant {role}: {reason}") from exc
+    finally:
+        await db.dispose()
+    sys.stderr.write(f"{role} may now read and write tasks and append to the audit log, and nothing more\n")
+    return 0
 
 
 def _server_parameters(config: Path | None) -> StdioServerParameters:

@@ -6,22 +6,82 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 APP_NAME = "mcp-task-server"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # Environment variable -> setting name. The README documents each one.
 ENV_VARS: dict[str, str] = {
     "DATABASE_URL": "database_url",
     "MCP_AGENT_ID": "agent_id",
+    "MCP_TOOLS": "tools",
+    "MCP_HTTP_HOST": "http_host",
+    "MCP_HTTP_PORT": "http_port",
+    "MCP_ALLOWED_HOSTS": "allowed_hosts",
+    "MCP_ALLOWED_ORIGINS": "allowed_origins",
+    "MCP_JWT_SECRET": "jwt_secret",
     "DB_POOL_SIZE": "pool_size",
     "DB_MAX_OVERFLOW": "max_overflow",
     "DB_POOL_TIMEOUT": "pool_timeout",
+    "DB_STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
+    "DB_LOCK_TIMEOUT_MS": "lock_timeout_ms",
     "LOG_LEVEL": "log_level",
 }
+# Settings that hold a list take a comma-separated environment variable.
+_LIST_SETTINGS = {"tools", "allowed_hosts", "allowed_origins"}
+
+AgentId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")]
+
+
+class Permissions(BaseModel):
+    """What an agent may do. The default grants everything; each field narrows it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    read_only: bool = False
+    tools: frozenset[str] | None = Field(default=None, description="Tool names it may call; null: all.")
+    max_bulk_rows: int | None = Field(
+        default=None, ge=1, description="Most tasks one bulk update may change."
+    )
+
+    @classmethod
+    def union(cls, grants: list[Permissions]) -> Permissions:
+        """Everything any of the grants allows (an agent holding several JWT scopes)."""
+        if not grants:
+            return cls(read_only=True, tools=frozenset())
+        tools = [grant.tools for grant in grants]
+        limits = [grant.max_bulk_rows for grant in grants]
+        return cls(
+            read_only=all(grant.read_only for grant in grants),
+            tools=None if None in tools else frozenset().union(*(t for t in tools if t is not None)),
+            max_bulk_rows=None if None in limits else max(limit for limit in limits if limit is not None),
+        )
+
+
+class AgentConfig(Permissions):
+    """One agent in the static table: its id, the SHA-256 of its bearer token, its permissions."""
+
+    id: AgentId
+    token_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
+
+
+class JwtConfig(BaseModel):
+    """Signed JWTs from an identity provider: the key, the claims checked, and scope -> permissions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    algorithms: tuple[str, ...] = ("RS256",)
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    identity_claim: str = "sub"
+    leeway_seconds: int = Field(default=30, ge=0, le=600)
+    scopes: dict[str, Permissions] = Field(default_factory=dict)
 
 
 class ConfigError(Exception):
@@ -32,15 +92,46 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     database_url: str = Field(default_factory=lambda: default_database_url())
-    agent_id: str | None = Field(default=None, min_length=1, max_length=200)
+    agent_id: AgentId | None = None
+    tools: frozenset[str] | None = None
+    agents: tuple[AgentConfig, ...] = ()
+    jwt: JwtConfig | None = None
+    jwt_secret: SecretStr | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    http_stateless: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    http_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    statement_timeout_ms: int = Field(default=30_000, ge=0)
+    lock_timeout_ms: int = Field(default=10_000, ge=0)
     pool_size: int = Field(default=5, ge=1, le=100)
     max_overflow: int = Field(default=10, ge=0, le=100)
     pool_timeout: float = Field(default=30.0, gt=0, le=600)
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        ids = [agent.id for agent in self.agents]
+        if len(set(ids)) != len(ids):
+            raise ValueError("agents: each agent id may appear once")
+        hashes = [agent.token_sha256 for agent in self.agents if agent.token_sha256]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("agents: two agents share one token")
+        if self.jwt is not None:
+            keys = [self.jwt.public_key_file, self.jwt.jwks_file, self.jwt_secret]
+            if sum(key is not None for key in keys) != 1:
+                raise ValueError(
+                    "jwt: give exactly one key: jwt.public_key_file, jwt.jwks_file, or MCP_JWT_SECRET"
+                )
+        return self
+
     @property
     def async_database_url(self) -> str:
         return to_async_url(self.database_url)
+
+    def agent(self, agent_id: str) -> AgentConfig | None:
+        return next((agent for agent in self.agents if agent.id == agent_id), None)
 
 
 def default_database_url() -> str:
@@ -72,7 +163,10 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
         values.update(_read_config_file(config_file))
     for env_name, setting in ENV_VARS.items():
         if environ.get(env_name):
-            values[setting] = environ[env_name]
+            value = environ[env_name]
+            values[setting] = (
+                [v.strip() for v in value.split(",") if v.strip()] if (setting in _LIST_SETTINGS) else value
+            )
     try:
         settings = Settings(**values)
     except ValidationError as exc:

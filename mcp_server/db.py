@@ -7,21 +7,23 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, func
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
-from sqlmodel import SQLModel
+from sqlmodel import SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import models
+from mcp_server import chain, models
 from mcp_server.config import Settings
 from mcp_server.errors import StartupError
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+
+chain.attach(models.AuditEntry.__table__)  # type: ignore[attr-defined]  # SQLModel does not declare it
 
 
 class Database:
@@ -36,12 +38,16 @@ class Database:
     async def transaction(self, *, write: bool) -> AsyncIterator[AsyncSession]:
         """One transaction: commits when the block ends, rolls back when it raises.
 
-        On SQLite a writing transaction takes the write lock at BEGIN (BEGIN IMMEDIATE), so two
-        writers queue on the busy timeout instead of failing when a reader upgrades to a writer.
+        Writers take turns, because each appends to the one audit chain. On SQLite a writing
+        transaction takes the write lock at BEGIN (BEGIN IMMEDIATE), so two writers queue on the
+        busy timeout instead of failing when a reader upgrades to a writer. On PostgreSQL it takes
+        the chain's advisory lock before any row lock, so writers never deadlock over the chain.
         """
         async with self._sessions() as session, session.begin():
             if write and self.is_sqlite:
                 await session.connection(execution_options={"sqlite_begin": "BEGIN IMMEDIATE"})
+            elif write:
+                await session.exec(select(func.pg_advisory_xact_lock(chain.CHAIN_LOCK_KEY)))
             yield session
 
     async def create_schema(self) -> None:
@@ -65,12 +71,39 @@ def create_database(settings: Settings) -> Database:
         "pool_timeout": settings.pool_timeout,
         "pool_pre_ping": True,
     }
+    if url.get_backend_name() == "postgresql":
+        # Per statement, so a pathological filter or a held lock ends the call instead of hanging it.
+        kwargs["connect_args"] = {
+            "server_settings": {
+                "statement_timeout": str(settings.statement_timeout_ms),
+                "lock_timeout": str(settings.lock_timeout_ms),
+            }
+        }
     engine = create_async_engine(url, **kwargs)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         _configure_sqlite(engine)
     return Database(engine)
+
+
+def grant_app_role(conn: Connection, role: str) -> None:
+    """PostgreSQL: grant an existing role what the server needs and nothing more.
+
+    It may read, insert and update tasks and projects (deleting is soft, so no DELETE), and read
+    and append to the audit log: no UPDATE, DELETE or TRUNCATE there, so even with the
+    triggers dropped the role cannot rewrite the record.
+    """
+    quote = conn.dialect.identifier_preparer.quote
+    schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
+    for statement in (
+        f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
+        f"REVOKE ALL ON entity, audit_entry FROM {quote(role)}",
+        f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
+        f"GRANT SELECT, INSERT ON audit_entry TO {quote(role)}",
+        f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq TO {quote(role)}",
+    ):
+        conn.exec_driver_sql(statement)
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -85,6 +118,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+        dbapi_connection.create_function(
+            "audit_entry_hash", len(chain.CONTENT) + 1, chain.sqlite_entry_hash, deterministic=True
+        )
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(conn: Connection) -> None:

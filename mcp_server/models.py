@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -57,6 +58,7 @@ class AuditAction(StrEnum):
     UPDATED = "updated"
     DELETED = "deleted"
     RESTORED = "restored"
+    REFUSED = "refused"  # a call the agent had no permission for; nothing changed
 
 
 def utcnow() -> datetime:
@@ -205,19 +207,31 @@ inspect(Task).add_property(
 
 
 class AuditEntry(SQLModel, table=True):
+    """One change (or one refused call). Append-only, and sealed into a hash chain by the database.
+
+    `seq`, `prev_hash` and `entry_hash` are set by a trigger on insert (see chain.py), whatever
+    the application passes; the triggers refuse every UPDATE and DELETE of a sealed entry.
+    """
+
     __tablename__ = "audit_entry"
     __table_args__ = (
         Index("ix_audit_entity_changed", "entity_id", "changed_at", "id"),
         Index("ix_audit_changed_by_changed", "changed_by", "changed_at"),
         Index("ix_audit_request", "request_id"),
+        Index("ix_audit_changed", "changed_at", "id"),
+        Index("uq_audit_seq", "seq", unique=True),
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    entity_id: int = Field(foreign_key="entity.id", nullable=False)
-    entity_type: str = Field(sa_type=String(16), nullable=False)
+    seq: int | None = Field(default=None, sa_type=BigInteger)
+    entity_id: int | None = Field(default=None, foreign_key="entity.id")
+    entity_type: str | None = Field(default=None, sa_type=String(16))
     action: AuditAction = Field(sa_type=String(16), nullable=False)
     changed_by: str = Field(sa_type=String(200), nullable=False)
+    client_name: str | None = Field(default=None, sa_type=String(200))
     changed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     request_id: str = Field(sa_type=String(64), nullable=False)
     old_value: dict[str, Any] | None = Field(default=None, sa_type=JSONValue)
     new_value: dict[str, Any] | None = Field(default=None, sa_type=JSONValue)
+    prev_hash: str | None = Field(default=None, sa_type=String(64))
+    entry_hash: str | None = Field(default=None, sa_type=String(64))

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mcp_server.models import AuditAction, AuditEntry, EntityKind, Priority, Project, Task, TaskStatus
+from mcp_server.models import AuditAction, AuditEntry, Entity, EntityKind, Priority, Project, Task, TaskStatus
 
 # Text as tools accept it, shared by the tool signatures and the models below so both enforce the same.
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -122,13 +122,25 @@ class EntityRef(BaseModel):
     name: str
     deleted: bool
 
+    @classmethod
+    def of(cls, entity: Entity) -> EntityRef:
+        assert entity.id is not None
+        return cls(
+            id=entity.id,
+            type=EntityKind(entity.kind),
+            name=entity.title,
+            deleted=entity.deleted_at is not None,
+        )
+
 
 class AuditEntryPublic(BaseModel):
     id: int
+    entity_id: int | None = Field(description="The task or project changed; null for a refused call.")
     action: AuditAction
-    changed_by: str
+    changed_by: str = Field(description="The verified identity of the agent.")
+    client_name: str | None = Field(description="The name the agent's client gave itself; not verified.")
     changed_at: datetime
-    request_id: str
+    request_id: str = Field(description="Shared by every entry one tool call wrote.")
     old_value: dict[str, Any] | None
     new_value: dict[str, Any] | None
 
@@ -137,8 +149,10 @@ class AuditEntryPublic(BaseModel):
         assert entry.id is not None
         return cls(
             id=entry.id,
+            entity_id=entry.entity_id,
             action=AuditAction(entry.action),
             changed_by=entry.changed_by,
+            client_name=entry.client_name,
             changed_at=entry.changed_at,
             request_id=entry.request_id,
             old_value=entry.old_value,
@@ -147,5 +161,5 @@ class AuditEntryPublic(BaseModel):
 
 
 class AuditTrail(_Paged):
-    entity: EntityRef
+    entity: EntityRef | None = Field(description="The entity asked for by entity_id, if any.")
     items: list[AuditEntryPublic] = Field(description="Newest first.")

@@ -1,7 +1,8 @@
 """The MCP server: tool handlers, thin.
 
 A handler decides who is calling, opens one transaction, calls one data function and returns
-its result. Expected failures become a `ToolError` that tells the agent what to fix.
+its result. Before it runs, a guard checks that the caller may call the tool; a refusal is
+recorded in the audit log. Expected failures become a `ToolError` that tells the agent what to fix.
 """
 
 from __future__ import annotations
@@ -13,22 +14,29 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import ToolAnnotations
 from pydantic import AwareDatetime, ConfigDict, Field
+from pydantic_core import to_jsonable_python
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import __version__, audit, identity, projects, tasks
+from mcp_server import __version__, audit, auth, chain, identity, projects, tasks
 from mcp_server.audit import Actor
-from mcp_server.config import Settings
+from mcp_server.config import ConfigError, Settings
 from mcp_server.db import Database, create_database
-from mcp_server.errors import REFUSED_MESSAGE, TaskServerError, translate_database_error
+from mcp_server.errors import (
+    REFUSED_MESSAGE,
+    PermissionDeniedError,
+    TaskServerError,
+    translate_database_error,
+)
 from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterField, FilterNode
-from mcp_server.models import Priority, TaskStatus
+from mcp_server.models import AuditAction, Priority, TaskStatus
 from mcp_server.schemas import (
     AuditTrail,
     BulkUpdateResult,
@@ -70,16 +78,31 @@ def _state(ctx: ToolContext) -> AppState:
     return state
 
 
+def _principal(ctx: ToolContext) -> identity.Principal:
+    return identity.principal(ctx, _state(ctx).settings)
+
+
 def _actor(ctx: ToolContext) -> Actor:
-    return Actor(agent_id=identity.agent_identity(ctx, _state(ctx).settings), request_id=uuid.uuid4().hex)
+    who = _principal(ctx)
+    return Actor(agent_id=who.agent_id, request_id=uuid.uuid4().hex, client_name=who.client_name)
 
 
 @asynccontextmanager
 async def _transaction(ctx: ToolContext, *, write: bool) -> AsyncIterator[AsyncSession]:
-    """One transaction for the call; every expected failure leaves as a ToolError."""
+    """One transaction for the call; every expected failure leaves as a ToolError.
+
+    A read-only agent is refused here, where every write begins, whatever the tool's annotations
+    say. Permission refusals pass through as they are, for the guard to record.
+    """
+    if write and _principal(ctx).permissions.read_only:
+        raise PermissionDeniedError(
+            "write", "you are a read-only agent (permission write is missing); nothing was changed"
+        )
     try:
         async with _state(ctx).db.transaction(write=write) as session:
             yield session
+    except PermissionDeniedError:
+        raise
     except TaskServerError as exc:
         raise ToolError(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:
@@ -229,32 +252,55 @@ async def bulk_update_status(
     All or nothing. Tasks already in that status are left alone; each task that changes gets
     one audit entry with its old and new status. Preview the match with search_tasks first.
     """
+    max_rows = _principal(ctx).permissions.max_bulk_rows
     async with _transaction(ctx, write=True) as session:
-        return await tasks.bulk_update_status(session, _actor(ctx), status, filter=filter, task_ids=task_ids)
+        return await tasks.bulk_update_status(
+            session, _actor(ctx), status, filter=filter, task_ids=task_ids, max_rows=max_rows
+        )
 
 
 async def get_audit_trail(
     ctx: ToolContext,
-    entity_id: Annotated[Id, Field(description="Id of a task or a project, deleted ones included.")],
+    entity_id: Annotated[
+        Id | None, Field(description="Only entries of this task or project (deleted ones included).")
+    ] = None,
+    request_id: Annotated[
+        str | None, Field(max_length=64, description="Only entries written by this one tool call.")
+    ] = None,
     changed_by: Annotated[
         str | None, Field(max_length=identity.MAX_LENGTH, description="Only entries by this agent.")
     ] = None,
+    action: Annotated[AuditAction | None, Field(description="Only entries of this kind.")] = None,
     since: Annotated[AwareDatetime | None, Field(description="Only entries at or after this time.")] = None,
     until: Annotated[AwareDatetime | None, Field(description="Only entries before this time.")] = None,
     limit: Limit = 50,
     page_token: PageToken = None,
 ) -> AuditTrail:
-    """The audit entries of one task or project, newest first: who changed what, when, before and after."""
+    """Audit entries, newest first: who changed what, when, before and after.
+
+    Narrow by entity_id, by request_id (every entry one call wrote), by agent or by action
+    (`refused` entries are calls an agent had no permission for).
+    """
     async with _transaction(ctx, write=False) as session:
         return await audit.get_audit_trail(
             session,
-            entity_id,
+            entity_id=entity_id,
+            request_id=request_id,
             changed_by=changed_by,
+            action=action,
             since=since,
             until=until,
             limit=limit,
             page_token=page_token,
         )
+
+
+async def verify_audit_log(ctx: ToolContext) -> chain.ChainReport:
+    """Check the audit log's hash chain from the first entry to the newest and report the first entry
+    that was changed, removed or inserted behind the server's back. Reads every entry: slow on a big log.
+    """
+    async with _transaction(ctx, write=False) as session:
+        return await chain.verify(await session.connection())
 
 
 async def create_project(
@@ -296,10 +342,14 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (soft_delete_task, "Delete a task (restorable)", _annotations(destructive=True, idempotent=True)),
     (restore_task, "Restore a deleted task", _annotations(destructive=False, idempotent=True)),
     (bulk_update_status, "Set the status of many tasks", _annotations(destructive=True, idempotent=True)),
-    (get_audit_trail, "Audit trail of a task or project", READ_ONLY),
+    (get_audit_trail, "Audit trail", READ_ONLY),
+    (verify_audit_log, "Verify the audit log", READ_ONLY),
     (create_project, "Create a project", _annotations(destructive=False, idempotent=False)),
     (list_projects, "List projects", READ_ONLY),
 ]
+
+
+TOOL_NAMES = frozenset(fn.__name__ for fn, _, _ in TOOLS)
 
 
 def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> Tool:
@@ -319,10 +369,53 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
     )
     tool.fn_metadata.arg_model = strict
     tool.parameters = strict.model_json_schema(by_alias=True)
+    tool.fn = _guarded(tool.name, tool.fn)
     return tool
 
 
+def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The tool function behind a permission check; a refused call is recorded, then reported."""
+
+    async def guarded(ctx: ToolContext, **arguments: Any) -> Any:
+        who = _principal(ctx)
+        try:
+            if who.permissions.tools is not None and name not in who.permissions.tools:
+                raise PermissionDeniedError(
+                    f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
+                )
+            return await fn(ctx, **arguments)
+        except PermissionDeniedError as exc:
+            await _record_refusal(ctx, name, exc.permission, arguments)
+            raise ToolError(f"permission denied: {exc}. The attempt is recorded in the audit log.") from None
+
+    return guarded
+
+
+async def _record_refusal(ctx: ToolContext, tool: str, permission: str, arguments: dict[str, Any]) -> None:
+    recorded = to_jsonable_python(arguments, by_alias=True)
+    try:
+        async with _state(ctx).db.transaction(write=True) as session:
+            audit.record_refusal(session, _actor(ctx), tool, permission, recorded)
+    except (SQLAlchemyError, OSError):
+        logger.exception("could not record a refused call to %s", tool)
+
+
+def check_tool_names(settings: Settings) -> None:
+    """Every tool name the settings mention is one this server has."""
+    named = {"tools": settings.tools or frozenset()}
+    named |= {f"agents[{agent.id}].tools": agent.tools or frozenset() for agent in settings.agents}
+    if settings.jwt is not None:
+        named |= {f"jwt.scopes[{s}].tools": p.tools or frozenset() for s, p in settings.jwt.scopes.items()}
+    for where, names in named.items():
+        if unknown := sorted(names - TOOL_NAMES):
+            raise ConfigError(
+                f"{where} names unknown tools: {', '.join(unknown)}; known: {', '.join(sorted(TOOL_NAMES))}"
+            )
+
+
 def create_server(settings: Settings) -> MCPServer[AppState]:
+    check_tool_names(settings)
+
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         db = create_database(settings)
@@ -332,11 +425,22 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         finally:
             await db.dispose()
 
+    verifier = auth.AgentTokenVerifier(settings)
     return MCPServer(
         "tasks",
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         log_level=settings.log_level,  # type: ignore[arg-type]
-        tools=[_tool(fn, title, annotations) for fn, title, annotations in TOOLS],
+        tools=[
+            _tool(fn, title, annotations)
+            for fn, title, annotations in TOOLS
+            if settings.tools is None or fn.__name__ in settings.tools
+        ],
+        # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
+        token_verifier=verifier if verifier.configured else None,
+        # issuer_url is required by the SDK but only published with resource_server_url, which is unset.
+        auth=AuthSettings(issuer_url="http://localhost", resource_server_url=None)
+        if verifier.configured
+        else None,
     )

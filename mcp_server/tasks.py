@@ -14,7 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import audit, paging, projects
 from mcp_server.audit import Actor
-from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError
+from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition, compile_filter
 from mcp_server.models import AuditAction, AuditEntry, Priority, Project, Task, TaskStatus, utcnow
 from mcp_server.schemas import BulkUpdateResult, OrderBy, TaskCreate, TaskPage, TaskPublic, TaskUpdate
@@ -191,9 +191,13 @@ async def bulk_update_status(
     *,
     filter: FilterTree | None,
     task_ids: Sequence[int] | None,
+    max_rows: int | None = None,
 ) -> BulkUpdateResult:
     """Set `status` on every live matching task, set-based: one INSERT ... SELECT writes the audit
-    entries of exactly the tasks that change, then one UPDATE changes the tasks those entries name."""
+    entries of exactly the tasks that change, then one UPDATE changes the tasks those entries name.
+
+    More than `max_rows` changing tasks refuses the whole call (the caller rolls back).
+    """
     if (filter is None) == (task_ids is None):
         raise InvalidInputError("give either filter or task_ids, not both and not neither")
     matching: ColumnElement[bool]
@@ -205,7 +209,13 @@ async def bulk_update_status(
         matching = compile_filter(filter)
     now = utcnow()
     changing = [matching, col(Task.deleted_at).is_(None), col(Task.status) != status]
-    await audit.record_status_changes(session, actor, and_(*changing), status, at=now)
+    count = await audit.record_status_changes(session, actor, and_(*changing), status, at=now)
+    if max_rows is not None and count > max_rows:
+        raise PermissionDeniedError(
+            "max_bulk_rows",
+            f"this call would change {count} tasks, and you may change at most {max_rows} in one bulk "
+            "update (permission max_bulk_rows); nothing was changed. Narrow the filter or split the work",
+        )
     this_call = select(AuditEntry.entity_id).where(AuditEntry.request_id == actor.request_id)
     result = await session.exec(
         update(Task)

@@ -67,6 +67,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     db = create_database(Settings(database_url=POSTGRES_URL))
     await db.create_schema()
     async with db.engine.begin() as conn:
+        # The audit log refuses TRUNCATE; a superuser in replica mode skips triggers, as a test reset may.
+        await conn.execute(text("SET LOCAL session_replication_role = replica"))
         await conn.execute(text("TRUNCATE audit_entry, entity RESTART IDENTITY CASCADE"))
     await db.dispose()
     yield POSTGRES_URL
@@ -74,7 +76,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url)
+    return Settings(database_url=database_url, agent_id=AGENT)
 
 
 @pytest.fixture
@@ -92,8 +94,11 @@ def era(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def connect(settings: Settings, era: str, name: str = AGENT) -> Client:
-    return Client(create_server(settings), mode=era, client_info=Implementation(name=name, version="1"))  # type: ignore[arg-type]
+def connect(settings: Settings, era: str, name: str = AGENT, *, client_name: str = "test-client") -> Client:
+    """An in-process client acting as agent `name` (the configured identity, as on stdio)."""
+    as_agent = settings.model_copy(update={"agent_id": name})
+    info = Implementation(name=client_name, version="1")
+    return Client(create_server(as_agent), mode=era, client_info=info)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import getpass
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,10 +11,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from mcp import Client
+from mcp.types import Implementation
 from sqlalchemy import text
 
 from mcp_server.config import Settings
 from mcp_server.db import Database
+from mcp_server.server import create_server
 from tests.conftest import AGENT, call, call_error, connect, count_rows, snapshot
 
 pytestmark = pytest.mark.anyio
@@ -27,6 +30,7 @@ EXPECTED_TOOLS = {
     "restore_task",
     "bulk_update_status",
     "get_audit_trail",
+    "verify_audit_log",
     "create_project",
     "list_projects",
 }
@@ -97,16 +101,28 @@ async def test_a_tool_argument_cannot_set_changed_by(client: Client, db: Databas
     assert await audit_rows(db, task["id"]) == [("created", AGENT)]
 
 
-async def test_the_configured_agent_id_wins_over_the_client_reported_name(
+async def test_the_configured_agent_id_is_the_identity_and_the_client_name_is_kept_beside_it(
     settings: Settings, era: str
 ) -> None:
-    configured = settings.model_copy(update={"agent_id": "planner-bot"})
-    async with connect(configured, era, name="something-else") as client:
+    async with connect(settings, era, name="planner-bot", client_name="something-else") as client:
         project_id = await make_project(client)
         trail = await call(client, "get_audit_trail", {"entity_id": project_id})
-    assert [entry["changed_by"] for entry in trail["items"]] == ["planner-bot"]
+    assert [(e["changed_by"], e["client_name"]) for e in trail["items"]] == [("planner-bot", "something-else")]
     assert trail["entity"] == {"id": project_id, "type": "project", "name": "Apollo", "deleted": False}
     assert trail["items"][0]["new_value"] == {"name": "Apollo", "description": ""}
+
+
+async def test_without_a_configured_agent_id_the_identity_is_the_local_user_not_the_client_name(
+    settings: Settings, era: str
+) -> None:
+    unconfigured = settings.model_copy(update={"agent_id": None})
+    info = Implementation(name="claims-to-be-admin", version="1")
+    async with Client(create_server(unconfigured), mode=era, client_info=info) as client:  # type: ignore[arg-type]
+        project_id = await make_project(client)
+        trail = await call(client, "get_audit_trail", {"entity_id": project_id})
+    assert [(e["changed_by"], e["client_name"]) for e in trail["items"]] == [
+        (f"local:{getpass.getuser()}", "claims-to-be-admin")
+    ]
 
 
 async def test_update_task_audits_only_the_fields_that_changed_and_a_no_op_writes_nothing(

@@ -1,0 +1,123 @@
+"""Bearer tokens over HTTP: which agent a token proves, and what that agent may do.
+
+Two sources, tried in order: the static table of agents in the config (it stores SHA-256 hashes
+of tokens, never the tokens), and signed JWTs from an identity provider (issuer, audience and
+expiry checked; the token's scopes map to permissions in the config). A token neither accepts
+gets None, which the SDK answers with 401.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from typing import Any
+
+import jwt
+from mcp.server.auth.provider import AccessToken
+
+from mcp_server.config import JwtConfig, Permissions, Settings
+
+logger = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "mts_"
+
+
+class AgentToken(AccessToken):
+    """A verified token: `client_id` is the agent's identity, `permissions` what it may do."""
+
+    permissions: Permissions
+
+
+def mint_token() -> str:
+    """A new random bearer token (256 bits)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_sha256(token: str) -> str:
+    # A plain hash is enough: the tokens are random and 256 bits long, so there is nothing to
+    # guess that a slow password hash would protect.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AgentTokenVerifier:
+    """The SDK's `TokenVerifier`: static agent tokens first, then JWTs when configured."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._agents = {agent.token_sha256: agent for agent in settings.agents if agent.token_sha256}
+        self._jwt = _JwtKeys(settings) if settings.jwt is not None else None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._agents) or self._jwt is not None
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        agent = self._agents.get(token_sha256(token))
+        if agent is not None:
+            permissions = Permissions(
+                read_only=agent.read_only, tools=agent.tools, max_bulk_rows=agent.max_bulk_rows
+            )
+            return AgentToken(token=token, client_id=agent.id, scopes=[], permissions=permissions)
+        if self._jwt is not None and token.count(".") == 2:
+            return self._jwt.verify(token)
+        return None
+
+
+class _JwtKeys:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.jwt is not None
+        self.config: JwtConfig = settings.jwt
+        self._jwks: jwt.PyJWKSet | None = None
+        self._key: Any = None
+        if self.config.jwks_file is not None:
+            self._jwks = jwt.PyJWKSet.from_json(self.config.jwks_file.read_text(encoding="utf-8"))
+        elif self.config.public_key_file is not None:
+            self._key = self.config.public_key_file.read_text(encoding="utf-8")
+        else:
+            assert settings.jwt_secret is not None
+            self._key = settings.jwt_secret.get_secret_value()
+
+    def verify(self, token: str) -> AgentToken | None:
+        config = self.config
+        try:
+            claims = jwt.decode(
+                token,
+                self._signing_key(token),
+                algorithms=list(config.algorithms),
+                audience=config.audience,
+                issuer=config.issuer,
+                leeway=config.leeway_seconds,
+                options={"require": ["exp", "iss", "aud", config.identity_claim]},
+            )
+        except (jwt.PyJWTError, KeyError) as exc:
+            logger.info("rejected a JWT: %s", type(exc).__name__)
+            return None
+        identity = claims[config.identity_claim]
+        if not isinstance(identity, str) or not identity.strip() or len(identity) > 200:
+            logger.info("rejected a JWT: its %s claim is not a usable identity", config.identity_claim)
+            return None
+        scopes = _scopes(claims)
+        granted = [config.scopes[scope] for scope in scopes if scope in config.scopes]
+        return AgentToken(
+            token=token,
+            client_id=identity,
+            subject=identity,
+            scopes=scopes,
+            expires_at=int(claims["exp"]),
+            claims={"iss": claims["iss"]},
+            permissions=Permissions.union(granted),
+        )
+
+    def _signing_key(self, token: str) -> Any:
+        if self._jwks is None:
+            return self._key
+        kid = jwt.get_unverified_header(token).get("kid")
+        return self._jwks[kid].key if kid is not None else self._jwks.keys[0].key
+
+
+def _scopes(claims: dict[str, Any]) -> list[str]:
+    """OAuth's space-separated `scope`, or the list form (`scp`) some providers use."""
+    scope = claims.get("scope", claims.get("scp", []))
+    if isinstance(scope, str):
+        return scope.split()
+    return [s for s in scope if isinstance(s, str)] if isinstance(scope, list) else []

@@ -1,0 +1,208 @@
+"""The audit log's hash chain: sealed by the database on insert, walked by `verify`.
+
+Each entry gets the next `seq`, the previous entry's hash as `prev_hash`, and `entry_hash` =
+SHA-256 over `prev_hash` and its own content. The database does this in a trigger, so every
+insert is sealed whichever code path wrote it, and set-based inserts stay set-based. Writers are
+serialized while they link (PostgreSQL: a transaction-level advisory lock, which every writing
+transaction takes first; SQLite: one writer at a time already), so the chain never forks.
+
+Other triggers refuse UPDATE, DELETE and TRUNCATE of audit rows. Someone who can disable the
+triggers (a database superuser) can still edit rows; `verify` then finds the first entry whose
+content, link or position does not match. Deleting the newest entries leaves a shorter valid
+chain: compare the head that `verify` reports with one recorded elsewhere to catch that.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: S608  -- the SQL below is constant text built from constants; no value is ever interpolated
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import DDL, Table, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+GENESIS = "0" * 64
+# Every writing transaction on PostgreSQL takes this advisory lock first (see db.py).
+CHAIN_LOCK_KEY = 7_243_017_110_398
+BATCH = 5000
+
+# The content an entry's hash covers, in order, after the previous entry's hash.
+CONTENT = (
+    "seq",
+    "entity_id",
+    "entity_type",
+    "action",
+    "changed_by",
+    "client_name",
+    "changed_at",
+    "request_id",
+    "old_value",
+    "new_value",
+)
+
+_POSTGRESQL = [
+    """
+CREATE FUNCTION audit_entry_hash(e audit_entry) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT encode(sha256(convert_to(e.prev_hash || jsonb_build_array(
+        e.seq, e.entity_id, e.entity_type, e.action, e.changed_by, e.client_name,
+        e.changed_at AT TIME ZONE 'UTC', e.request_id, e.old_value, e.new_value)::text, 'UTF8')), 'hex')
+$$""",
+    f"""
+CREATE FUNCTION audit_entry_seal() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    head record;
+BEGIN
+    PERFORM pg_advisory_xact_lock({CHAIN_LOCK_KEY});
+    SELECT seq, entry_hash INTO head FROM audit_entry ORDER BY seq DESC LIMIT 1;
+    NEW.seq := coalesce(head.seq, 0) + 1;
+    NEW.prev_hash := coalesce(head.entry_hash, '{GENESIS}');
+    NEW.entry_hash := audit_entry_hash(NEW);
+    RETURN NEW;
+END $$""",
+    """
+CREATE FUNCTION audit_entry_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_entry is append-only: %% refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+END $$""",
+    "CREATE TRIGGER audit_entry_seal BEFORE INSERT ON audit_entry "
+    "FOR EACH ROW EXECUTE FUNCTION audit_entry_seal()",
+    "CREATE TRIGGER audit_entry_append_only BEFORE UPDATE OR DELETE ON audit_entry "
+    "FOR EACH ROW EXECUTE FUNCTION audit_entry_refuse()",
+    "CREATE TRIGGER audit_entry_no_truncate BEFORE TRUNCATE ON audit_entry "
+    "FOR EACH STATEMENT EXECUTE FUNCTION audit_entry_refuse()",
+]
+
+# SQLite cannot assign NEW in a trigger, so an AFTER INSERT trigger seals the new row with an
+# UPDATE; the no-update trigger lets exactly that through (the row is not sealed yet) and
+# refuses every UPDATE of a sealed row. audit_entry_hash is the Python function below,
+# registered on each connection.
+_SQLITE_HEAD_SEQ = "(SELECT coalesce(max(seq), 0) FROM audit_entry)"
+_SQLITE_HEAD_HASH = (
+    f"coalesce((SELECT entry_hash FROM audit_entry WHERE seq = {_SQLITE_HEAD_SEQ}), '{GENESIS}')"
+)
+_SQLITE = [
+    f"""
+CREATE TRIGGER audit_entry_seal AFTER INSERT ON audit_entry
+BEGIN
+    UPDATE audit_entry SET
+        seq = {_SQLITE_HEAD_SEQ} + 1,
+        prev_hash = {_SQLITE_HEAD_HASH},
+        entry_hash = audit_entry_hash({_SQLITE_HEAD_HASH}, {_SQLITE_HEAD_SEQ} + 1,
+            {", ".join(f"NEW.{name}" for name in CONTENT[1:])})
+    WHERE id = NEW.id;
+END""",
+    """
+CREATE TRIGGER audit_entry_no_update BEFORE UPDATE ON audit_entry WHEN OLD.entry_hash IS NOT NULL
+BEGIN
+    SELECT RAISE(ABORT, 'audit_entry is append-only: UPDATE refused');
+END""",
+    """
+CREATE TRIGGER audit_entry_no_delete BEFORE DELETE ON audit_entry
+BEGIN
+    SELECT RAISE(ABORT, 'audit_entry is append-only: DELETE refused');
+END""",
+]
+
+
+def attach(table: Table) -> None:
+    """Create the chain's functions and triggers right after the audit table is created."""
+    for statement in _POSTGRESQL:
+        ddl = DDL(statement)  # type: ignore[no-untyped-call]
+        event.listen(table, "after_create", ddl.execute_if(dialect="postgresql"))
+    for statement in _SQLITE:
+        ddl = DDL(statement)  # type: ignore[no-untyped-call]
+        event.listen(table, "after_create", ddl.execute_if(dialect="sqlite"))
+
+
+def sqlite_entry_hash(prev_hash: str, *content: Any) -> str:
+    """The SQLite side of the seal, over the values as SQLite stores them."""
+    body = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+class ChainProblem(BaseModel):
+    seq: int | None = Field(description="Chain position of the entry, null for an entry outside the chain.")
+    id: int | None = Field(description="The audit entry's id.")
+    problem: str
+
+
+class ChainReport(BaseModel):
+    ok: bool = Field(description="True when every entry matches its hash and links to the one before.")
+    entries_checked: int
+    head_seq: int | None = Field(description="Position of the newest entry checked.")
+    head_hash: str | None = Field(
+        description="Hash of the newest entry; record it elsewhere to detect a later rewrite."
+    )
+    first_problem: ChainProblem | None
+
+
+@dataclass
+class _Walk:
+    checked: int = 0
+    seq: int = 0
+    hash: str = GENESIS
+
+
+async def verify(conn: AsyncConnection) -> ChainReport:
+    """Walk the whole chain in order, a batch at a time, and stop at the first mismatch."""
+    unsealed = (
+        await conn.execute(text("SELECT id FROM audit_entry WHERE seq IS NULL ORDER BY id LIMIT 1"))
+    ).scalar()
+    if unsealed is not None:
+        problem = ChainProblem(
+            seq=None, id=unsealed, problem="entry is outside the chain (inserted with the seal trigger off)"
+        )
+        return ChainReport(ok=False, entries_checked=0, head_seq=None, head_hash=None, first_problem=problem)
+    walk = _Walk()
+    query = text(_VERIFY_QUERY[conn.dialect.name])
+    while True:
+        rows = (await conn.execute(query, {"after": walk.seq, "batch": BATCH})).all()
+        for row in rows:
+            mismatch = _check(walk, row)
+            if mismatch is not None:
+                return _report(walk, ChainProblem(seq=row.seq, id=row.id, problem=mismatch))
+            walk.checked += 1
+            walk.seq, walk.hash = row.seq, row.entry_hash
+        if len(rows) < BATCH:
+            return _report(walk, None)
+
+
+_VERIFY_QUERY = {
+    "postgresql": (
+        "SELECT seq, id, prev_hash, entry_hash, audit_entry_hash(a) AS computed FROM audit_entry a "
+        "WHERE seq > :after ORDER BY seq LIMIT :batch"
+    ),
+    "sqlite": (
+        "SELECT seq, id, prev_hash, entry_hash, "
+        f"audit_entry_hash(prev_hash, {', '.join(CONTENT)}) AS computed FROM audit_entry "
+        "WHERE seq > :after ORDER BY seq LIMIT :batch"
+    ),
+}
+
+
+def _check(walk: _Walk, row: Any) -> str | None:
+    if row.seq != walk.seq + 1:
+        missing = (
+            f"entry {walk.seq + 1} is"
+            if row.seq == walk.seq + 2
+            else f"entries {walk.seq + 1} to {row.seq - 1} are"
+        )
+        return f"{missing} missing: the chain jumps from {walk.seq} to {row.seq}"
+    if row.prev_hash != walk.hash:
+        return "entry does not link to the entry before it (prev_hash differs)"
+    if row.computed != row.entry_hash:
+        return "entry's content does not match its hash: it was changed after it was written"
+    return None
+
+
+def _report(walk: _Walk, problem: ChainProblem | None) -> ChainReport:
+    return ChainReport(
+        ok=problem is None,
+        entries_checked=walk.checked,
+        head_seq=walk.seq or None,
+        head_hash=walk.hash if walk.seq else None,
+        first_problem=problem,
+    )
