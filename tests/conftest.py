@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, Implementation, TextContent
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -134,3 +142,67 @@ async def snapshot(db: Database) -> list[Any]:
         entities = (await conn.execute(text("SELECT * FROM entity ORDER BY id"))).all()
         entries = (await conn.execute(text("SELECT * FROM audit_entry ORDER BY id"))).all()
     return [tuple(row) for row in entities] + [tuple(row) for row in entries]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def http_server(
+    tmp_path: Path, config: dict[str, Any], *, env: dict[str, str] | None = None, extra_args: list[str] = ()
+) -> Iterator[str]:
+    """`mcp-task-server serve --transport http` in a subprocess; yields its MCP endpoint URL."""
+    port = free_port()
+    config_file = tmp_path / f"config-{port}.json"
+    config_file.write_text(json.dumps(config))
+    log = (tmp_path / f"server-{port}.log").open("w")
+    command = [
+        sys.executable,
+        "-m",
+        "mcp_server",
+        "--config",
+        str(config_file),
+        "serve",
+        "--transport",
+        "http",
+    ]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), *extra_args],
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    for _ in range(300):
+        if process.poll() is not None:
+            raise RuntimeError(f"the HTTP server exited with {process.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.1)  # polling for readiness, not waiting for a result
+    raise RuntimeError("the HTTP server did not start listening within 30 s")
+
+
+@asynccontextmanager
+async def http_client(
+    url: str, token: str, *, era: str = "legacy", client_name: str = "http-test-client"
+) -> AsyncIterator[Client]:
+    """The SDK's client over streamable HTTP, sending `token` as its bearer token."""
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+        transport = streamable_http_client(url, http_client=http)
+        info = Implementation(name=client_name, version="1")
+        async with Client(transport, mode=era, client_info=info) as client:  # type: ignore[arg-type]
+            yield client

@@ -107,7 +107,9 @@ async def test_the_configured_agent_id_is_the_identity_and_the_client_name_is_ke
     async with connect(settings, era, name="planner-bot", client_name="something-else") as client:
         project_id = await make_project(client)
         trail = await call(client, "get_audit_trail", {"entity_id": project_id})
-    assert [(e["changed_by"], e["client_name"]) for e in trail["items"]] == [("planner-bot", "something-else")]
+    assert [(e["changed_by"], e["client_name"]) for e in trail["items"]] == [
+        ("planner-bot", "something-else")
+    ]
     assert trail["entity"] == {"id": project_id, "type": "project", "name": "Apollo", "deleted": False}
     assert trail["items"][0]["new_value"] == {"name": "Apollo", "description": ""}
 

@@ -1,0 +1,236 @@
+"""Streamable HTTP: a real server process, the SDK client with a bearer token, on both databases."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import text
+
+from mcp_server.auth import mint_token, token_sha256
+from mcp_server.db import Database
+from tests.conftest import call, call_error, http_client, http_server
+
+pytestmark = pytest.mark.anyio
+
+ISSUER = "https://id.example.com"
+AUDIENCE = "mcp-task-server"
+SECRET = "a shared secret for HS256, long enough for the test"
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"},
+    },
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def signed(key: Any, algorithm: str = "HS256", headers: dict[str, Any] | None = None, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"sub": "ci-bot", "scope": "tasks.write", "iss": ISSUER, "aud": AUDIENCE, "exp": now + 300}
+    payload |= claims
+    return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
+
+
+async def post(url: str, token: str | None, **kwargs: Any) -> httpx2.Response:
+    headers = dict(MCP_HEADERS)
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    headers |= kwargs.pop("headers", {})
+    async with httpx2.AsyncClient() as raw:
+        return await raw.post(url, headers=headers, **kwargs)
+
+
+async def audit_rows(db: Database) -> list[tuple[Any, ...]]:
+    async with db.engine.connect() as conn:
+        query = "SELECT changed_by, client_name, action FROM audit_entry ORDER BY seq"
+        return [tuple(row) for row in (await conn.execute(text(query))).all()]
+
+
+async def entity_rows(db: Database) -> list[tuple[Any, ...]]:
+    async with db.engine.connect() as conn:
+        return [tuple(row) for row in (await conn.execute(text("SELECT * FROM entity ORDER BY id"))).all()]
+
+
+async def test_http_admits_only_valid_tokens_and_records_the_identity_each_proves(
+    database_url: str, tmp_path: Path, db: Database
+) -> None:
+    planner, viewer = mint_token(), mint_token()
+    config = {
+        "database_url": database_url,
+        "agents": [
+            {"id": "planner", "token_sha256": token_sha256(planner)},
+            {"id": "viewer", "token_sha256": token_sha256(viewer), "read_only": True},
+        ],
+        "jwt": {
+            "issuer": ISSUER,
+            "audience": AUDIENCE,
+            "algorithms": ["HS256"],
+            "scopes": {"tasks.read": {"read_only": True}, "tasks.write": {}},
+        },
+        "http_max_body_bytes": 4096,
+    }
+    with http_server(tmp_path, config, env={"MCP_JWT_SECRET": SECRET}) as url:
+        refused = {
+            "no token": None,
+            "unknown token": mint_token(),
+            "altered token": planner[:-2] + ("AA" if not planner.endswith("AA") else "BB"),
+            "expired JWT": signed(SECRET, exp=int(time.time()) - 3600),
+            "JWT for another audience": signed(SECRET, aud="another-service"),
+            "JWT from another issuer": signed(SECRET, iss="https://evil.example.com"),
+            "JWT signed with another key": signed("not the shared secret, but just as long as it"),
+            "JWT without a subject": jwt.encode(
+                {"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300}, SECRET, algorithm="HS256"
+            ),
+        }
+        for case, token in refused.items():
+            response = await post(url, token, json=INITIALIZE)
+            assert response.status_code == 401, case
+            assert response.headers["www-authenticate"].lower().startswith("bearer"), case
+
+        for era in ("legacy", "auto"):
+            async with http_client(url, planner, era=era, client_name="planner-ui") as client:
+                project = await call(client, "create_project", {"name": f"Project {era}"})
+                await call(client, "create_task", {"title": "from HTTP", "project_id": project["id"]})
+        async with http_client(url, signed(SECRET), client_name="ci") as client:
+            await call(client, "create_task", {"title": "from CI", "project_id": project["id"]})
+        assert await audit_rows(db) == [
+            ("planner", "planner-ui", "created"),
+            ("planner", "planner-ui", "created"),
+            ("planner", "planner-ui", "created"),
+            ("planner", "planner-ui", "created"),
+            ("ci-bot", "ci", "created"),
+        ]
+
+        entities = await entity_rows(db)
+        for token in (viewer, signed(SECRET, sub="reader", scope="tasks.read")):
+            async with http_client(url, token) as client:
+                assert (await call(client, "search_tasks", {}))["items"]
+                message = await call_error(
+                    client, "create_task", {"title": "no", "project_id": project["id"]}
+                )
+                assert "permission write" in message
+        assert await entity_rows(db) == entities
+        assert (await audit_rows(db))[-2:] == [
+            ("viewer", "http-test-client", "refused"),
+            ("reader", "http-test-client", "refused"),
+        ]
+
+        # The SDK's DNS-rebinding protection and body limit sit behind authentication.
+        response = await post(url, planner, json=INITIALIZE, headers={"Host": "evil.example.com"})
+        assert response.status_code == 421
+        response = await post(url, planner, content=json.dumps({**INITIALIZE, "pad": "x" * 5000}))
+        assert response.status_code == 413
+
+
+def rsa_key() -> tuple[rsa.RSAPrivateKey, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key, public.decode()
+
+
+@pytest.mark.parametrize("source", ["public_key_file", "jwks_file"])
+async def test_jwts_signed_by_an_identity_providers_key_are_verified(
+    database_url: str, tmp_path: Path, db: Database, source: str
+) -> None:
+    key, public_pem = rsa_key()
+    other_key, _ = rsa_key()
+    key_file = tmp_path / "key"
+    if source == "public_key_file":
+        key_file.write_text(public_pem)
+    else:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        key_file.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    config = {
+        "database_url": database_url,
+        "jwt": {
+            "issuer": ISSUER,
+            "audience": AUDIENCE,
+            "algorithms": ["RS256"],
+            source: str(key_file),
+            "scopes": {"tasks.write": {"tools": ["create_project"]}},
+        },
+    }
+    headers = {"kid": "k1"}
+    with http_server(tmp_path, config) as url:
+        assert (await post(url, signed(other_key, "RS256", headers), json=INITIALIZE)).status_code == 401
+        assert (await post(url, signed(SECRET, "HS256", headers), json=INITIALIZE)).status_code == 401
+        async with http_client(url, signed(key, "RS256", headers, sub="idp-agent")) as client:
+            await call(client, "create_project", {"name": "Signed"})
+            message = await call_error(client, "search_tasks", {})
+            assert "tool:search_tasks" in message
+    assert [row[0::2] for row in await audit_rows(db)] == [("idp-agent", "created"), ("idp-agent", "refused")]
+
+
+async def test_two_stateless_server_processes_share_one_database_without_lost_or_misattributed_changes(
+    database_url: str, tmp_path: Path, db: Database
+) -> None:
+    tokens = {f"agent-{n}": mint_token() for n in range(4)}
+    config = {
+        "database_url": database_url,
+        "agents": [{"id": agent, "token_sha256": token_sha256(token)} for agent, token in tokens.items()],
+    }
+    with (
+        http_server(tmp_path, config, extra_args=["--stateless"]) as first,
+        http_server(tmp_path, config, extra_args=["--stateless"]) as second,
+    ):
+        async with http_client(first, tokens["agent-0"]) as setup:
+            project = await call(setup, "create_project", {"name": "Shared"})
+        created: dict[str, list[int]] = {}
+
+        async def agent(n: int, name: str, token: str) -> None:
+            created[name] = []
+            # Each agent alternates between the two processes, call by call.
+            clients = [http_client(url, token, era="auto") for url in (first, second)]
+            async with clients[0] as a, clients[1] as b:
+                for i in range(6):
+                    client = (a, b)[(i + n) % 2]
+                    task = await call(
+                        client, "create_task", {"title": f"{name} {i}", "project_id": project["id"]}
+                    )
+                    created[name].append(task["id"])
+                    await call(client, "update_task", {"task_id": task["id"], "status": "in_progress"})
+                    mine = {"field": "title", "op": "contains", "value": f"{name} "}
+                    await call(client, "bulk_update_status", {"status": "blocked", "filter": mine})
+
+        async with anyio.create_task_group() as group:
+            for n, (name, token) in enumerate(tokens.items()):
+                group.start_soon(agent, n, name, token)
+
+        async with http_client(second, tokens["agent-1"]) as reader:
+            report = await call(reader, "verify_audit_log", {})
+
+    async with db.engine.connect() as conn:
+        tasks = (await conn.execute(text("SELECT id, title, status FROM entity WHERE kind = 'task'"))).all()
+        entries = (
+            await conn.execute(
+                text(
+                    "SELECT entity_id, changed_by, action FROM audit_entry "
+                    "WHERE entity_id IS NOT NULL ORDER BY seq"
+                )
+            )
+        ).all()
+    assert len(tasks) == 4 * 6 and all(status == "blocked" for _, _, status in tasks)
+    owner = {task_id: name for name, ids in created.items() for task_id in ids}
+    assert {title.split()[0] for _, title, _ in tasks} == set(tokens)
+    for entity_id, changed_by, action in entries:
+        if entity_id != project["id"]:
+            assert changed_by == owner[entity_id], f"task {entity_id}: {action} recorded under {changed_by}"
+    per_task = {task_id: [a for e, _, a in entries if e == task_id] for task_id in owner}
+    # created, set in_progress, then blocked by its agent's bulk update: each exactly once.
+    assert all(actions == ["created", "updated", "updated"] for actions in per_task.values())
+    assert report["ok"] and report["entries_checked"] == len(entries)
