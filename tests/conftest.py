@@ -78,6 +78,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         # The audit log refuses TRUNCATE; a superuser in replica mode skips triggers, as a test reset may.
         await conn.execute(text("SET LOCAL session_replication_role = replica"))
         await conn.execute(text("TRUNCATE audit_entry, entity RESTART IDENTITY CASCADE"))
+        # A test that played the superuser may have switched the audit triggers off.
+        await conn.execute(text("ALTER TABLE audit_entry ENABLE TRIGGER USER"))
     await db.dispose()
     yield POSTGRES_URL
 

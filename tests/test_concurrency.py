@@ -9,6 +9,7 @@ import anyio
 import pytest
 from sqlmodel import col, select
 
+from mcp_server import chain
 from mcp_server.audit import snapshot
 from mcp_server.config import Settings
 from mcp_server.db import Database
@@ -47,16 +48,20 @@ async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
 
     async with db.transaction(write=False) as session:
         tasks = {t.id: t for t in (await session.exec(select(Task))).all()}
-        entries = (await session.exec(select(AuditEntry).order_by(col(AuditEntry.id)))).all()
+        entries = (await session.exec(select(AuditEntry).order_by(col(AuditEntry.seq)))).all()
+        report = await chain.verify(await session.connection())
     assert len(tasks) == 10 + 4 * 5
-    chains: dict[int, list[AuditEntry]] = defaultdict(list)
+    # One linear hash chain: positions 1..n with no gap or fork, every link intact.
+    assert [entry.seq for entry in entries] == list(range(1, len(entries) + 1))
+    assert report.ok and report.entries_checked == len(entries)
+    chains: dict[int | None, list[AuditEntry]] = defaultdict(list)
     for entry in entries:
         chains[entry.entity_id].append(entry)
     for task_id, task in tasks.items():
-        chain = chains[task_id]
-        assert chain[0].action == "created" and [e.action for e in chain].count("created") == 1
-        state: dict[str, Any] = {**chain[0].new_value, "deleted_at": None}  # type: ignore[dict-item]
-        for entry in chain[1:]:
+        history = chains[task_id]
+        assert history[0].action == "created" and [e.action for e in history].count("created") == 1
+        state: dict[str, Any] = {**history[0].new_value, "deleted_at": None}  # type: ignore[dict-item]
+        for entry in history[1:]:
             assert entry.old_value is not None and entry.new_value is not None
             for key, old in entry.old_value.items():
                 assert state[key] == old, f"task {task_id}: entry {entry.id} recorded a stale {key}"

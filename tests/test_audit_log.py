@@ -1,0 +1,207 @@
+"""The audit log cannot be rewritten quietly: the database refuses edits, and the hash chain shows them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from mcp_server.chain import CHAIN_LOCK_KEY
+from mcp_server.config import Settings
+from mcp_server.db import Database, create_database
+from tests.conftest import call, call_error, connect, snapshot
+from tests.test_tools import make_project, make_task
+
+pytestmark = pytest.mark.anyio
+
+APP_ROLE = "mcp_app_test"
+
+
+async def some_history(settings: Settings, era: str = "auto") -> list[int]:
+    async with connect(settings, era) as client:
+        project = await make_project(client)
+        ids = [(await make_task(client, project, f"t{i}"))["id"] for i in range(3)]
+        await call(client, "bulk_update_status", {"status": "blocked", "task_ids": ids})
+        await call(client, "soft_delete_task", {"task_id": ids[0]})
+    return ids
+
+
+@asynccontextmanager
+async def triggers_off(db: Database) -> AsyncIterator[None]:
+    """What a database superuser can do: switch the append-only triggers off, then edit."""
+    async with db.engine.begin() as conn:
+        if db.is_sqlite:
+            await conn.execute(text("DROP TRIGGER audit_entry_no_update"))
+            await conn.execute(text("DROP TRIGGER audit_entry_no_delete"))
+        else:
+            await conn.execute(text("ALTER TABLE audit_entry DISABLE TRIGGER USER"))
+    try:
+        yield
+    finally:
+        if not db.is_sqlite:
+            async with db.engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE audit_entry ENABLE TRIGGER USER"))
+
+
+def verify_cli(database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mcp_server", "verify-audit-log"],
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_the_database_itself_refuses_to_update_delete_or_truncate_audit_rows(
+    settings: Settings, db: Database
+) -> None:
+    await some_history(settings)
+    before = await snapshot(db)
+    statements = [
+        "UPDATE audit_entry SET changed_by = 'someone else'",
+        "DELETE FROM audit_entry WHERE seq = 1",
+    ]
+    if not db.is_sqlite:
+        statements.append("TRUNCATE audit_entry CASCADE")
+    for statement in statements:
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with db.engine.begin() as conn:
+                await conn.execute(text(statement))
+    assert await snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    ("tampering", "seq", "checked", "finding"),
+    [
+        ("UPDATE audit_entry SET changed_by = 'innocent' WHERE seq = 3", 3, 2, "content does not match"),
+        ("UPDATE audit_entry SET new_value = NULL WHERE seq = 5", 5, 4, "content does not match"),
+        ("DELETE FROM audit_entry WHERE seq = 2", 3, 1, "entry 2 is missing"),
+        ("UPDATE audit_entry SET prev_hash = entry_hash WHERE seq = 4", 4, 3, "does not link"),
+    ],
+)
+async def test_verify_audit_log_finds_the_first_entry_changed_behind_the_servers_back(
+    settings: Settings, db: Database, database_url: str, tampering: str, seq: int, checked: int, finding: str
+) -> None:
+    await some_history(settings)
+    clean = verify_cli(database_url)
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["entries_checked"] == 8
+    async with triggers_off(db), db.engine.begin() as conn:
+        await conn.execute(text(tampering))
+    async with connect(settings, "auto") as client:
+        report = await call(client, "verify_audit_log")
+    assert not report["ok"]
+    assert report["first_problem"]["seq"] == seq and finding in report["first_problem"]["problem"]
+    assert report["entries_checked"] == checked
+    found = verify_cli(database_url)
+    assert found.returncode == 1 and f"seq={seq}" in found.stderr
+
+
+async def test_an_entry_inserted_with_the_seal_off_is_outside_the_chain(
+    settings: Settings, db: Database
+) -> None:
+    await some_history(settings)
+    async with db.engine.begin() as conn:
+        if db.is_sqlite:
+            await conn.execute(text("DROP TRIGGER audit_entry_seal"))
+        else:
+            await conn.execute(text("ALTER TABLE audit_entry DISABLE TRIGGER audit_entry_seal"))
+        await conn.execute(
+            text(
+                "INSERT INTO audit_entry (action, changed_by, changed_at, request_id) "
+                "VALUES ('created', 'forger', CURRENT_TIMESTAMP, 'forged')"
+            )
+        )
+        if not db.is_sqlite:  # the schema outlives this test on PostgreSQL
+            await conn.execute(text("ALTER TABLE audit_entry ENABLE TRIGGER audit_entry_seal"))
+    async with connect(settings, "auto") as client:
+        report = await call(client, "verify_audit_log")
+    assert not report["ok"] and "outside the chain" in report["first_problem"]["problem"]
+
+
+async def test_one_calls_changes_are_found_together_by_its_request_id(settings: Settings, era: str) -> None:
+    async with connect(settings, era) as client:
+        project = await make_project(client)
+        ids = [(await make_task(client, project, f"t{i}"))["id"] for i in range(4)]
+        result = await call(client, "bulk_update_status", {"status": "completed", "task_ids": ids})
+        unit = await call(client, "get_audit_trail", {"request_id": result["request_id"]})
+        assert sorted(entry["entity_id"] for entry in unit["items"]) == ids
+        assert {entry["request_id"] for entry in unit["items"]} == {result["request_id"]}
+        assert unit["entity"] is None
+        everything = await call(client, "get_audit_trail", {"limit": 100})
+        assert len(everything["items"]) == 1 + 4 + 4
+
+
+async def test_on_postgresql_the_app_role_cannot_touch_audit_rows_even_without_the_triggers(
+    settings: Settings, db: Database, database_url: str, era: str
+) -> None:
+    if db.is_sqlite:
+        pytest.skip("database roles are a PostgreSQL feature; on SQLite the file's permissions decide")
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') "
+                f"THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
+            )
+        )
+    granted = await anyio.run_process(
+        [sys.executable, "-m", "mcp_server", "grant-app-role", APP_ROLE],
+        env={**os.environ, "DATABASE_URL": database_url},
+        check=False,
+    )
+    assert granted.returncode == 0, granted.stderr.decode()
+    as_app = make_url(database_url).set(username=APP_ROLE).render_as_string(hide_password=False)
+    app_settings = settings.model_copy(update={"database_url": as_app})
+    ids = await some_history(app_settings, era)
+    async with connect(app_settings, era) as client:
+        await call(client, "restore_task", {"task_id": ids[0]})
+        assert (await call(client, "verify_audit_log"))["ok"]
+    app_db = create_database(app_settings)
+    try:
+        async with triggers_off(db):  # even with the triggers off, the role's own rights refuse
+            for statement in (
+                "UPDATE audit_entry SET changed_by = 'x'",
+                "DELETE FROM audit_entry",
+                "TRUNCATE audit_entry CASCADE",
+                "DELETE FROM entity",
+            ):
+                with pytest.raises(DBAPIError, match="permission denied"):
+                    async with app_db.engine.begin() as conn:
+                        await conn.execute(text(statement))
+    finally:
+        await app_db.dispose()
+
+
+async def test_on_postgresql_a_held_lock_or_a_long_statement_ends_the_call_with_a_clear_error(
+    settings: Settings, db: Database, era: str
+) -> None:
+    if db.is_sqlite:
+        pytest.skip("statement and lock timeouts are PostgreSQL settings; SQLite waits on its busy timeout")
+    async with connect(settings, era) as client:
+        await make_project(client)
+    before = await snapshot(db)
+    cases = [
+        ({"lock_timeout_ms": 200}, "busy"),
+        ({"lock_timeout_ms": 0, "statement_timeout_ms": 300}, "ran longer than the database allows"),
+    ]
+    async with db.engine.connect() as holder:
+        await holder.execute(text(f"SELECT pg_advisory_lock({CHAIN_LOCK_KEY})"))  # another writer
+        try:
+            for limits, expected in cases:
+                async with connect(settings.model_copy(update=limits), era) as client:
+                    message = await call_error(client, "create_project", {"name": "Blocked"})
+                    assert expected in message and "nothing was changed" in message
+                    assert (await call(client, "list_projects", {}))["items"]
+        finally:
+            await holder.execute(text(f"SELECT pg_advisory_unlock({CHAIN_LOCK_KEY})"))
+    assert await snapshot(db) == before
