@@ -143,6 +143,8 @@ def _serve(settings: Settings, *, http: bool) -> int:
         if not http:
             server.run("stdio")
             return 0
+        # Fail with one clear line, before uvicorn would report it as a failed startup traceback.
+        anyio.run(_open_database, settings)
         security = None
         if settings.allowed_hosts:
             security = TransportSecuritySettings(
@@ -158,6 +160,9 @@ def _serve(settings: Settings, *, http: bool) -> int:
             max_request_body_size=settings.http_max_body_bytes,
             transport_security=security,
         )
+    except StartupError as exc:
+        logger.error("%s", exc)
+        return 1
     except ExceptionGroup as group:
         if (startup := group.subgroup(StartupError)) is None:
             raise
@@ -165,6 +170,14 @@ def _serve(settings: Settings, *, http: bool) -> int:
             logger.error("%s", problem)
         return 1
     return 0
+
+
+async def _open_database(settings: Settings) -> None:
+    db = create_database(settings)
+    try:
+        await db.create_schema()
+    finally:
+        await db.dispose()
 
 
 def _mint_token(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.types import Implementation
 
+from mcp_server.auth import token_sha256
 from tests.conftest import call, call_error
 
 pytestmark = pytest.mark.anyio
@@ -45,6 +46,33 @@ async def test_the_desktop_config_starts_a_server_that_serves_and_audits_under_t
         await call_error(client, "create_task", {"title": "", "project_id": project["id"]})
         trail = await call(client, "get_audit_trail", {"entity_id": task["id"]})
     assert [e["changed_by"] for e in trail["items"]] == [desktop_entry()["env"]["MCP_AGENT_ID"]]
+
+
+async def test_over_stdio_a_configured_read_only_agent_is_refused_writes_and_the_refusal_recorded(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"agents": [{"id": "viewer", "read_only": True}]}))
+    entry = desktop_entry()
+    params = StdioServerParameters(
+        command=str(BIN / entry["command"]),
+        args=["--config", str(config), *entry["args"]],
+        env={"MCP_AGENT_ID": "viewer", "DATABASE_URL": database_url},
+    )
+    async with Client(
+        params, mode="legacy", client_info=Implementation(name="desktop", version="1")
+    ) as client:
+        message = await call_error(client, "create_project", {"name": "Not allowed"})
+        assert "permission write" in message
+        assert (await call(client, "list_projects", {}))["items"] == []
+        refused = await call(client, "get_audit_trail", {"action": "refused"})
+    [entry] = refused["items"]
+    assert entry["changed_by"] == "viewer" and entry["client_name"] == "desktop"
+    assert entry["new_value"] == {
+        "tool": "create_project",
+        "missing_permission": "write",
+        "arguments": {"name": "Not allowed", "description": ""},
+    }
 
 
 async def test_with_no_database_url_the_server_creates_its_sqlite_database_in_the_user_data_dir(
@@ -93,10 +121,46 @@ def test_a_named_config_file_that_does_not_exist_is_an_error(tmp_path: Path) -> 
 
 def test_an_unreachable_database_at_start_is_one_clear_line_and_a_failing_exit(tmp_path: Path) -> None:
     env = {"HOME": str(tmp_path), "DATABASE_URL": "postgresql://postgres:hunter2@127.0.0.1:1/nowhere"}
-    served = run_cli("serve", env=env)
-    assert served.returncode == 1
-    assert "cannot open the database" in served.stderr and "127.0.0.1:1" in served.stderr
-    assert "hunter2" not in served.stderr and "Traceback" not in served.stderr
+    token = "mts_" + "x" * 43
+    config = tmp_path / "http.json"
+    config.write_text(json.dumps({"agents": [{"id": "a", "token_sha256": token_sha256(token)}]}))
+    for command in (["serve"], ["--config", str(config), "serve", "--transport", "http", "--port", "1"]):
+        served = run_cli(*command, env=env)
+        assert served.returncode == 1, command
+        assert "cannot open the database" in served.stderr and "127.0.0.1:1" in served.stderr
+        assert "hunter2" not in served.stderr and "Traceback" not in served.stderr
     called = run_cli("call", "list_projects", "{}", env=env)
     assert called.returncode == 1 and "stopped before answering" in called.stderr
     assert "Traceback" not in called.stderr
+
+
+def test_mint_token_prints_a_token_and_the_config_entry_that_admits_it(tmp_path: Path) -> None:
+    minted = run_cli(
+        "mint-token", "planner", "--read-only", "--tool", "search_tasks", env={"HOME": str(tmp_path)}
+    )
+    assert minted.returncode == 0, minted.stderr
+    lines = minted.stdout.splitlines()
+    token, entry = lines[1], json.loads(lines[3])
+    assert entry == {
+        "id": "planner",
+        "token_sha256": token_sha256(token),
+        "read_only": True,
+        "tools": ["search_tasks"],
+    }
+    assert token not in json.dumps(entry)
+    again = run_cli("mint-token", "planner", env={"HOME": str(tmp_path)})
+    assert again.stdout.splitlines()[1] != token
+    unknown = run_cli("mint-token", "planner", "--tool", "drop_everything", env={"HOME": str(tmp_path)})
+    assert unknown.returncode == 2 and "unknown tools" in unknown.stderr
+
+
+def test_http_refuses_to_start_without_token_checks_or_on_a_public_address_without_allowed_hosts(
+    tmp_path: Path,
+) -> None:
+    env = {"HOME": str(tmp_path), "DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}"}
+    no_tokens = run_cli("serve", "--transport", "http", env=env)
+    assert no_tokens.returncode == 2 and "needs a way to check tokens" in no_tokens.stderr
+    config = tmp_path / "http.json"
+    config.write_text(json.dumps({"agents": [{"id": "a", "token_sha256": "0" * 64}]}))
+    public = run_cli("--config", str(config), "serve", "--transport", "http", "--host", "0.0.0.0", env=env)
+    assert public.returncode == 2 and "allowed_hosts" in public.stderr
