@@ -16,7 +16,7 @@ from typing import Any
 import jwt
 from mcp.server.auth.provider import AccessToken
 
-from mcp_server.config import JwtConfig, Permissions, Settings
+from mcp_server.config import ConfigError, JwtConfig, Permissions, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,14 @@ class _JwtKeys:
         self.config: JwtConfig = settings.jwt
         self._jwks: jwt.PyJWKSet | None = None
         self._key: Any = None
-        if self.config.jwks_file is not None:
-            self._jwks = jwt.PyJWKSet.from_json(self.config.jwks_file.read_text(encoding="utf-8"))
-        elif self.config.public_key_file is not None:
-            self._key = self.config.public_key_file.read_text(encoding="utf-8")
-        else:
+        try:
+            if self.config.jwks_file is not None:
+                self._jwks = jwt.PyJWKSet.from_json(self.config.jwks_file.read_text(encoding="utf-8"))
+            elif self.config.public_key_file is not None:
+                self._key = self.config.public_key_file.read_text(encoding="utf-8")
+        except (OSError, ValueError, jwt.PyJWTError) as exc:
+            raise ConfigError(f"jwt: cannot load the verification key: {exc}") from None
+        if self._jwks is None and self._key is None:
             assert settings.jwt_secret is not None
             self._key = settings.jwt_secret.get_secret_value()
 

@@ -45,13 +45,13 @@ CONTENT = (
 
 _POSTGRESQL = [
     """
-CREATE FUNCTION audit_entry_hash(e audit_entry) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION audit_entry_hash(e audit_entry) RETURNS text LANGUAGE sql IMMUTABLE AS $$
     SELECT encode(sha256(convert_to(e.prev_hash || jsonb_build_array(
         e.seq, e.entity_id, e.entity_type, e.action, e.changed_by, e.client_name,
         e.changed_at AT TIME ZONE 'UTC', e.request_id, e.old_value, e.new_value)::text, 'UTF8')), 'hex')
 $$""",
     f"""
-CREATE FUNCTION audit_entry_seal() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION audit_entry_seal() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     head record;
 BEGIN
@@ -63,7 +63,7 @@ BEGIN
     RETURN NEW;
 END $$""",
     """
-CREATE FUNCTION audit_entry_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION audit_entry_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'audit_entry is append-only: %% refused', TG_OP USING ERRCODE = 'insufficient_privilege';
 END $$""",

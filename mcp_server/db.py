@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func
+from sqlalchemy import event, func, inspect
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -51,13 +51,19 @@ class Database:
             yield session
 
     async def create_schema(self) -> None:
+        where = self.engine.url.render_as_string(hide_password=True)
         try:
             async with self.engine.begin() as conn:
                 await conn.run_sync(SQLModel.metadata.create_all)
+                audit_columns = await conn.run_sync(lambda sync: inspect(sync).get_columns("audit_entry"))
         except (SQLAlchemyError, OSError) as exc:
-            where = self.engine.url.render_as_string(hide_password=True)
             reason = exc.orig if isinstance(exc, DBAPIError) else exc
             raise StartupError(f"cannot open the database {where}: {reason}") from exc
+        if "entry_hash" not in {column["name"] for column in audit_columns}:
+            raise StartupError(
+                f"the database {where} was created by an earlier version, before the audit log was "
+                "hash-chained; start from a new database (schema migrations are not available yet)"
+            )
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mcp_server.config import ConfigError, load_settings, to_async_url
+from mcp_server.config import ConfigError, JwtConfig, Settings, load_settings, to_async_url
+from mcp_server.server import create_server
 
 
 def test_database_urls_people_paste_are_mapped_to_the_async_drivers() -> None:
@@ -59,3 +60,23 @@ def test_a_bad_config_file_is_an_error_that_names_the_problem(
 def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.json", {})
+
+
+def test_security_settings_that_cannot_work_are_refused_with_the_setting_named(tmp_path: Path) -> None:
+    problems = {
+        "two agents share one token": {
+            "agents": [{"id": "a", "token_sha256": "0" * 64}, {"id": "b", "token_sha256": "0" * 64}]
+        },
+        "each agent id may appear once": {"agents": [{"id": "a"}, {"id": "a"}]},
+        "token_sha256": {"agents": [{"id": "a", "token_sha256": "not-a-hash"}]},
+        "exactly one key": {"jwt": {"issuer": "i", "audience": "a"}},
+    }
+    for expected, values in problems.items():
+        config = tmp_path / "settings.json"
+        config.write_text(json.dumps(values))
+        with pytest.raises(ConfigError, match=expected):
+            load_settings(config, {})
+    assert load_settings(None, {"MCP_TOOLS": "search_tasks, get_task"}).tools == {"search_tasks", "get_task"}
+    missing_key = Settings(jwt=JwtConfig(issuer="i", audience="a", public_key_file=tmp_path / "absent.pem"))
+    with pytest.raises(ConfigError, match="cannot load the verification key"):
+        create_server(missing_key)
