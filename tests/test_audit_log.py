@@ -224,3 +224,31 @@ async def test_a_database_from_before_the_hash_chain_is_refused_at_start_with_wh
     await some_history(settings)
     async with connect(settings, "auto") as client:
         assert (await call(client, "verify_audit_log"))["ok"]
+
+
+async def test_concurrent_writers_that_bypass_the_server_still_extend_one_unbroken_chain(
+    settings: Settings, db: Database
+) -> None:
+    """The seal trigger serializes the link itself: even writers without the server's lock cannot fork it."""
+    await some_history(settings)
+
+    async def writer(n: int) -> None:
+        for i in range(25):
+            async with db.engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO audit_entry (action, changed_by, changed_at, request_id) "
+                        "VALUES ('refused', :by, CURRENT_TIMESTAMP, :request)"
+                    ),
+                    {"by": f"writer-{n}", "request": f"{n}-{i}"},
+                )
+
+    async with anyio.create_task_group() as group:
+        for n in range(4):
+            group.start_soon(writer, n)
+    async with db.engine.connect() as conn:
+        seqs = (await conn.execute(text("SELECT seq FROM audit_entry ORDER BY seq"))).scalars().all()
+    assert seqs == list(range(1, 8 + 4 * 25 + 1))
+    async with connect(settings, "auto") as client:
+        report = await call(client, "verify_audit_log")
+    assert report["ok"] and report["entries_checked"] == len(seqs)
