@@ -27,6 +27,7 @@ ENV_VARS: dict[str, str] = {
     "DB_POOL_SIZE": "pool_size",
     "DB_MAX_OVERFLOW": "max_overflow",
     "DB_POOL_TIMEOUT": "pool_timeout",
+    "MCP_IDEMPOTENCY_TTL_SECONDS": "idempotency_ttl_seconds",
     "DB_STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
     "DB_LOCK_TIMEOUT_MS": "lock_timeout_ms",
     "LOG_LEVEL": "log_level",
@@ -103,6 +104,7 @@ class Settings(BaseModel):
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     http_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     statement_timeout_ms: int = Field(default=30_000, ge=0)
     lock_timeout_ms: int = Field(default=10_000, ge=0)
     pool_size: int = Field(default=5, ge=1, le=100)

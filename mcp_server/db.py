@@ -55,18 +55,30 @@ class Database:
         try:
             async with self.engine.begin() as conn:
                 await conn.run_sync(SQLModel.metadata.create_all)
-                audit_columns = await conn.run_sync(lambda sync: inspect(sync).get_columns("audit_entry"))
+                missing = await conn.run_sync(_missing_columns)
         except (SQLAlchemyError, OSError) as exc:
             reason = exc.orig if isinstance(exc, DBAPIError) else exc
             raise StartupError(f"cannot open the database {where}: {reason}") from exc
-        if "entry_hash" not in {column["name"] for column in audit_columns}:
+        if missing:
             raise StartupError(
-                f"the database {where} was created by an earlier version, before the audit log was "
-                "hash-chained; start from a new database (schema migrations are not available yet)"
+                f"the database {where} was created by an earlier version (it lacks {', '.join(missing)}); "
+                "start from a new database (schema migrations are not available yet)"
             )
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _missing_columns(conn: Connection) -> list[str]:
+    """Columns the models have and the database's existing tables lack."""
+    inspector = inspect(conn)
+    return [
+        f"{table.name}.{column.name}"
+        for table in SQLModel.metadata.sorted_tables
+        for present in [{c["name"] for c in inspector.get_columns(table.name)}]
+        for column in table.columns
+        if column.name not in present
+    ]
 
 
 def create_database(settings: Settings) -> Database:
@@ -104,9 +116,10 @@ def grant_app_role(conn: Connection, role: str) -> None:
     schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
     for statement in (
         f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
-        f"REVOKE ALL ON entity, audit_entry FROM {quote(role)}",
+        f"REVOKE ALL ON entity, audit_entry, idempotency_key FROM {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
         f"GRANT SELECT, INSERT ON audit_entry TO {quote(role)}",
+        f"GRANT SELECT, INSERT, DELETE ON idempotency_key TO {quote(role)}",
         f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq TO {quote(role)}",
     ):
         conn.exec_driver_sql(statement)

@@ -145,6 +145,8 @@ class Entity(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # Counts the changes to the row, for optimistic concurrency: an update may name the version it read.
+    version: int = Field(default=1, nullable=False, sa_column_kwargs={"server_default": text("1")})
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind"}
 
@@ -235,3 +237,18 @@ class AuditEntry(SQLModel, table=True):
     new_value: dict[str, Any] | None = Field(default=None, sa_type=JSONValue)
     prev_hash: str | None = Field(default=None, sa_type=String(64))
     entry_hash: str | None = Field(default=None, sa_type=String(64))
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """The first result of a writing call made with an idempotency key, replayed to its retries."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (Index("ix_idempotency_expires", "expires_at"),)
+
+    agent_id: str = Field(sa_type=String(200), primary_key=True)
+    key: str = Field(sa_type=String(200), primary_key=True)
+    tool: str = Field(sa_type=String(64), nullable=False)
+    fingerprint: str = Field(sa_type=String(64), nullable=False)
+    result: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)

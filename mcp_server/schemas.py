@@ -57,6 +57,7 @@ class TaskPublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = Field(description="Set when the task is soft-deleted.")
+    version: int = Field(description="Grows by one with every change; pass it as expected_version.")
 
     @classmethod
     def of(cls, task: Task) -> TaskPublic:
@@ -72,6 +73,7 @@ class TaskPublic(BaseModel):
             created_at=task.created_at,
             updated_at=task.updated_at,
             deleted_at=task.deleted_at,
+            version=task.version,
         )
 
 
@@ -110,10 +112,15 @@ class ProjectPage(_Paged):
 
 class BulkUpdateResult(BaseModel):
     status: TaskStatus = Field(description="The status the changed tasks now have.")
-    changed_count: int = Field(description="How many tasks changed (tasks already in the status are not).")
-    changed_ids: list[int] = Field(description="Ids of the changed tasks, ascending, at most 500.")
+    dry_run: bool = Field(description="True for a preview: nothing was changed and nothing audited.")
+    changed_count: int = Field(
+        description="How many tasks changed, or would change (tasks already in the status do not)."
+    )
+    changed_ids: list[int] = Field(description="Ids of those tasks, ascending, at most 500.")
     changed_ids_truncated: bool = Field(description="True when more tasks changed than changed_ids lists.")
-    request_id: str = Field(description="Shared by the audit entries of this call.")
+    request_id: str | None = Field(
+        description="Shared by the audit entries of this call; null for a preview."
+    )
 
 
 class EntityRef(BaseModel):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from datetime import timedelta
+from typing import Annotated, Any, TypeVar, cast
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
@@ -20,12 +21,12 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import ToolAnnotations
-from pydantic import AwareDatetime, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import to_jsonable_python
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import __version__, audit, auth, chain, identity, projects, tasks
+from mcp_server import __version__, audit, auth, chain, idempotency, identity, projects, tasks
 from mcp_server.audit import Actor
 from mcp_server.config import ConfigError, Settings
 from mcp_server.db import Database, create_database
@@ -114,6 +115,34 @@ async def _transaction(ctx: ToolContext, *, write: bool) -> AsyncIterator[AsyncS
         raise ToolError(str(translated)) from exc
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _write(
+    ctx: ToolContext,
+    tool: str,
+    key: str | None,
+    arguments: dict[str, Any],
+    result_type: type[M],
+    run: Callable[[AsyncSession, Actor], Awaitable[M]],
+) -> M:
+    """One writing transaction; with an idempotency key, a retry gets the first call's result."""
+    async with _transaction(ctx, write=True) as session:
+        actor = _actor(ctx)
+        if key is None:
+            return await run(session, actor)
+        return await idempotency.once(
+            session,
+            agent_id=actor.agent_id,
+            key=key,
+            tool=tool,
+            arguments=arguments,
+            result_type=result_type,
+            ttl=timedelta(seconds=_state(ctx).settings.idempotency_ttl_seconds),
+            run=lambda: run(session, actor),
+        )
+
+
 # --- parameter types shared by several tools -------------------------------------------------
 
 TaskId = Annotated[Id, Field(description="The task's id.")]
@@ -135,6 +164,19 @@ Filter = Annotated[
             f"Fields: {', '.join(field.value for field in FilterField)}. "
             f"Groups nest at most {MAX_DEPTH} deep, {MAX_NODES} nodes in all, "
             f"`in` lists at most {MAX_LIST_VALUES} values."
+        ),
+    ),
+]
+
+IdempotencyKey = Annotated[
+    str | None,
+    Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description=(
+            "A unique string of yours for this change. Retrying with the same key and arguments "
+            "returns the first result without changing anything again; a different call with it is refused."
         ),
     ),
 ]
@@ -189,13 +231,20 @@ async def create_task(
     description: Annotated[Description, Field(description="Longer free text.")] = "",
     status: Annotated[TaskStatus, Field(description="Initial status.")] = TaskStatus.PENDING,
     priority: Annotated[Priority, Field(description="Urgency.")] = Priority.MEDIUM,
+    idempotency_key: IdempotencyKey = None,
 ) -> TaskPublic:
     """Create a task in a project. Audited as `created` under your agent identity."""
     data = TaskCreate(
         title=title, project_id=project_id, description=description, status=status, priority=priority
     )
-    async with _transaction(ctx, write=True) as session:
-        return await tasks.create_task(session, _actor(ctx), data)
+    return await _write(
+        ctx,
+        "create_task",
+        idempotency_key,
+        data.model_dump(),
+        TaskPublic,
+        lambda session, actor: tasks.create_task(session, actor, data),
+    )
 
 
 async def update_task(
@@ -206,32 +255,62 @@ async def update_task(
     status: Annotated[TaskStatus | None, Field(description="New status.")] = None,
     priority: Annotated[Priority | None, Field(description="New priority.")] = None,
     project_id: Annotated[Id | None, Field(description="Move the task to this live project.")] = None,
+    expected_version: Annotated[
+        int | None,
+        Field(ge=1, description="The version you read; if the task has changed since, nothing is changed."),
+    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> TaskPublic:
     """Change some fields of a live task; omitted fields stay as they are.
 
     Audited as `updated` with the before and after of the fields that actually changed; a call
-    that changes nothing writes nothing.
+    that changes nothing writes nothing. With expected_version, a stale version is a conflict
+    whose message carries the current task.
     """
     changes = TaskUpdate(
         title=title, description=description, status=status, priority=priority, project_id=project_id
     )
-    async with _transaction(ctx, write=True) as session:
-        return await tasks.update_task(session, _actor(ctx), task_id, changes)
+    return await _write(
+        ctx,
+        "update_task",
+        idempotency_key,
+        {"task_id": task_id, "changes": changes.model_dump(), "expected_version": expected_version},
+        TaskPublic,
+        lambda session, actor: tasks.update_task(
+            session, actor, task_id, changes, expected_version=expected_version
+        ),
+    )
 
 
-async def soft_delete_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
+async def soft_delete_task(
+    ctx: ToolContext, task_id: TaskId, idempotency_key: IdempotencyKey = None
+) -> TaskPublic:
     """Soft-delete a task: it disappears from searches and reads but stays restorable (restore_task).
 
     Audited as `deleted`.
     """
-    async with _transaction(ctx, write=True) as session:
-        return await tasks.soft_delete_task(session, _actor(ctx), task_id)
+    return await _write(
+        ctx,
+        "soft_delete_task",
+        idempotency_key,
+        {"task_id": task_id},
+        TaskPublic,
+        lambda session, actor: tasks.soft_delete_task(session, actor, task_id),
+    )
 
 
-async def restore_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
+async def restore_task(
+    ctx: ToolContext, task_id: TaskId, idempotency_key: IdempotencyKey = None
+) -> TaskPublic:
     """Bring back a soft-deleted task. Audited as `restored`."""
-    async with _transaction(ctx, write=True) as session:
-        return await tasks.restore_task(session, _actor(ctx), task_id)
+    return await _write(
+        ctx,
+        "restore_task",
+        idempotency_key,
+        {"task_id": task_id},
+        TaskPublic,
+        lambda session, actor: tasks.restore_task(session, actor, task_id),
+    )
 
 
 async def bulk_update_status(
@@ -246,17 +325,30 @@ async def bulk_update_status(
             description="Ids of live tasks to change, instead of a filter.",
         ),
     ] = None,
+    dry_run: Annotated[
+        bool, Field(description="Only report how many and which tasks would change; change nothing.")
+    ] = False,
+    idempotency_key: IdempotencyKey = None,
 ) -> BulkUpdateResult:
     """Set the status of every live task matching a filter (same language as search_tasks) or a list of ids.
 
     All or nothing. Tasks already in that status are left alone; each task that changes gets
-    one audit entry with its old and new status. Preview the match with search_tasks first.
+    one audit entry with its old and new status. Preview with dry_run first.
     """
+    if dry_run:
+        async with _transaction(ctx, write=False) as session:
+            return await tasks.preview_status_change(session, status, filter=filter, task_ids=task_ids)
     max_rows = _principal(ctx).permissions.max_bulk_rows
-    async with _transaction(ctx, write=True) as session:
-        return await tasks.bulk_update_status(
-            session, _actor(ctx), status, filter=filter, task_ids=task_ids, max_rows=max_rows
-        )
+    return await _write(
+        ctx,
+        "bulk_update_status",
+        idempotency_key,
+        {"status": status, "filter": filter, "task_ids": task_ids},
+        BulkUpdateResult,
+        lambda session, actor: tasks.bulk_update_status(
+            session, actor, status, filter=filter, task_ids=task_ids, max_rows=max_rows
+        ),
+    )
 
 
 async def get_audit_trail(
@@ -307,10 +399,17 @@ async def create_project(
     ctx: ToolContext,
     name: Annotated[Name, Field(description="Unique among live projects.")],
     description: Annotated[Description, Field(description="Longer free text.")] = "",
+    idempotency_key: IdempotencyKey = None,
 ) -> ProjectPublic:
     """Create a project to hold tasks. Audited as `created`."""
-    async with _transaction(ctx, write=True) as session:
-        return await projects.create_project(session, _actor(ctx), name, description)
+    return await _write(
+        ctx,
+        "create_project",
+        idempotency_key,
+        {"name": name, "description": description},
+        ProjectPublic,
+        lambda session, actor: projects.create_project(session, actor, name, description),
+    )
 
 
 async def list_projects(
@@ -392,7 +491,7 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _record_refusal(ctx: ToolContext, tool: str, permission: str, arguments: dict[str, Any]) -> None:
-    recorded = to_jsonable_python(arguments, by_alias=True)
+    recorded = to_jsonable_python({k: v for k, v in arguments.items() if v is not None}, by_alias=True)
     try:
         async with _state(ctx).db.transaction(write=True) as session:
             audit.record_refusal(session, _actor(ctx), tool, permission, recorded)

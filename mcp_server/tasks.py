@@ -139,13 +139,26 @@ async def create_task(session: AsyncSession, actor: Actor, data: TaskCreate) -> 
     return TaskPublic.of(task)
 
 
-async def update_task(session: AsyncSession, actor: Actor, task_id: int, changes: TaskUpdate) -> TaskPublic:
+async def update_task(
+    session: AsyncSession,
+    actor: Actor,
+    task_id: int,
+    changes: TaskUpdate,
+    *,
+    expected_version: int | None = None,
+) -> TaskPublic:
     requested = changes.model_dump(exclude_none=True)
     if not requested:
         raise InvalidInputError(
             "give at least one field to change: title, description, status, priority, project_id"
         )
     task = await _load(session, task_id, deleted=False, lock=True)
+    if expected_version is not None and task.version != expected_version:
+        current = TaskPublic.of(task).model_dump_json()
+        raise ConflictError(
+            f"task {task_id} is at version {task.version}, not {expected_version}: it changed after you "
+            f"read it, and nothing was changed. Decide again from the current task: {current}"
+        )
     before = audit.snapshot(task)
     old, new = audit.diff(before, {key: audit.json_value(value) for key, value in requested.items()})
     if not new:
@@ -157,6 +170,7 @@ async def update_task(session: AsyncSession, actor: Actor, task_id: int, changes
         if key in new:
             setattr(task, key, value)
     task.updated_at = now
+    task.version += 1
     audit.record(session, actor, task, AuditAction.UPDATED, at=now, old=old, new=new)
     await session.flush()
     return TaskPublic.of(task)
@@ -166,6 +180,7 @@ async def soft_delete_task(session: AsyncSession, actor: Actor, task_id: int) ->
     task = await _load(session, task_id, deleted=False, lock=True)
     now = utcnow()
     task.deleted_at = task.updated_at = now
+    task.version += 1
     audit.record(
         session, actor, task, AuditAction.DELETED, at=now, old={"deleted_at": None}, new={"deleted_at": now}
     )
@@ -179,6 +194,7 @@ async def restore_task(session: AsyncSession, actor: Actor, task_id: int) -> Tas
     old = {"deleted_at": task.deleted_at}
     task.deleted_at = None
     task.updated_at = now
+    task.version += 1
     audit.record(session, actor, task, AuditAction.RESTORED, at=now, old=old, new={"deleted_at": None})
     await session.flush()
     return TaskPublic.of(task)
@@ -198,18 +214,9 @@ async def bulk_update_status(
 
     More than `max_rows` changing tasks refuses the whole call (the caller rolls back).
     """
-    if (filter is None) == (task_ids is None):
-        raise InvalidInputError("give either filter or task_ids, not both and not neither")
-    matching: ColumnElement[bool]
-    if task_ids is not None:
-        await _require_live(session, task_ids)
-        matching = col(Task.id).in_(task_ids)
-    else:
-        assert filter is not None
-        matching = compile_filter(filter)
+    changing = await _changing(session, status, filter=filter, task_ids=task_ids)
     now = utcnow()
-    changing = [matching, col(Task.deleted_at).is_(None), col(Task.status) != status]
-    count = await audit.record_status_changes(session, actor, and_(*changing), status, at=now)
+    count = await audit.record_status_changes(session, actor, changing, status, at=now)
     if max_rows is not None and count > max_rows:
         raise PermissionDeniedError(
             "max_bulk_rows",
@@ -220,7 +227,7 @@ async def bulk_update_status(
     result = await session.exec(
         update(Task)
         .where(col(Task.id).in_(this_call))
-        .values(status=status, updated_at=now)
+        .values(status=status, updated_at=now, version=col(Task.version) + 1)
         .execution_options(synchronize_session=False)
     )
     changed_ids = list(
@@ -228,11 +235,49 @@ async def bulk_update_status(
     )
     return BulkUpdateResult(
         status=status,
+        dry_run=False,
         changed_count=result.rowcount,
-        changed_ids=changed_ids[:MAX_CHANGED_IDS],
+        changed_ids=[i for i in changed_ids[:MAX_CHANGED_IDS] if i is not None],
         changed_ids_truncated=len(changed_ids) > MAX_CHANGED_IDS,
         request_id=actor.request_id,
     )
+
+
+async def preview_status_change(
+    session: AsyncSession, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+) -> BulkUpdateResult:
+    """What bulk_update_status would change, read without locking, changing or auditing anything."""
+    changing = await _changing(session, status, filter=filter, task_ids=task_ids)
+    count = (await session.exec(select(func.count(col(Task.id))).where(changing))).one()
+    ids = list(
+        (
+            await session.exec(select(Task.id).where(changing).order_by(col(Task.id)).limit(MAX_CHANGED_IDS))
+        ).all()
+    )
+    return BulkUpdateResult(
+        status=status,
+        dry_run=True,
+        changed_count=count,
+        changed_ids=[i for i in ids if i is not None],
+        changed_ids_truncated=count > MAX_CHANGED_IDS,
+        request_id=None,
+    )
+
+
+async def _changing(
+    session: AsyncSession, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+) -> ColumnElement[bool]:
+    """The live tasks a status change reaches, less those already in that status."""
+    if (filter is None) == (task_ids is None):
+        raise InvalidInputError("give either filter or task_ids, not both and not neither")
+    matching: ColumnElement[bool]
+    if task_ids is not None:
+        await _require_live(session, task_ids)
+        matching = col(Task.id).in_(task_ids)
+    else:
+        assert filter is not None
+        matching = compile_filter(filter)
+    return and_(matching, col(Task.deleted_at).is_(None), col(Task.status) != status)
 
 
 async def _require_live(session: AsyncSession, task_ids: Sequence[int]) -> None:

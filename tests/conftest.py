@@ -39,7 +39,7 @@ def anyio_backend() -> str:
 
 
 async def _postgres_problem() -> str | None:
-    """None when the test database is reachable (created if missing), else why not."""
+    """None when the test database is reachable (created afresh for this run), else why not."""
     url = make_url(POSTGRES_URL)
     try:
         admin = await asyncpg.connect(
@@ -52,9 +52,9 @@ async def _postgres_problem() -> str | None:
     except (OSError, asyncpg.PostgresError) as exc:
         return f"PostgreSQL at {url.host}:{url.port} is unreachable: {exc}"
     try:
-        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
-        if not exists:
-            await admin.execute(f'CREATE DATABASE "{url.database}"')
+        # A fresh database per run: its schema is always this checkout's, whatever ran before.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{url.database}"')
     finally:
         await admin.close()
     return None
@@ -77,7 +77,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     async with db.engine.begin() as conn:
         # The audit log refuses TRUNCATE; a superuser in replica mode skips triggers, as a test reset may.
         await conn.execute(text("SET LOCAL session_replication_role = replica"))
-        await conn.execute(text("TRUNCATE audit_entry, entity RESTART IDENTITY CASCADE"))
+        await conn.execute(text("TRUNCATE audit_entry, entity, idempotency_key RESTART IDENTITY CASCADE"))
         # A test that played the superuser may have switched the audit triggers off.
         await conn.execute(text("ALTER TABLE audit_entry ENABLE TRIGGER USER"))
     await db.dispose()
