@@ -12,12 +12,22 @@ from datetime import UTC, date, datetime, time
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+)
 from sqlalchemy import ColumnElement, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute
 
 from mcp_server.errors import InvalidInputError
 from mcp_server.models import Priority, Task, TaskStatus
+from mcp_server.schemas import MAX_ID, no_nul
 
 MAX_DEPTH = 4
 MAX_NODES = 50
@@ -120,8 +130,8 @@ def _adapter(tp: Any) -> _Coerce:
     return TypeAdapter(tp).validate_python
 
 
-_INT = _adapter(int)
-_TEXT = _adapter(Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH)])
+_INT = _adapter(Annotated[int, Field(ge=-MAX_ID - 1, le=MAX_ID)])
+_TEXT = _adapter(Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH), AfterValidator(no_nul)])
 _STATUS = _adapter(TaskStatus)
 _PRIORITY = _adapter(Priority)
 

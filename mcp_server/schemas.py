@@ -5,14 +5,27 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from mcp_server.models import AuditAction, AuditEntry, Entity, EntityKind, Priority, Project, Task, TaskStatus
 
+MAX_ID = 2**31 - 1  # ids and versions are INTEGER columns: 32 bits on PostgreSQL
+
+
+def no_nul(value: str) -> str:
+    # PostgreSQL cannot store U+0000 in text; refuse it everywhere so both databases agree.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
 # Text as tools accept it, shared by the tool signatures and the models below so both enforce the same.
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Description = Annotated[str, StringConstraints(max_length=10_000)]
-Id = Annotated[int, Field(ge=1)]
+Text = Annotated[str, AfterValidator(no_nul)]
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(no_nul)
+]
+Description = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(no_nul)]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 class _Input(BaseModel):

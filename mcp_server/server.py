@@ -39,6 +39,7 @@ from mcp_server.errors import (
 from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterField, FilterNode
 from mcp_server.models import AuditAction, Priority, TaskStatus
 from mcp_server.schemas import (
+    MAX_ID,
     AuditTrail,
     BulkUpdateResult,
     Description,
@@ -51,6 +52,7 @@ from mcp_server.schemas import (
     TaskPage,
     TaskPublic,
     TaskUpdate,
+    Text,
 )
 
 logger = logging.getLogger(__name__)
@@ -148,7 +150,7 @@ async def _write(
 TaskId = Annotated[Id, Field(description="The task's id.")]
 Limit = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description=f"Page size, 1 to {MAX_PAGE_SIZE}.")]
 PageToken = Annotated[
-    str | None,
+    Text | None,
     Field(
         default=None,
         max_length=1000,
@@ -169,7 +171,7 @@ Filter = Annotated[
 ]
 
 IdempotencyKey = Annotated[
-    str | None,
+    Text | None,
     Field(
         default=None,
         min_length=1,
@@ -257,7 +259,11 @@ async def update_task(
     project_id: Annotated[Id | None, Field(description="Move the task to this live project.")] = None,
     expected_version: Annotated[
         int | None,
-        Field(ge=1, description="The version you read; if the task has changed since, nothing is changed."),
+        Field(
+            ge=1,
+            le=MAX_ID,
+            description="The version you read; if the task has changed since, nothing is changed.",
+        ),
     ] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskPublic:
@@ -357,10 +363,10 @@ async def get_audit_trail(
         Id | None, Field(description="Only entries of this task or project (deleted ones included).")
     ] = None,
     request_id: Annotated[
-        str | None, Field(max_length=64, description="Only entries written by this one tool call.")
+        Text | None, Field(max_length=64, description="Only entries written by this one tool call.")
     ] = None,
     changed_by: Annotated[
-        str | None, Field(max_length=identity.MAX_LENGTH, description="Only entries by this agent.")
+        Text | None, Field(max_length=identity.MAX_LENGTH, description="Only entries by this agent.")
     ] = None,
     action: Annotated[AuditAction | None, Field(description="Only entries of this kind.")] = None,
     since: Annotated[AwareDatetime | None, Field(description="Only entries at or after this time.")] = None,

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -27,6 +28,8 @@ from mcp_server.db import Database, create_database
 from mcp_server.server import create_server
 
 AGENT = "test-agent"
+# Figures from the generated bad-input suite, printed at the end of the run.
+FUZZ_TALLY: Counter[str] = Counter()
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/mcp_server_test")
 _postgres_checked: str | None = None
 
@@ -139,11 +142,12 @@ async def count_rows(db: Database, table: str) -> int:
 
 
 async def snapshot(db: Database) -> list[Any]:
-    """Every row of both tables, to show that a rejected call changed nothing."""
+    """Every row of every table, to show that a rejected call changed nothing."""
     async with db.engine.connect() as conn:
         entities = (await conn.execute(text("SELECT * FROM entity ORDER BY id"))).all()
         entries = (await conn.execute(text("SELECT * FROM audit_entry ORDER BY id"))).all()
-    return [tuple(row) for row in entities] + [tuple(row) for row in entries]
+        keys = (await conn.execute(text("SELECT * FROM idempotency_key ORDER BY agent_id, key"))).all()
+    return [tuple(row) for row in entities] + [tuple(row) for row in entries] + [tuple(row) for row in keys]
 
 
 def free_port() -> int:
@@ -208,3 +212,9 @@ async def http_client(
         info = Implementation(name=client_name, version="1")
         async with Client(transport, mode=era, client_info=info) as client:  # type: ignore[arg-type]
             yield client
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FUZZ_TALLY:
+        figures = ", ".join(f"{name}: {count}" for name, count in FUZZ_TALLY.items())
+        terminalreporter.write_line(f"generated bad input: {figures}")
