@@ -11,13 +11,17 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 from mcp import Client, StdioServerParameters
+from mcp.server.mcpserver import MCPServer
+from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
@@ -141,7 +145,7 @@ def _serve(settings: Settings, *, http: bool) -> int:
     server = create_server(settings)
     try:
         if not http:
-            server.run("stdio")
+            anyio.run(_serve_stdio, server)
             return 0
         # Fail with one clear line, before uvicorn would report it as a failed startup traceback.
         anyio.run(_open_database, settings)
@@ -170,6 +174,85 @@ def _serve(settings: Settings, *, http: bool) -> int:
             logger.error("%s", problem)
         return 1
     return 0
+
+
+async def _serve_stdio(server: MCPServer[Any]) -> None:
+    """Serve until stdin closes or SIGTERM arrives. Either way the server stops reading requests,
+    a call in flight is cancelled and its transaction rolled back, and the connections close."""
+    stdin = _StdinLines()
+    async with anyio.create_task_group() as group:
+
+        async def stop_on_sigterm() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    logger.info("SIGTERM: stopping; a call in progress is rolled back")
+                    stdin.close()
+
+        group.start_soon(stop_on_sigterm)
+        async with stdio_server(stdin=stdin) as (read_stream, write_stream):  # type: ignore[arg-type]
+            await server._lowlevel_server.run(  # run_stdio_async, with our stdin
+                read_stream, write_stream, server._lowlevel_server.create_initialization_options()
+            )
+        group.cancel_scope.cancel()
+    # A SQLite connection whose statement was cancelled can leave aiosqlite's close waiting forever
+    # (omnilib/aiosqlite#259), and the event loop would wait for it at exit. The transaction is
+    # already abandoned, so SQLite rolls it back; bound the wait instead of hanging the client.
+    threading.Timer(SHUTDOWN_GRACE_SECONDS, _exit_now).start()
+
+
+SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+def _exit_now() -> None:
+    logger.warning(
+        "a database connection did not close within %.0f s; exiting anyway", SHUTDOWN_GRACE_SECONDS
+    )
+    logging.shutdown()
+    os._exit(0)
+
+
+class _StdinLines:
+    """stdin as lines for the SDK's stdio transport, read on the event loop instead of a thread.
+
+    The SDK reads stdin in a worker thread that cannot be interrupted, so a server told to stop
+    would wait for the client's next line; this reader can be closed at any time.
+    """
+
+    def __init__(self) -> None:
+        self._fd = sys.stdin.fileno()
+        os.set_blocking(self._fd, False)
+        self._buffer = bytearray()
+        self._closed = False
+        self._waiting: anyio.CancelScope | None = None
+
+    def close(self) -> None:
+        self._closed = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def __aiter__(self) -> _StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while (end := self._buffer.find(b"\n")) < 0:
+            with anyio.CancelScope() as self._waiting:
+                await anyio.wait_readable(self._fd)
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                if not self._buffer:
+                    raise StopAsyncIteration
+                end = len(self._buffer)
+                self._buffer.extend(b"\n")
+                break
+            self._buffer.extend(chunk)
+        line = bytes(self._buffer[: end + 1])
+        del self._buffer[: end + 1]
+        return line.decode("utf-8", errors="replace")
 
 
 async def _open_database(settings: Settings) -> None:
