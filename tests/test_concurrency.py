@@ -1,4 +1,5 @@
-"""Several agents writing at once through one server: every change lands with exactly its audit entries."""
+"""Several agents writing at once, each call sent twice with one idempotency key: every change lands
+exactly once, with exactly its audit entries."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from mcp import Client
 from sqlmodel import col, select
 
 from mcp_server import chain
@@ -29,18 +31,41 @@ async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
 
     everything = {"field": "id", "op": "in", "value": seeded}
 
+    async def twice(client: Client, tool: str, arguments: dict[str, Any], key: str) -> Any:
+        """The call and its retry sent at the same moment, as an agent does when a reply is slow."""
+        results: list[Any] = []
+
+        async def send() -> None:
+            results.append(await call(client, tool, {**arguments, "idempotency_key": key}))
+
+        async with anyio.create_task_group() as both:
+            both.start_soon(send)
+            both.start_soon(send)
+        assert results[0] == results[1], f"{tool}: a retry got a different result"
+        return results[0]
+
     async def agent(name: str) -> None:
         async with connect(settings, era, name=name) as client:
             for i in range(5):
-                own = await make_task(client, project_id, f"{name} {i}")
-                await call(
-                    client, "update_task", {"task_id": seeded[i], "title": f"{name} {i}", "priority": "high"}
+                key = f"{name}-{i}"
+                own = await twice(
+                    client, "create_task", {"title": f"{name} {i}", "project_id": project_id}, f"{key}-create"
                 )
-                await call(client, "bulk_update_status", {"status": "blocked", "filter": everything})
-                await call(client, "soft_delete_task", {"task_id": own["id"]})
+                await twice(
+                    client,
+                    "update_task",
+                    {"task_id": seeded[i], "title": f"{name} {i}", "priority": "high"},
+                    f"{key}-update",
+                )
+                await twice(
+                    client, "bulk_update_status", {"status": "blocked", "filter": everything}, f"{key}-b1"
+                )
+                await twice(client, "soft_delete_task", {"task_id": own["id"]}, f"{key}-delete")
                 if i % 2:
-                    await call(client, "restore_task", {"task_id": own["id"]})
-                await call(client, "bulk_update_status", {"status": "pending", "filter": everything})
+                    await twice(client, "restore_task", {"task_id": own["id"]}, f"{key}-restore")
+                await twice(
+                    client, "bulk_update_status", {"status": "pending", "filter": everything}, f"{key}-b2"
+                )
 
     async with anyio.create_task_group() as group:
         for n in range(4):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,8 +18,10 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy import text
 
+from mcp_server.config import Settings
 from mcp_server.db import Database
-from tests.conftest import count_rows
+from tests.conftest import call, call_error, connect, count_rows
+from tests.test_tools import make_project
 
 pytestmark = pytest.mark.anyio
 
@@ -175,3 +179,101 @@ async def test_a_signal_during_a_bulk_update_leaves_all_or_nothing_and_sigterm_e
     async with stdio_server(database_url) as peer:  # the database is fine for the next server
         reply = await peer.request("tools/call", {"name": "verify_audit_log", "arguments": {}})
         assert reply["result"]["structuredContent"]["ok"]
+
+
+def postgres_only(db: Database, why: str) -> None:
+    if db.is_sqlite:
+        pytest.skip(why)
+
+
+async def test_a_connection_killed_in_the_middle_of_a_bulk_update_changes_nothing_and_the_next_call_works(
+    settings: Settings, db: Database
+) -> None:
+    postgres_only(db, "an embedded SQLite database has no server connection to kill")
+    await seed_many(db)
+    outcome: dict[str, Any] = {}
+
+    async def bulk() -> None:
+        async with connect(settings, "auto") as client:
+            arguments = {"status": "blocked", "filter": {"field": "status", "op": "eq", "value": "pending"}}
+            outcome["result"] = await client.call_tool("bulk_update_status", arguments)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(bulk)
+        killed = 0
+        with anyio.fail_after(30):
+            while not killed and "result" not in outcome:
+                async with db.engine.connect() as conn:
+                    killed = (
+                        await conn.execute(
+                            text(
+                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND state = 'active' "
+                                "AND query LIKE 'INSERT INTO audit_entry%'"
+                            )
+                        )
+                    ).scalar_one()
+    assert killed == 1, "the bulk update finished before it could be interrupted"
+    result = outcome["result"]
+    assert result.is_error and "retry" in result.content[0].text
+    assert await bulk_outcome(db) == (0, 0)
+    async with connect(settings, "auto") as client:
+        again = await call(client, "bulk_update_status", {"status": "blocked", "task_ids": [2, 3]})
+        assert again["changed_count"] == 2
+
+
+async def test_an_exhausted_pool_means_a_bounded_wait_then_busy_retry_never_a_hang(
+    settings: Settings, db: Database
+) -> None:
+    one_connection = settings.model_copy(update={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.5})
+    held, release = anyio.Event(), anyio.Event()
+    results: list[Any] = []
+
+    async def another_writer() -> None:
+        async with db.transaction(write=True):  # holds SQLite's write lock / PostgreSQL's chain lock
+            held.set()
+            await release.wait()
+
+    async with connect(one_connection, "auto") as client:
+        project = await make_project(client)
+
+        async def write() -> None:
+            results.append(await client.call_tool("create_task", {"title": "t", "project_id": project}))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(another_writer)
+            await held.wait()
+            group.start_soon(write)
+            await anyio.sleep(0.3)  # the write now waits for the lock, holding the pool's only connection
+            started = anyio.current_time()
+            message = await call_error(client, "search_tasks", {})
+            waited = anyio.current_time() - started
+            release.set()
+        assert "busy" in message and "retry" in message
+        assert 0.4 < waited < 5, f"waited {waited:.2f} s for a connection"
+        assert not results[0].is_error, "the waiting write completes once the lock is free"
+        assert len((await call(client, "search_tasks", {}))["items"]) == 1
+
+
+async def test_postgresql_restarted_between_calls_costs_at_most_one_retryable_error(
+    settings: Settings, db: Database
+) -> None:
+    postgres_only(db, "there is no database server to restart for SQLite")
+    clusters = Path("/etc/postgresql")
+    cluster = sorted(p.name for p in clusters.iterdir())[-1] if clusters.is_dir() else None  # noqa: ASYNC240
+    if cluster is None or shutil.which("pg_ctlcluster") is None:
+        pytest.skip("pg_ctlcluster is not available to restart PostgreSQL")
+    async with connect(settings, "legacy") as client:
+        await make_project(client)
+        restart = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"]
+        try:
+            await anyio.run_process(restart)
+        finally:
+            await anyio.run_process(
+                ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "start"], check=False
+            )
+        results = [await client.call_tool("list_projects", {}) for _ in range(3)]
+        results.append(await client.call_tool("create_project", {"name": "after the restart"}))
+    errors = [r for r in results if r.is_error]
+    assert len(errors) <= 1 and all("retry" in e.content[0].text for e in errors)
+    assert not results[-1].is_error and not results[-2].is_error
