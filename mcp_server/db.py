@@ -22,6 +22,7 @@ from mcp_server.config import Settings
 from mcp_server.errors import StartupError
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+APPLICATION_NAME = "mcp-task-server"
 
 chain.attach(models.AuditEntry.__table__)  # type: ignore[attr-defined]  # SQLModel does not declare it
 
@@ -93,6 +94,7 @@ def create_database(settings: Settings) -> Database:
         # Per statement, so a pathological filter or a held lock ends the call instead of hanging it.
         kwargs["connect_args"] = {
             "server_settings": {
+                "application_name": APPLICATION_NAME,  # how operators find its sessions in pg_stat_activity
                 "statement_timeout": str(settings.statement_timeout_ms),
                 "lock_timeout": str(settings.lock_timeout_ms),
             }

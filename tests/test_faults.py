@@ -19,7 +19,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy import text
 
 from mcp_server.config import Settings
-from mcp_server.db import Database
+from mcp_server.db import APPLICATION_NAME, Database
 from tests.conftest import call, call_error, connect, count_rows
 from tests.test_tools import make_project
 
@@ -105,6 +105,7 @@ MALFORMED = [
 async def test_after_every_malformed_frame_the_server_answers_the_next_valid_request_and_exits_cleanly(
     database_url: str, db: Database
 ) -> None:
+    sessions_before = await server_sessions(db)
     async with stdio_server(database_url) as peer:
         answered = 0
         for frame in MALFORMED:
@@ -117,6 +118,20 @@ async def test_after_every_malformed_frame_the_server_answers_the_next_valid_req
         await peer.stdin.aclose()  # the client went away: the server must notice and stop
         with anyio.fail_after(20):
             assert await peer.process.wait() == 0
+    with anyio.fail_after(10):  # and its database sessions are gone
+        while await server_sessions(db) != sessions_before:  # noqa: ASYNC110  (polling another process)
+            await anyio.sleep(0.1)
+
+
+async def server_sessions(db: Database) -> int:
+    """PostgreSQL sessions opened by this server (the test's own included); 0 on SQLite."""
+    if db.is_sqlite:
+        return 0
+    async with db.engine.connect() as conn:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND pid <> pg_backend_pid()"
+        )
+        return int((await conn.execute(text(query), {"name": APPLICATION_NAME})).scalar_one())
 
 
 BULK_TASKS = 60_000
