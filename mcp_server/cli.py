@@ -8,6 +8,7 @@ protocol, so they show exactly what an agent would see. `mint-token`, `verify-au
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -180,6 +181,19 @@ async def _serve_stdio(server: MCPServer[Any]) -> None:
     """Serve until stdin closes or SIGTERM arrives. Either way the server stops reading requests,
     a call in flight is cancelled and its transaction rolled back, and the connections close."""
     stdin = _StdinLines()
+    try:
+        await _serve_stdio_lines(server, stdin)
+    finally:
+        stdin.restore()
+    # A SQLite connection whose statement was cancelled can leave aiosqlite's close waiting forever
+    # (omnilib/aiosqlite#259), and the event loop would wait for it at exit. The transaction is
+    # already abandoned, so SQLite rolls it back; bound the wait instead of hanging the client.
+    deadline = threading.Timer(SHUTDOWN_GRACE_SECONDS, _exit_now)
+    deadline.daemon = True  # a clean shutdown exits at once and takes the timer with it
+    deadline.start()
+
+
+async def _serve_stdio_lines(server: MCPServer[Any], stdin: _StdinLines) -> None:
     async with anyio.create_task_group() as group:
 
         async def stop_on_sigterm() -> None:
@@ -194,10 +208,6 @@ async def _serve_stdio(server: MCPServer[Any]) -> None:
                 read_stream, write_stream, server._lowlevel_server.create_initialization_options()
             )
         group.cancel_scope.cancel()
-    # A SQLite connection whose statement was cancelled can leave aiosqlite's close waiting forever
-    # (omnilib/aiosqlite#259), and the event loop would wait for it at exit. The transaction is
-    # already abandoned, so SQLite rolls it back; bound the wait instead of hanging the client.
-    threading.Timer(SHUTDOWN_GRACE_SECONDS, _exit_now).start()
 
 
 SHUTDOWN_GRACE_SECONDS = 3.0
@@ -224,6 +234,11 @@ class _StdinLines:
         self._buffer = bytearray()
         self._closed = False
         self._waiting: anyio.CancelScope | None = None
+
+    def restore(self) -> None:
+        """Hand stdin back in blocking mode: the flag is shared with whoever else holds it (a shell)."""
+        with contextlib.suppress(OSError):
+            os.set_blocking(self._fd, True)
 
     def close(self) -> None:
         self._closed = True
