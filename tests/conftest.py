@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,11 @@ def free_port() -> int:
 
 @contextmanager
 def http_server(
-    tmp_path: Path, config: dict[str, Any], *, env: dict[str, str] | None = None, extra_args: list[str] = ()
+    tmp_path: Path,
+    config: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
     """`mcp-task-server serve --transport http` in a subprocess; yields its MCP endpoint URL."""
     port = free_port()
