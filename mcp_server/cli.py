@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -180,6 +181,10 @@ def _serve(settings: Settings, *, http: bool) -> int:
 async def _serve_stdio(server: MCPServer[Any]) -> None:
     """Serve until stdin closes or SIGTERM arrives. Either way the server stops reading requests,
     a call in flight is cancelled and its transaction rolled back, and the connections close."""
+    if not _stdin_is_pollable():
+        # A file redirected to stdin (or Windows) cannot be polled; it ends on its own at EOF.
+        await server.run_stdio_async()
+        return
     stdin = _StdinLines()
     try:
         await _serve_stdio_lines(server, stdin)
@@ -211,6 +216,17 @@ async def _serve_stdio_lines(server: MCPServer[Any], stdin: _StdinLines) -> None
 
 
 SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+def _stdin_is_pollable() -> bool:
+    """A pipe, socket or terminal, which the event loop can wait on (a regular file it cannot)."""
+    if sys.platform == "win32":
+        return False
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
 
 
 def _exit_now() -> None:

@@ -164,3 +164,31 @@ def test_http_refuses_to_start_without_token_checks_or_on_a_public_address_witho
     config.write_text(json.dumps({"agents": [{"id": "a", "token_sha256": "0" * 64}]}))
     public = run_cli("--config", str(config), "serve", "--transport", "http", "--host", "0.0.0.0", env=env)
     assert public.returncode == 2 and "allowed_hosts" in public.stderr
+
+
+async def test_a_file_redirected_to_stdin_is_read_to_its_end_and_the_server_exits_cleanly(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A regular file cannot be polled like a pipe; the server falls back to the SDK's reader."""
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "f", "version": "1"},
+        },
+    }
+    script = tmp_path / "requests.jsonl"
+    script.write_text(json.dumps(initialize) + "\n")
+    with script.open() as stdin:
+        served = await anyio.run_process(
+            [sys.executable, "-m", "mcp_server", "serve"],
+            stdin=stdin,
+            env={"HOME": str(tmp_path), "DATABASE_URL": database_url},
+            check=False,
+        )
+    assert served.returncode == 0, served.stderr.decode()
+    [answer] = [json.loads(line) for line in served.stdout.decode().splitlines()]
+    assert answer["id"] == 1 and "result" in answer
