@@ -47,17 +47,10 @@ class AgentTokenVerifier:
         self._agents = {agent.token_sha256: agent for agent in settings.agents if agent.token_sha256}
         self._jwt = _JwtKeys(settings) if settings.jwt is not None else None
 
-    @property
-    def configured(self) -> bool:
-        return bool(self._agents) or self._jwt is not None
-
     async def verify_token(self, token: str) -> AccessToken | None:
         agent = self._agents.get(token_sha256(token))
-        if agent is not None:
-            permissions = Permissions(
-                read_only=agent.read_only, tools=agent.tools, max_bulk_rows=agent.max_bulk_rows
-            )
-            return AgentToken(token=token, client_id=agent.id, scopes=[], permissions=permissions)
+        if agent is not None:  # an agent's entry is its permissions (AgentConfig extends Permissions)
+            return AgentToken(token=token, client_id=agent.id, scopes=[], permissions=agent)
         if self._jwt is not None and token.count(".") == 2:
             return self._jwt.verify(token)
         return None

@@ -30,7 +30,7 @@ from mcp.types import Implementation, TextContent
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from mcp_server import __version__, chain
-from mcp_server.auth import AgentTokenVerifier, mint_token, token_sha256
+from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
 from mcp_server.errors import StartupError
@@ -130,7 +130,7 @@ def _http_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     """The settings with the command line's HTTP options over them, checked for serving HTTP."""
     overrides = {"http_host": args.host, "http_port": args.port, "http_stateless": args.stateless}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    if not AgentTokenVerifier(settings).configured:
+    if not settings.accepts_tokens:
         raise ConfigError(
             "serving HTTP needs a way to check tokens: add agents with token_sha256 (see mint-token) "
             "or a jwt section to the config file"

@@ -132,6 +132,11 @@ class Settings(BaseModel):
     def async_database_url(self) -> str:
         return to_async_url(self.database_url)
 
+    @property
+    def accepts_tokens(self) -> bool:
+        """Whether any bearer token could be verified: an agent with a token hash, or JWTs."""
+        return self.jwt is not None or any(agent.token_sha256 for agent in self.agents)
+
     def agent(self, agent_id: str) -> AgentConfig | None:
         return next((agent for agent in self.agents if agent.id == agent_id), None)
 

@@ -530,7 +530,6 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         finally:
             await db.dispose()
 
-    verifier = auth.AgentTokenVerifier(settings)
     return MCPServer(
         "tasks",
         version=__version__,
@@ -543,9 +542,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
             if settings.tools is None or fn.__name__ in settings.tools
         ],
         # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
-        token_verifier=verifier if verifier.configured else None,
+        token_verifier=auth.AgentTokenVerifier(settings) if settings.accepts_tokens else None,
         # issuer_url is required by the SDK but only published with resource_server_url, which is unset.
         auth=AuthSettings(issuer_url="http://localhost", resource_server_url=None)
-        if verifier.configured
+        if settings.accepts_tokens
         else None,
     )
