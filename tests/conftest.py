@@ -132,6 +132,20 @@ async def call_error(client: Client, tool: str, arguments: dict[str, Any]) -> st
     return error_text(result)
 
 
+def initialize_message(client_name: str, request_id: int = 1) -> dict[str, Any]:
+    """A raw JSON-RPC `initialize` request, for tests that speak the protocol by hand."""
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": client_name, "version": "1"},
+        },
+    }
+
+
 def error_text(result: CallToolResult) -> str:
     return " ".join(block.text for block in result.content if isinstance(block, TextContent))
 

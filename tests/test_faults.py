@@ -20,12 +20,10 @@ from sqlalchemy import text
 
 from mcp_server.config import Settings
 from mcp_server.db import APPLICATION_NAME, Database
-from tests.conftest import call, call_error, connect, count_rows
+from tests.conftest import call, call_error, connect, count_rows, initialize_message
 from tests.test_tools import make_project
 
 pytestmark = pytest.mark.anyio
-
-PROTOCOL = "2025-11-25"
 
 
 class StdioPeer:
@@ -42,10 +40,13 @@ class StdioPeer:
         await self.stdin.send(line + b"\n")
 
     async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self.send({"jsonrpc": "2.0", "method": method, "params": params or {}})
+
+    async def send(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a request under the next id and wait for the answer that carries it."""
         request_id = self.next_id
         self.next_id += 1
-        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
-        await self.send_raw(json.dumps(message).encode())
+        await self.send_raw(json.dumps({**message, "id": request_id}).encode())
         with anyio.fail_after(30):
             while True:
                 line = await self.stdout.receive_until(b"\n", 64 * 1024 * 1024)
@@ -54,12 +55,7 @@ class StdioPeer:
                     return dict(answer)
 
     async def initialize(self) -> None:
-        params = {
-            "protocolVersion": PROTOCOL,
-            "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "1"},
-        }
-        assert "result" in await self.request("initialize", params)
+        assert "result" in await self.send(initialize_message("raw"))
         await self.send_raw(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode())
 
 

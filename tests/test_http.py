@@ -17,23 +17,14 @@ from sqlalchemy import text
 
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.db import Database
-from tests.conftest import call, call_error, http_client, http_server
+from tests.conftest import call, call_error, http_client, http_server, initialize_message
 
 pytestmark = pytest.mark.anyio
 
 ISSUER = "https://id.example.com"
 AUDIENCE = "mcp-task-server"
 SECRET = "a shared secret for HS256, long enough for the test"
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"},
-    },
-}
+INITIALIZE = initialize_message("raw")
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 

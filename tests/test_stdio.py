@@ -14,7 +14,7 @@ from mcp import Client, StdioServerParameters
 from mcp.types import Implementation
 
 from mcp_server.auth import token_sha256
-from tests.conftest import call, call_error
+from tests.conftest import call, call_error, initialize_message
 
 pytestmark = pytest.mark.anyio
 
@@ -170,18 +170,8 @@ async def test_a_file_redirected_to_stdin_is_read_to_its_end_and_the_server_exit
     database_url: str, tmp_path: Path
 ) -> None:
     """A regular file cannot be polled like a pipe; the server falls back to the SDK's reader."""
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "f", "version": "1"},
-        },
-    }
     script = tmp_path / "requests.jsonl"
-    script.write_text(json.dumps(initialize) + "\n")
+    script.write_text(json.dumps(initialize_message("f")) + "\n")
     with script.open() as stdin:
         served = await anyio.run_process(
             [sys.executable, "-m", "mcp_server", "serve"],
