@@ -139,9 +139,13 @@ async def record_status_changes(
     return result.rowcount
 
 
+_audit = AuditEntry.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
+_entity = Entity.__table__  # type: ignore[attr-defined]
+# Plain columns, not mapped objects: a page of rows, validated as one page (see TaskPublic.row_dict).
+_TRAIL_ROW = [_audit.c[name] for name in AuditEntryPublic.model_fields]
 _TRAIL_KEYS = [
-    paging.SortKey("changed_at", col(AuditEntry.changed_at), True, datetime.isoformat, paging.load_time),
-    paging.SortKey("id", col(AuditEntry.id), True, int, int),
+    paging.SortKey("changed_at", _audit.c.changed_at, True, datetime.isoformat, paging.load_time),
+    paging.SortKey("id", _audit.c.id, True, int, int),
 ]
 
 
@@ -160,32 +164,35 @@ async def get_audit_trail(
     entity = None
     conditions = []
     if entity_id is not None:
-        entity = await session.get(Entity, entity_id)
+        columns = (_entity.c.id, _entity.c.kind, _entity.c.title, _entity.c.deleted_at)
+        entity = (await session.exec(select(*columns).where(_entity.c.id == entity_id))).one_or_none()
         if entity is None:
             raise NotFoundError(f"no task or project has id {entity_id}")
-        conditions.append(AuditEntry.entity_id == entity_id)
+        conditions.append(_audit.c.entity_id == entity_id)
     if request_id is not None:
-        conditions.append(AuditEntry.request_id == request_id)
+        conditions.append(_audit.c.request_id == request_id)
     if changed_by is not None:
-        conditions.append(AuditEntry.changed_by == changed_by)
+        conditions.append(_audit.c.changed_by == changed_by)
     if action is not None:
-        conditions.append(AuditEntry.action == action)
+        conditions.append(_audit.c.action == action)
     if since is not None:
-        conditions.append(AuditEntry.changed_at >= since)
+        conditions.append(_audit.c.changed_at >= since)
     if until is not None:
-        conditions.append(AuditEntry.changed_at < until)
+        conditions.append(_audit.c.changed_at < until)
     query = paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until)
     page = await paging.fetch_page(
         session,
-        select(AuditEntry).where(*conditions),
+        sql_select(*_TRAIL_ROW).where(*conditions),
         _TRAIL_KEYS,
         limit=limit,
         page_token=page_token,
         query=query,
     )
-    return AuditTrail(
-        entity=None if entity is None else EntityRef.of(entity),
-        items=[AuditEntryPublic.of(entry) for entry in page.rows],
-        has_more=page.has_more,
-        next_page_token=page.next_page_token,
+    return AuditTrail.model_validate(
+        {
+            "entity": None if entity is None else EntityRef.of(entity),
+            "items": [row._asdict() for row in page.rows],
+            "has_more": page.has_more,
+            "next_page_token": page.next_page_token,
+        }
     )

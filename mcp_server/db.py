@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event, func, inspect
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.util import await_only
 from sqlmodel import SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -22,6 +26,7 @@ from mcp_server.config import Settings
 from mcp_server.errors import StartupError
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+PING_AFTER_IDLE_SECONDS = 10.0
 APPLICATION_NAME = "mcp-task-server"
 
 chain.attach(models.AuditEntry.__table__)  # type: ignore[attr-defined]  # SQLModel does not declare it
@@ -49,6 +54,10 @@ class Database:
                 await session.connection(execution_options={"sqlite_begin": "BEGIN IMMEDIATE"})
             elif write:
                 await session.exec(select(func.pg_advisory_xact_lock(chain.CHAIN_LOCK_KEY)))
+            elif not self.is_sqlite:
+                # Under READ COMMITTED each statement reads its own snapshot, inside a transaction
+                # or not; without one a read costs one round trip instead of three (BEGIN, COMMIT).
+                await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
             yield session
 
     async def create_schema(self) -> None:
@@ -88,7 +97,6 @@ def create_database(settings: Settings) -> Database:
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
-        "pool_pre_ping": True,
     }
     if url.get_backend_name() == "postgresql":
         # Per statement, so a pathological filter or a held lock ends the call instead of hanging it.
@@ -100,6 +108,8 @@ def create_database(settings: Settings) -> Database:
             }
         }
     engine = create_async_engine(url, **kwargs)
+    if url.get_backend_name() == "postgresql":
+        _check_on_checkout(engine)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +135,33 @@ def grant_app_role(conn: Connection, role: str) -> None:
         f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq TO {quote(role)}",
     ):
         conn.exec_driver_sql(statement)
+
+
+def _check_on_checkout(engine: AsyncEngine) -> None:
+    """Hand out only live connections, without a round trip on every call.
+
+    A connection the server closed (a restart, an administrator's terminate) is already marked
+    closed by the time it is checked out, because the event loop saw the close while the server
+    waited for the next call; one idle for a while is pinged, since a network path can drop it
+    without a word. The pool replaces either. `pool_pre_ping` would cost three round trips per
+    call instead (BEGIN, a query, ROLLBACK).
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine.sync_engine, "checkin")
+    def on_idle(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def on_checkout(_dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        connection = record.driver_connection
+        if connection is None or connection.is_closed():
+            raise DisconnectionError("connection closed while idle")
+        if time.monotonic() - record.info.get("idle_since", 0.0) > PING_AFTER_IDLE_SECONDS:
+            try:
+                await_only(connection.execute("SELECT 1"))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise DisconnectionError("connection failed its ping") from exc
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

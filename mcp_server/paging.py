@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, and_, literal, or_, tuple_
+from sqlalchemy import ColumnElement, Select, and_, literal, or_, tuple_
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -99,18 +99,21 @@ def order(keys: Sequence[SortKey]) -> list[Any]:
 
 async def fetch_page(
     session: AsyncSession,
-    statement: SelectOfScalar[T],
+    statement: SelectOfScalar[T] | Select[Any],
     keys: Sequence[SortKey],
     *,
     limit: int,
     page_token: str | None,
     query: str,
-) -> Page[T]:
-    """One page of `statement` in key order, fetching one extra row to learn whether more follow."""
+) -> Page[Any]:
+    """One page of `statement` (mapped objects or rows) in key order.
+
+    It fetches one row more than the page, to learn whether more follow.
+    """
     if page_token is not None:
         statement = statement.where(after(keys, decode_token(keys, page_token, query)))
     statement = statement.order_by(*order(keys)).limit(limit + 1)
-    rows = list((await session.exec(statement)).all())
+    rows: list[Any] = list((await session.exec(statement)).all())  # type: ignore[arg-type]
     has_more = len(rows) > limit
     rows = rows[:limit]
     token = encode_token(keys, rows[-1], query) if has_more else None

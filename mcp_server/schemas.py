@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from mcp_server.models import AuditAction, AuditEntry, Entity, EntityKind, Priority, Project, Task, TaskStatus
+from mcp_server.models import AuditAction, EntityKind, Priority, Project, Task, TaskStatus
 
 MAX_ID = 2**31 - 1  # ids and versions are INTEGER columns: 32 bits on PostgreSQL
 
@@ -89,6 +89,36 @@ class TaskPublic(BaseModel):
             version=task.version,
         )
 
+    @staticmethod
+    def row_dict(row: Any) -> dict[str, Any]:
+        """The fields of a row of task columns plus `project_name` (tasks.search_tasks), to validate
+        a whole page in one call: field by field through Row attributes costs more than the query."""
+        (
+            id,
+            title,
+            description,
+            status,
+            priority,
+            project_id,
+            project_name,
+            created,
+            updated,
+            deleted,
+            version,
+        ) = row
+        return {
+            "id": id,
+            "title": title,
+            "description": description,
+            "status": status,
+            "priority": priority,
+            "project": {"id": project_id, "name": project_name},
+            "created_at": created,
+            "updated_at": updated,
+            "deleted_at": deleted,
+            "version": version,
+        }
+
 
 class _Paged(BaseModel):
     has_more: bool = Field(description="True when another page follows.")
@@ -97,7 +127,12 @@ class _Paged(BaseModel):
 
 class TaskPage(_Paged):
     items: list[TaskPublic]
-    total: int | None = Field(description="Number of matching tasks; only when include_total was true.")
+    total: int | None = Field(
+        description="With include_total: the number of matching tasks, counted up to 10,000."
+    )
+    total_exact: bool | None = Field(
+        description="With include_total: false when more than 10,000 match and total stopped there."
+    )
 
 
 class ProjectPublic(BaseModel):
@@ -143,8 +178,8 @@ class EntityRef(BaseModel):
     deleted: bool
 
     @classmethod
-    def of(cls, entity: Entity) -> EntityRef:
-        assert entity.id is not None
+    def of(cls, entity: Any) -> EntityRef:
+        """From an entity, or a row with its id, kind, title and deleted_at."""
         return cls(
             id=entity.id,
             type=EntityKind(entity.kind),
@@ -163,21 +198,6 @@ class AuditEntryPublic(BaseModel):
     request_id: str = Field(description="Shared by every entry one tool call wrote.")
     old_value: dict[str, Any] | None
     new_value: dict[str, Any] | None
-
-    @classmethod
-    def of(cls, entry: AuditEntry) -> AuditEntryPublic:
-        assert entry.id is not None
-        return cls(
-            id=entry.id,
-            entity_id=entry.entity_id,
-            action=AuditAction(entry.action),
-            changed_by=entry.changed_by,
-            client_name=entry.client_name,
-            changed_at=entry.changed_at,
-            request_id=entry.request_id,
-            old_value=entry.old_value,
-            new_value=entry.new_value,
-        )
 
 
 class AuditTrail(_Paged):

@@ -200,7 +200,10 @@ async def search_tasks(
     page_token: PageToken = None,
     include_deleted: Annotated[bool, Field(description="Also return soft-deleted tasks.")] = False,
     include_total: Annotated[
-        bool, Field(description="Also count every match (a full count: slow on big result sets).")
+        bool,
+        Field(
+            description=("Also count the matches, up to 10,000 (see total_exact); has_more alone is cheaper.")
+        ),
     ] = False,
 ) -> TaskPage:
     """Search tasks with a filter tree, in a stable order, one page at a time.
