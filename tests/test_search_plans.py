@@ -1,0 +1,171 @@
+"""The benchmark's search shapes and the audit trail read through an index, at every depth.
+
+The statements checked are the ones the tools actually send (caught as they go to the driver),
+explained by the database itself on enough rows that a sequential scan would be tempting.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import event, insert, text
+from sqlalchemy.engine import Engine
+
+from mcp_server.config import Settings
+from mcp_server.db import Database
+from mcp_server.models import AuditEntry, Entity, Priority, TaskStatus
+from tests.conftest import call, connect
+
+pytestmark = pytest.mark.anyio
+
+PROJECTS = 40
+TASKS = 20_000
+HOT_TASK = PROJECTS + 1
+HOT_ENTRIES = 600
+
+SHAPES = {
+    "indexed and": {
+        "and": [
+            {"field": "status", "op": "eq", "value": "in_progress"},
+            {"field": "priority", "op": "in", "value": ["high", "critical"]},
+        ]
+    },
+    "or": {
+        "or": [
+            {"field": "status", "op": "eq", "value": "blocked"},
+            {"field": "priority", "op": "eq", "value": "critical"},
+        ]
+    },
+    "contains in a project": {
+        "and": [
+            {"field": "project_id", "op": "eq", "value": 7},
+            {"field": "title", "op": "contains", "value": "deploy"},
+        ]
+    },
+}
+
+
+async def _load(db: Database) -> None:
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    statuses = list(TaskStatus)
+    priorities = list(Priority)
+    projects = [
+        {"id": p, "kind": "project", "title": f"P{p}", "created_at": t0, "updated_at": t0}
+        for p in range(1, PROJECTS + 1)
+    ]
+    tasks = [
+        {
+            "id": PROJECTS + 1 + i,
+            "kind": "task",
+            "title": f"{'Deploy' if i % 7 == 0 else 'Fix'} thing {i}",
+            "status": statuses[i % len(statuses)].value,
+            "priority": priorities[(i // 5) % len(priorities)].value,
+            "project_id": 1 + i % PROJECTS,
+            "created_at": t0 + timedelta(minutes=i),
+            "updated_at": t0 + timedelta(minutes=i),
+        }
+        for i in range(TASKS)
+    ]
+    entries = [
+        {
+            "entity_id": HOT_TASK if i < HOT_ENTRIES else HOT_TASK + i,
+            "entity_type": "task",
+            "action": "updated",
+            "changed_by": "loader",
+            "changed_at": t0 + timedelta(seconds=i),
+            "request_id": f"r{i}",
+            "new_value": {"status": "blocked"},
+        }
+        for i in range(2 * HOT_ENTRIES)
+    ]
+    async with db.engine.begin() as conn:
+        # Raw table inserts: the priority column holds its rank, and times are bound as they are.
+        entity = Entity.__table__  # type: ignore[attr-defined]
+        await conn.execute(insert(entity), projects)
+        await conn.execute(insert(entity), tasks)
+        await conn.execute(insert(AuditEntry.__table__), entries)  # type: ignore[attr-defined]
+        if not db.is_sqlite:
+            await conn.execute(text("SELECT setval('entity_id_seq', (SELECT max(id) FROM entity))"))
+    async with db.engine.connect() as conn:
+        await conn.execute(text("ANALYZE"))
+        await conn.commit()
+
+
+@contextmanager
+def _statements() -> Iterator[list[tuple[str, Any]]]:
+    """Every SELECT sent to a driver in the block, with its parameters."""
+    caught: list[tuple[str, Any]] = []
+
+    def catch(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and ("entity" in statement):
+            caught.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", catch)
+    try:
+        yield caught
+    finally:
+        event.remove(Engine, "before_cursor_execute", catch)
+
+
+async def _plan(db: Database, statement: str, parameters: Any) -> list[str]:
+    """What the database says it will do: node and relation names (PostgreSQL) or detail lines (SQLite)."""
+    async with db.engine.connect() as conn:
+        if db.is_sqlite:
+            rows = (await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)).all()
+            return [row[-1] for row in rows]
+        raw = (await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters)).scalar_one()
+    plan = json.loads(raw) if isinstance(raw, str) else raw
+    nodes: list[str] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        nodes.append(f"{node['Node Type']} {node.get('Relation Name', '')}".strip())
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    return nodes
+
+
+def _uses_an_index_and_never_scans(db: Database, plan: list[str]) -> bool:
+    if db.is_sqlite:
+        scans = [line for line in plan if line.startswith("SCAN")]
+        searches = [line for line in plan if "USING" in line and ("INDEX" in line or "PRIMARY KEY" in line)]
+        return bool(searches) and all("USING" in line for line in scans)
+    indexed = [node for node in plan if "Index" in node]
+    return bool(indexed) and not any(node.startswith("Seq Scan") for node in plan)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_each_search_shape_reads_through_an_index_on_its_first_and_a_later_page(
+    settings: Settings, db: Database, shape: str
+) -> None:
+    await _load(db)
+    arguments: dict[str, Any] = {"filter": SHAPES[shape], "limit": 50}
+    async with connect(settings, "legacy") as client:
+        with _statements() as first:
+            page = await call(client, "search_tasks", arguments)
+        assert page["has_more"], "the shape must match more than one page for the later page to mean anything"
+        with _statements() as later:
+            await call(client, "search_tasks", {**arguments, "page_token": page["next_page_token"]})
+    assert len(first) == 1 and len(later) == 1
+    for statement, parameters in first + later:
+        plan = await _plan(db, statement, parameters)
+        assert _uses_an_index_and_never_scans(db, plan), f"{shape}: {plan}"
+
+
+async def test_the_audit_trail_of_one_task_reads_through_an_index(settings: Settings, db: Database) -> None:
+    await _load(db)
+    async with connect(settings, "legacy") as client:
+        with _statements() as caught:
+            trail = await call(client, "get_audit_trail", {"entity_id": HOT_TASK, "limit": 50})
+    assert len(trail["items"]) == 50 and trail["has_more"]
+    trail_statements = [(s, p) for s, p in caught if "audit_entry" in s]
+    assert len(trail_statements) == 1
+    for statement, parameters in caught:
+        plan = await _plan(db, statement, parameters)
+        assert _uses_an_index_and_never_scans(db, plan), plan
