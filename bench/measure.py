@@ -380,12 +380,11 @@ class Bench:
             return time.perf_counter() - started, int(outcome.split()[-1])
 
         await ours(statuses[0])  # from the loaded mix to all one status: not timed
-        await ours(statuses[1])
-        flip = 0
+        current = statuses[0]
         for _ in range(rounds):
             for name, run in (("ours", ours), ("raw asyncpg", raw)):
-                flip += 1
-                elapsed, changed = await run(statuses[flip % 2])
+                current = statuses[1 - statuses.index(current)]  # every timed run changes every task
+                elapsed, changed = await run(current)
                 series = self.series(operation, name)
                 series.seconds.append(elapsed)
                 series.rows += changed
