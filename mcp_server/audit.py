@@ -17,6 +17,8 @@ from mcp_server import paging
 from mcp_server.db import json_object
 from mcp_server.errors import NotFoundError
 from mcp_server.models import (
+    AUDIT_TABLE,
+    ENTITY_TABLE,
     AuditAction,
     AuditEntry,
     Entity,
@@ -139,8 +141,8 @@ async def record_status_changes(
     return result.rowcount
 
 
-_audit = AuditEntry.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
-_entity = Entity.__table__  # type: ignore[attr-defined]
+_audit = AUDIT_TABLE
+_entity = ENTITY_TABLE
 # Plain columns, not mapped objects: a page of rows, validated as one page (see TaskPublic.row_dict).
 _TRAIL_ROW = [_audit.c[name] for name in AuditEntryPublic.model_fields]
 _TRAIL_KEYS = [

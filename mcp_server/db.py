@@ -29,7 +29,7 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 PING_AFTER_IDLE_SECONDS = 10.0
 APPLICATION_NAME = "mcp-task-server"
 
-chain.attach(models.AuditEntry.__table__)  # type: ignore[attr-defined]  # SQLModel does not declare it
+chain.attach(models.AUDIT_TABLE)
 
 
 class Database:

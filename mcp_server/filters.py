@@ -25,7 +25,7 @@ from pydantic import (
 from sqlalchemy import Column, ColumnElement, and_, or_
 
 from mcp_server.errors import InvalidInputError
-from mcp_server.models import Entity, Priority, TaskStatus
+from mcp_server.models import ENTITY_TABLE, Priority, TaskStatus
 from mcp_server.schemas import MAX_ID, no_nul
 
 MAX_DEPTH = 4
@@ -148,7 +148,7 @@ _TIME = {Operator.BEFORE, Operator.AFTER}
 _ISO = "an ISO 8601 time such as 2026-01-31T09:00:00Z"
 
 # Table columns, not mapped attributes: a filter then compiles into plain Core statements.
-_task = Entity.__table__.c  # type: ignore[attr-defined]  # SQLModel does not declare it
+_task = ENTITY_TABLE.c
 
 FIELDS: dict[FilterField, _FieldSpec] = {
     FilterField.ID: _FieldSpec(_task.id, _EQUALITY, _INT, "an integer id"),

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Index,
     SmallInteger,
     String,
+    Table,
     Text,
     inspect,
     text,
@@ -196,12 +197,12 @@ class Task(Entity, table=True):
 # project_id only ever names a project (the row loads as a Project all the same), and Project's
 # `kind = 'project'` criterion on the join made PostgreSQL misjudge the join as tiny, then scan
 # and sort every task instead of walking the ordering index.
-_entity_table = Entity.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
+ENTITY_TABLE: Table = Entity.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
 inspect(Task).add_property(
     "project",
     relationship(
         Entity,
-        primaryjoin=foreign(_entity_table.c.project_id) == remote(_entity_table.c.id),
+        primaryjoin=foreign(ENTITY_TABLE.c.project_id) == remote(ENTITY_TABLE.c.id),
         lazy="raise",
         viewonly=True,
     ),
@@ -252,3 +253,7 @@ class IdempotencyRecord(SQLModel, table=True):
     result: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
     created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
     expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+# The tables behind the models, for statements that select plain columns (SQLModel does not declare them).
+AUDIT_TABLE: Table = AuditEntry.__table__  # type: ignore[attr-defined]

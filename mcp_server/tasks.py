@@ -18,9 +18,9 @@ from mcp_server.audit import Actor
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition, compile_filter
 from mcp_server.models import (
+    ENTITY_TABLE,
     AuditAction,
     AuditEntry,
-    Entity,
     EntityKind,
     Priority,
     Project,
@@ -38,8 +38,9 @@ FilterTree = Condition | AllOf | AnyOf
 
 # Reads select plain columns rather than mapped objects: a page of rows costs a fraction of a
 # page of ORM instances, and the project's name comes from the same statement's join.
-_entity = Entity.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
+_entity = ENTITY_TABLE
 _project = _entity.alias("project")
+_IS_TASK = _entity.c.kind == EntityKind.TASK.value
 _TASK_ROW = (
     *(_entity.c[name] for name in ("id", "title", "description", "status", "priority", "project_id")),
     _project.c.title.label("project_name"),
@@ -51,7 +52,7 @@ def _task_rows() -> Select[Any]:
     return (
         sql_select(*_TASK_ROW)
         .select_from(_entity.join(_project, _project.c.id == _entity.c.project_id))
-        .where(_entity.c.kind == EntityKind.TASK.value)
+        .where(_IS_TASK)
     )
 
 
@@ -126,12 +127,7 @@ async def search_tasks(
 
 async def _count(session: AsyncSession, conditions: list[ColumnElement[bool]]) -> tuple[int, bool]:
     """How many tasks match, counting no further than COUNT_CAP: a page stays cheap however many match."""
-    matching = (
-        sql_select(_entity.c.id)
-        .where(_entity.c.kind == EntityKind.TASK.value, *conditions)
-        .limit(COUNT_CAP + 1)
-        .subquery()
-    )
+    matching = sql_select(_entity.c.id).where(_IS_TASK, *conditions).limit(COUNT_CAP + 1).subquery()
     counted: int = (await session.scalar(sql_select(func.count()).select_from(matching))) or 0
     return min(counted, COUNT_CAP), counted <= COUNT_CAP
 
