@@ -143,7 +143,7 @@ async def record_status_changes(
 
 _audit = AUDIT_TABLE
 _entity = ENTITY_TABLE
-# Plain columns, not mapped objects: a page of rows, validated as one page (see TaskPublic.row_dict).
+# Plain columns, not mapped objects: a page of rows, validated as one page (see tasks._task_fields).
 _TRAIL_ROW = [_audit.c[name] for name in AuditEntryPublic.model_fields]
 _TRAIL_KEYS = [
     paging.SortKey("changed_at", _audit.c.changed_at, True, datetime.isoformat, paging.load_time),

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from mcp_server.models import AuditAction, EntityKind, Priority, Project, Task, TaskStatus
 
 MAX_ID = 2**31 - 1  # ids and versions are INTEGER columns: 32 bits on PostgreSQL
+COUNT_CAP = 10_000  # search_tasks counts matches this far and no further
 
 
 def no_nul(value: str) -> str:
@@ -89,36 +90,6 @@ class TaskPublic(BaseModel):
             version=task.version,
         )
 
-    @staticmethod
-    def row_dict(row: Any) -> dict[str, Any]:
-        """The fields of a row of task columns plus `project_name` (tasks.search_tasks), to validate
-        a whole page in one call: field by field through Row attributes costs more than the query."""
-        (
-            id,
-            title,
-            description,
-            status,
-            priority,
-            project_id,
-            project_name,
-            created,
-            updated,
-            deleted,
-            version,
-        ) = row
-        return {
-            "id": id,
-            "title": title,
-            "description": description,
-            "status": status,
-            "priority": priority,
-            "project": {"id": project_id, "name": project_name},
-            "created_at": created,
-            "updated_at": updated,
-            "deleted_at": deleted,
-            "version": version,
-        }
-
 
 class _Paged(BaseModel):
     has_more: bool = Field(description="True when another page follows.")
@@ -128,10 +99,10 @@ class _Paged(BaseModel):
 class TaskPage(_Paged):
     items: list[TaskPublic]
     total: int | None = Field(
-        description="With include_total: the number of matching tasks, counted up to 10,000."
+        description=f"With include_total: the number of matching tasks, counted up to {COUNT_CAP:,}."
     )
     total_exact: bool | None = Field(
-        description="With include_total: false when more than 10,000 match and total stopped there."
+        description=f"With include_total: false when more than {COUNT_CAP:,} match and total stopped there."
     )
 
 

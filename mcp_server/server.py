@@ -39,6 +39,7 @@ from mcp_server.errors import (
 from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterField, FilterNode
 from mcp_server.models import AuditAction, Priority, TaskStatus
 from mcp_server.schemas import (
+    COUNT_CAP,
     MAX_ID,
     AuditTrail,
     BulkUpdateResult,
@@ -202,7 +203,9 @@ async def search_tasks(
     include_total: Annotated[
         bool,
         Field(
-            description=("Also count the matches, up to 10,000 (see total_exact); has_more alone is cheaper.")
+            description=(
+                f"Also count the matches, up to {COUNT_CAP:,} (see total_exact); has_more alone is cheaper."
+            )
         ),
     ] = False,
 ) -> TaskPage:
