@@ -8,12 +8,10 @@ protocol, so they show exactly what an agent would see. `mint-token`, `verify-au
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
-import stat
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -29,7 +27,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from mcp_server import __version__, chain
+from mcp_server import __version__, chain, stdio
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
@@ -181,15 +179,19 @@ def _serve(settings: Settings, *, http: bool) -> int:
 async def _serve_stdio(server: MCPServer[Any]) -> None:
     """Serve until stdin closes or SIGTERM arrives. Either way the server stops reading requests,
     a call in flight is cancelled and its transaction rolled back, and the connections close."""
-    if not _stdin_is_pollable():
+    if not stdio.pollable(sys.stdin.fileno()):
         # A file redirected to stdin (or Windows) cannot be polled; it ends on its own at EOF.
         await server.run_stdio_async()
         return
-    stdin = _StdinLines()
+    stdin = stdio.StdinLines()
+    # On a terminal the SDK's own threaded stdout stays: its open file is the shell's too.
+    stdout = stdio.StdoutPipe() if stdio.is_pipe(1) else None
     try:
-        await _serve_stdio_lines(server, stdin)
+        await _serve_stdio_lines(server, stdin, stdout)
     finally:
         stdin.restore()
+        if stdout is not None:
+            stdout.restore()
     # A SQLite connection whose statement was cancelled can leave aiosqlite's close waiting forever
     # (omnilib/aiosqlite#259), and the event loop would wait for it at exit. The transaction is
     # already abandoned, so SQLite rolls it back; bound the wait instead of hanging the client.
@@ -198,7 +200,9 @@ async def _serve_stdio(server: MCPServer[Any]) -> None:
     deadline.start()
 
 
-async def _serve_stdio_lines(server: MCPServer[Any], stdin: _StdinLines) -> None:
+async def _serve_stdio_lines(
+    server: MCPServer[Any], stdin: stdio.StdinLines, stdout: stdio.StdoutPipe | None
+) -> None:
     async with anyio.create_task_group() as group:
 
         async def stop_on_sigterm() -> None:
@@ -208,8 +212,8 @@ async def _serve_stdio_lines(server: MCPServer[Any], stdin: _StdinLines) -> None
                     stdin.close()
 
         group.start_soon(stop_on_sigterm)
-        async with stdio_server(stdin=stdin) as (read_stream, write_stream):  # type: ignore[arg-type]
-            await server._lowlevel_server.run(  # run_stdio_async, with our stdin
+        async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
+            await server._lowlevel_server.run(  # run_stdio_async, with our streams
                 read_stream, write_stream, server._lowlevel_server.create_initialization_options()
             )
         group.cancel_scope.cancel()
@@ -218,72 +222,12 @@ async def _serve_stdio_lines(server: MCPServer[Any], stdin: _StdinLines) -> None
 SHUTDOWN_GRACE_SECONDS = 3.0
 
 
-def _stdin_is_pollable() -> bool:
-    """A pipe, socket or terminal, which the event loop can wait on (a regular file it cannot)."""
-    if sys.platform == "win32":
-        return False
-    try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode
-    except (OSError, ValueError):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
-
-
 def _exit_now() -> None:
     logger.warning(
         "a database connection did not close within %.0f s; exiting anyway", SHUTDOWN_GRACE_SECONDS
     )
     logging.shutdown()
     os._exit(0)
-
-
-class _StdinLines:
-    """stdin as lines for the SDK's stdio transport, read on the event loop instead of a thread.
-
-    The SDK reads stdin in a worker thread that cannot be interrupted, so a server told to stop
-    would wait for the client's next line; this reader can be closed at any time.
-    """
-
-    def __init__(self) -> None:
-        self._fd = sys.stdin.fileno()
-        os.set_blocking(self._fd, False)
-        self._buffer = bytearray()
-        self._closed = False
-        self._waiting: anyio.CancelScope | None = None
-
-    def restore(self) -> None:
-        """Hand stdin back in blocking mode: the flag is shared with whoever else holds it (a shell)."""
-        with contextlib.suppress(OSError):
-            os.set_blocking(self._fd, True)
-
-    def close(self) -> None:
-        self._closed = True
-        if self._waiting is not None:
-            self._waiting.cancel()
-
-    def __aiter__(self) -> _StdinLines:
-        return self
-
-    async def __anext__(self) -> str:
-        while (end := self._buffer.find(b"\n")) < 0:
-            with anyio.CancelScope() as self._waiting:
-                await anyio.wait_readable(self._fd)
-            if self._closed:
-                raise StopAsyncIteration
-            try:
-                chunk = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                if not self._buffer:
-                    raise StopAsyncIteration
-                end = len(self._buffer)
-                self._buffer.extend(b"\n")
-                break
-            self._buffer.extend(chunk)
-        line = bytes(self._buffer[: end + 1])
-        del self._buffer[: end + 1]
-        return line.decode("utf-8", errors="replace")
 
 
 async def _open_database(settings: Settings) -> None:
