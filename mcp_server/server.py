@@ -20,9 +20,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
-from mcp.types import ToolAnnotations
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from pydantic_core import to_jsonable_python
+from pydantic_core import to_json, to_jsonable_python
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -480,21 +480,34 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
     )
     tool.fn_metadata.arg_model = strict
     tool.parameters = strict.model_json_schema(by_alias=True)
+    # The tool returns a model it has validated, and _guarded dumps it once; without the model the
+    # SDK still publishes the output schema but no longer validates and dumps the result again.
+    tool.fn_metadata.output_model = None
     tool.fn = _guarded(tool.name, tool.fn)
     return tool
+
+
+def _result(value: BaseModel) -> CallToolResult:
+    """Structured content, and the same JSON as text for clients that read only text: compact,
+    since every character of it is a token the agent pays for."""
+    structured = value.model_dump(mode="json", by_alias=True)
+    return CallToolResult(
+        content=[TextContent(type="text", text=to_json(structured).decode())],
+        structured_content=structured,
+    )
 
 
 def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """The tool function behind a permission check; a refused call is recorded, then reported."""
 
-    async def guarded(ctx: ToolContext, **arguments: Any) -> Any:
+    async def guarded(ctx: ToolContext, **arguments: Any) -> CallToolResult:
         who = _principal(ctx)
         try:
             if who.permissions.tools is not None and name not in who.permissions.tools:
                 raise PermissionDeniedError(
                     f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
                 )
-            return await fn(ctx, **arguments)
+            return _result(await fn(ctx, **arguments))
         except PermissionDeniedError as exc:
             await _record_refusal(ctx, name, exc.permission, arguments)
             raise ToolError(f"permission denied: {exc}. The attempt is recorded in the audit log.") from None
