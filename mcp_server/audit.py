@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, insert, literal
+from sqlalchemy import ColumnElement, Select, String, bindparam, insert, literal
 from sqlalchemy import select as sql_select
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -144,11 +147,37 @@ async def record_status_changes(
 _audit = AUDIT_TABLE
 _entity = ENTITY_TABLE
 # Plain columns, not mapped objects: a page of rows, validated as one page (see tasks._task_fields).
-_TRAIL_ROW = [_audit.c[name] for name in AuditEntryPublic.model_fields]
+_TRAIL_FIELDS = tuple(AuditEntryPublic.model_fields)
+_TRAIL_ROW = [_audit.c[name] for name in _TRAIL_FIELDS]
 _TRAIL_KEYS = [
     paging.SortKey("changed_at", _audit.c.changed_at, True, datetime.isoformat, paging.load_time),
     paging.SortKey("id", _audit.c.id, True, int, int),
 ]
+
+
+# Each narrowing the trail can take: its column, and how the column compares with the value.
+_NARROWING: dict[str, tuple[Any, Callable[[Any, Any], ColumnElement[bool]]]] = {
+    "entity_id": (_audit.c.entity_id, operator.eq),
+    "request_id": (_audit.c.request_id, operator.eq),
+    "changed_by": (_audit.c.changed_by, operator.eq),
+    "action": (_audit.c.action, operator.eq),
+    "since": (_audit.c.changed_at, operator.ge),
+    "until": (_audit.c.changed_at, operator.lt),
+}
+_ENTITY_REF = select(_entity.c.id, _entity.c.kind, _entity.c.title, _entity.c.deleted_at).where(
+    _entity.c.id == bindparam("entity_id")
+)
+
+
+@lru_cache(maxsize=128)
+def _trail_statement(narrowed_by: tuple[str, ...], first: bool) -> Select[Any]:
+    """The trail's statement for a set of narrowings, built once and kept (see paging.paged)."""
+    conditions = [
+        compare(column, bindparam(name, type_=column.type))
+        for name in narrowed_by
+        for column, compare in [_NARROWING[name]]
+    ]
+    return paging.paged(sql_select(*_TRAIL_ROW).where(*conditions), _TRAIL_KEYS, first=first)
 
 
 async def get_audit_trail(
@@ -163,37 +192,28 @@ async def get_audit_trail(
     limit: int,
     page_token: str | None,
 ) -> AuditTrail:
+    given = {"entity_id": entity_id, "request_id": request_id, "changed_by": changed_by, "action": action}
+    params = {
+        name: value for name, value in (given | {"since": since, "until": until}).items() if value is not None
+    }
     entity = None
-    conditions = []
     if entity_id is not None:
-        columns = (_entity.c.id, _entity.c.kind, _entity.c.title, _entity.c.deleted_at)
-        entity = (await session.exec(select(*columns).where(_entity.c.id == entity_id))).one_or_none()
+        entity = (await session.exec(_ENTITY_REF, params={"entity_id": entity_id})).one_or_none()
         if entity is None:
             raise NotFoundError(f"no task or project has id {entity_id}")
-        conditions.append(_audit.c.entity_id == entity_id)
-    if request_id is not None:
-        conditions.append(_audit.c.request_id == request_id)
-    if changed_by is not None:
-        conditions.append(_audit.c.changed_by == changed_by)
-    if action is not None:
-        conditions.append(_audit.c.action == action)
-    if since is not None:
-        conditions.append(_audit.c.changed_at >= since)
-    if until is not None:
-        conditions.append(_audit.c.changed_at < until)
-    query = paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until)
     page = await paging.fetch_page(
         session,
-        sql_select(*_TRAIL_ROW).where(*conditions),
+        _trail_statement(tuple(params), page_token is None),
         _TRAIL_KEYS,
+        params=params,
         limit=limit,
         page_token=page_token,
-        query=query,
+        query=paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until),
     )
     return AuditTrail.model_validate(
         {
             "entity": None if entity is None else EntityRef.of(entity),
-            "items": [row._asdict() for row in page.rows],
+            "items": [dict(zip(_TRAIL_FIELDS, row, strict=True)) for row in page.rows],
             "has_more": page.has_more,
             "next_page_token": page.next_page_token,
         }

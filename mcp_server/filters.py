@@ -7,9 +7,10 @@ a tree is capped. It does no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, time
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import (
@@ -22,7 +23,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
-from sqlalchemy import Column, ColumnElement, and_, or_
+from sqlalchemy import Column, ColumnElement, and_, bindparam, or_
 
 from mcp_server.errors import InvalidInputError
 from mcp_server.models import ENTITY_TABLE, Priority, TaskStatus
@@ -167,64 +168,116 @@ FIELDS: dict[FilterField, _FieldSpec] = {
 }
 
 
+# What the SQL of a filter depends on: its groups, fields and operators, never its values. A
+# condition's shape is (field, operator, is_null's flag); a group's is ("and" | "or", children).
+Shape = tuple[Any, ...]
+
+
 def compile_filter(node: Condition | AllOf | AnyOf) -> ColumnElement[bool]:
-    """The SQL condition for a filter tree, or InvalidInputError naming the node that is wrong."""
-    counter = [0]
-    return _compile(node, "filter", 1, counter)
+    """The SQL condition for a filter tree, with its values bound, or InvalidInputError naming the
+    node that is wrong."""
+    shape, values = parse(node)
+    return _clause(shape, iter(range(MAX_NODES)), values)
 
 
-def _compile(
-    node: Condition | AllOf | AnyOf, path: str, depth: int, counter: list[int]
-) -> ColumnElement[bool]:
+def parse(node: Condition | AllOf | AnyOf) -> tuple[Shape, dict[str, Any]]:
+    """Check a filter tree and split it into its shape and its values, named f0, f1, ... in the
+    order of the tree's conditions; InvalidInputError names the node that is wrong.
+
+    Two calls that differ only in values share a shape, so the statement built from it can be
+    kept and reused with new values (see `clause`).
+    """
+    values: dict[str, Any] = {}
+    return _parse(node, "filter", 1, [0], values), values
+
+
+@lru_cache(maxsize=512)
+def clause(shape: Shape) -> ColumnElement[bool]:
+    """The SQL condition of a shape, with one bound parameter per value `parse` found."""
+    return _clause(shape, iter(range(MAX_NODES)), None)
+
+
+def _parse(
+    node: Condition | AllOf | AnyOf, path: str, depth: int, counter: list[int], values: dict[str, Any]
+) -> Shape:
     counter[0] += 1
     if counter[0] > MAX_NODES:
         raise InvalidInputError(f"the filter has more than {MAX_NODES} nodes; simplify it or split the query")
     if isinstance(node, Condition):
-        return _compile_condition(node, path)
+        return _parse_condition(node, path, values)
     if depth > MAX_DEPTH:
         raise InvalidInputError(
             f"{path}: groups nest deeper than {MAX_DEPTH} levels; flatten the filter "
             "(an `in` condition often replaces a group of `eq` conditions)"
         )
-    key, children, combine = (
-        ("and", node.all_of, and_) if isinstance(node, AllOf) else ("or", node.any_of, or_)
+    key, children = ("and", node.all_of) if isinstance(node, AllOf) else ("or", node.any_of)
+    return (
+        key,
+        tuple(
+            _parse(child, f"{path}.{key}[{i}]", depth + 1, counter, values)
+            for i, child in enumerate(children)
+        ),
     )
-    compiled = [_compile(child, f"{path}.{key}[{i}]", depth + 1, counter) for i, child in enumerate(children)]
-    return combine(*compiled)
 
 
-def _compile_condition(cond: Condition, path: str) -> ColumnElement[bool]:
+def _parse_condition(cond: Condition, path: str, values: dict[str, Any]) -> Shape:
     spec = FIELDS[cond.field]
     where = f"{path} ({cond.field.value} {cond.op.value})"
     if cond.op not in spec.ops:
         allowed = ", ".join(sorted(op.value for op in spec.ops))
         raise InvalidInputError(f"{where}: operator not allowed on {cond.field.value}; allowed: {allowed}")
-    column = spec.column
     value = cond.value
+    name = f"f{len(values)}"
     if cond.op is Operator.IS_NULL:
         if not isinstance(value, bool):
             raise InvalidInputError(f"{where}: value must be true or false")
-        return column.is_(None) if value else column.is_not(None)
+        return (cond.field, cond.op, value)
     if cond.op is Operator.IN:
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_VALUES:
             raise InvalidInputError(f"{where}: value must be a list of 1 to {MAX_LIST_VALUES} values")
-        return column.in_([_coerce(spec, item, where) for item in value])
+        values[name] = [_coerce(spec, item, where) for item in value]
+        return (cond.field, cond.op, None)
     if isinstance(value, list) or value is None:
         raise InvalidInputError(f"{where}: value must be a single value ({spec.expects})")
     coerced = _coerce(spec, value, where)
-    clause: ColumnElement[bool]
-    match cond.op:
+    if cond.op is Operator.CONTAINS:
+        # What autoescape=True would do to a literal: %, _ and the escape itself match themselves.
+        coerced = (
+            coerced.replace(_ESCAPE, _ESCAPE * 2).replace("%", _ESCAPE + "%").replace("_", _ESCAPE + "_")
+        )
+    values[name] = coerced
+    return (cond.field, cond.op, None)
+
+
+_ESCAPE = "/"
+
+
+def _clause(shape: Shape, names: Iterator[int], values: dict[str, Any] | None) -> ColumnElement[bool]:
+    """The condition, its values bound from `values`, or left for the statement's execution (None)."""
+    if shape[0] in ("and", "or"):
+        parts = [_clause(child, names, values) for child in shape[1]]
+        return and_(*parts) if shape[0] == "and" else or_(*parts)
+    field, op, null = shape
+    column = FIELDS[field].column
+    if op is Operator.IS_NULL:
+        return column.is_(None) if null else column.is_not(None)
+    name = f"f{next(names)}"
+    value = bindparam(
+        name, None if values is None else values[name], type_=column.type, expanding=op is Operator.IN
+    )
+    match op:
         case Operator.EQ:
-            clause = column == coerced
+            return column == value
         case Operator.NE:
-            clause = column != coerced
+            return column != value
+        case Operator.IN:
+            return column.in_(value)
         case Operator.CONTAINS:
-            clause = column.icontains(coerced, autoescape=True)
+            return column.icontains(value, escape=_ESCAPE)
         case Operator.BEFORE:
-            clause = column < coerced
-        case Operator.AFTER:
-            clause = column > coerced
-    return clause
+            return column < value
+        case _:
+            return column > value
 
 
 def _coerce(spec: _FieldSpec, value: Any, where: str) -> Any:

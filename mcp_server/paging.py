@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, literal, or_, tuple_
+from sqlalchemy import ColumnElement, Select, and_, bindparam, or_, tuple_
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -77,14 +77,14 @@ def decode_token(keys: Sequence[SortKey], token: str, query: str) -> list[Any]:
         raise InvalidInputError(_TOKEN_ERROR) from None
 
 
-def after(keys: Sequence[SortKey], values: Sequence[Any]) -> ColumnElement[bool]:
-    """Rows that sort strictly after `values` in the order of `keys`."""
+def after(keys: Sequence[SortKey]) -> ColumnElement[bool]:
+    """Rows that sort strictly after the values bound as after_0, after_1, ... in the order of `keys`."""
+    # Typed binds, so each value is converted the way its column stores it.
+    values = [bindparam(f"after_{i}", type_=key.column.type) for i, key in enumerate(keys)]
     if all(key.descending == keys[0].descending for key in keys):
         # One direction: a row-value comparison, which an index on the same columns serves directly.
         left = tuple_(*(key.column for key in keys))
-        # Typed binds, so each value is converted the way its column stores it.
-        right = tuple_(*(literal(value, key.column.type) for key, value in zip(keys, values, strict=True)))
-        return left < right if keys[0].descending else left > right
+        return left < tuple_(*values) if keys[0].descending else left > tuple_(*values)
     branches = []
     for i, key in enumerate(keys):
         equal_prefix = [keys[j].column == values[j] for j in range(i)]
@@ -97,23 +97,35 @@ def order(keys: Sequence[SortKey]) -> list[Any]:
     return [key.column.desc() if key.descending else key.column.asc() for key in keys]
 
 
+Statement = TypeVar("Statement", SelectOfScalar[Any], Select[Any])
+
+
+def paged(statement: Statement, keys: Sequence[SortKey], *, first: bool) -> Statement:
+    """`statement` in key order, as many rows as the bound page_limit, and for a later page (not
+    `first`) only the rows after the bound after_ values. Built once and kept, a paged statement
+    skips SQLAlchemy's statement building and cache-key work on every call after the first."""
+    if not first:
+        statement = statement.where(after(keys))
+    return statement.order_by(*order(keys)).limit(bindparam("page_limit"))
+
+
 async def fetch_page(
     session: AsyncSession,
-    statement: SelectOfScalar[T] | Select[Any],
+    statement: SelectOfScalar[Any] | Select[Any],
     keys: Sequence[SortKey],
     *,
+    params: dict[str, Any],
     limit: int,
     page_token: str | None,
     query: str,
 ) -> Page[Any]:
-    """One page of `statement` (mapped objects or rows) in key order.
-
-    It fetches one row more than the page, to learn whether more follow.
-    """
+    """One page of a statement from `paged(..., first=page_token is None)`, its filter's values in
+    `params`. It fetches one row more than the page, to learn whether more follow."""
+    params = {**params, "page_limit": limit + 1}
     if page_token is not None:
-        statement = statement.where(after(keys, decode_token(keys, page_token, query)))
-    statement = statement.order_by(*order(keys)).limit(limit + 1)
-    rows: list[Any] = list((await session.exec(statement)).all())  # type: ignore[arg-type]
+        values = decode_token(keys, page_token, query)
+        params |= {f"after_{i}": value for i, value in enumerate(values)}
+    rows: list[Any] = list((await session.exec(statement, params=params)).all())  # type: ignore[arg-type]
     has_more = len(rows) > limit
     rows = rows[:limit]
     token = encode_token(keys, rows[-1], query) if has_more else None

@@ -55,8 +55,9 @@ async def list_projects(
         statement = statement.where(col(Project.title).icontains(name_contains, autoescape=True))
     page = await paging.fetch_page(
         session,
-        statement,
+        paging.paged(statement, _KEYS, first=page_token is None),
         _KEYS,
+        params={},
         limit=limit,
         page_token=page_token,
         query=paging.fingerprint("projects", name_contains),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, update
@@ -13,10 +14,10 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import audit, paging, projects
+from mcp_server import audit, filters, paging, projects
 from mcp_server.audit import Actor
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
-from mcp_server.filters import AllOf, AnyOf, Condition, compile_filter
+from mcp_server.filters import AllOf, AnyOf, Condition, Shape, compile_filter
 from mcp_server.models import (
     ENTITY_TABLE,
     AuditAction,
@@ -103,21 +104,43 @@ _SORTABLE: dict[str, tuple[Any, Any, Any]] = {
 }
 
 
+SortOrder = tuple[tuple[str, bool], ...]  # (field, descending), most significant first
+
+
 def _sort_key(field: str, descending: bool) -> paging.SortKey:
     column, dump, load = _SORTABLE[field]
     return paging.SortKey(field, column, descending, dump, load)
 
 
-def _sort_keys(order_by: Sequence[OrderBy]) -> list[paging.SortKey]:
-    keys = [_sort_key(item.field, item.direction == "desc") for item in order_by]
+@lru_cache(maxsize=64)
+def _sort_keys(order: SortOrder) -> tuple[paging.SortKey, ...]:
+    keys = [_sort_key(field, descending) for field, descending in order]
     if all(key.name != "id" for key in keys):
         # id breaks ties, so the order is total and keyset paging neither skips nor repeats a row.
         keys.append(_sort_key("id", keys[-1].descending))
-    return keys
+    return tuple(keys)
 
 
 def _with_project() -> Any:
     return joinedload(Task.project, innerjoin=True)
+
+
+# Searches that differ only in their values share one statement, built on first use and kept:
+# the filter's shape, the order, include_deleted and whether it is a first page decide the SQL.
+@lru_cache(maxsize=512)
+def _search_statement(
+    shape: Shape | None, order: SortOrder, include_deleted: bool, first: bool
+) -> Select[Any]:
+    return paging.paged(
+        _task_rows().where(*_conditions(shape, include_deleted)), _sort_keys(order), first=first
+    )
+
+
+@lru_cache(maxsize=512)
+def _count_statement(shape: Shape | None, include_deleted: bool) -> Select[Any]:
+    """How many tasks match, counting no further than COUNT_CAP: a page stays cheap however many match."""
+    matching = sql_select(_entity.c.id).where(_IS_TASK, *_conditions(shape, include_deleted))
+    return sql_select(func.count()).select_from(matching.limit(COUNT_CAP + 1).subquery())
 
 
 async def search_tasks(
@@ -130,27 +153,24 @@ async def search_tasks(
     include_deleted: bool,
     include_total: bool,
 ) -> TaskPage:
-    order_by = order_by or DEFAULT_ORDER
-    fields = [item.field for item in order_by]
-    if len(set(fields)) != len(fields):
+    order: SortOrder = tuple((item.field, item.direction == "desc") for item in order_by or DEFAULT_ORDER)
+    if len({field for field, _ in order}) != len(order):
         raise InvalidInputError("order_by names a field twice; give each field once")
-    conditions = _conditions(filter, include_deleted)
-    query = paging.fingerprint(
-        filter.model_dump(mode="json", by_alias=True) if filter else None,
-        [item.model_dump() for item in order_by],
-        include_deleted,
-    )
+    shape, params = (None, {}) if filter is None else filters.parse(filter)
+    keys = _sort_keys(order)
     page = await paging.fetch_page(
         session,
-        _task_rows().where(*conditions),
-        _sort_keys(order_by),
+        _search_statement(shape, order, include_deleted, page_token is None),
+        keys,
+        params=params,
         limit=limit,
         page_token=page_token,
-        query=query,
+        query=paging.fingerprint(shape, params, order, include_deleted),
     )
     total = total_exact = None
     if include_total:
-        total, total_exact = await _count(session, conditions)
+        counted = (await session.scalar(_count_statement(shape, include_deleted), params)) or 0
+        total, total_exact = min(counted, COUNT_CAP), counted <= COUNT_CAP
     return TaskPage.model_validate(
         {
             "items": [_task_fields(row) for row in page.rows],
@@ -162,15 +182,8 @@ async def search_tasks(
     )
 
 
-async def _count(session: AsyncSession, conditions: list[ColumnElement[bool]]) -> tuple[int, bool]:
-    """How many tasks match, counting no further than COUNT_CAP: a page stays cheap however many match."""
-    matching = sql_select(_entity.c.id).where(_IS_TASK, *conditions).limit(COUNT_CAP + 1).subquery()
-    counted: int = (await session.scalar(sql_select(func.count()).select_from(matching))) or 0
-    return min(counted, COUNT_CAP), counted <= COUNT_CAP
-
-
-def _conditions(filter: FilterTree | None, include_deleted: bool) -> list[ColumnElement[bool]]:
-    conditions = [] if filter is None else [compile_filter(filter)]
+def _conditions(shape: Shape | None, include_deleted: bool) -> list[ColumnElement[bool]]:
+    conditions = [] if shape is None else [filters.clause(shape)]
     if not include_deleted:
         conditions.append(_entity.c.deleted_at.is_(None))
     return conditions
