@@ -48,6 +48,27 @@ async def test_the_desktop_config_starts_a_server_that_serves_and_audits_under_t
     assert [e["changed_by"] for e in trail["items"]] == [desktop_entry()["env"]["MCP_AGENT_ID"]]
 
 
+async def test_a_result_larger_than_the_pipe_buffer_arrives_whole_over_stdio(database_url: str) -> None:
+    """A pipe holds 64 KiB; a bigger response is written in parts as the client reads."""
+    description = "x" * 10_000
+    # A response cut short would leave the client waiting for the rest; fail instead of hanging.
+    with anyio.fail_after(60):
+        async with desktop_client({"DATABASE_URL": database_url}) as client:
+            project = await call(client, "create_project", {"name": "Big pages"})
+            for i in range(12):
+                await call(
+                    client,
+                    "create_task",
+                    {"title": f"big {i}", "project_id": project["id"], "description": description},
+                )
+            filter = {"field": "project_id", "op": "eq", "value": project["id"]}
+            page = await call(client, "search_tasks", {"filter": filter, "limit": 100})
+            again = await call(client, "search_tasks", {"filter": filter, "limit": 1})
+    assert len(page["items"]) == 12
+    assert all(item["description"] == description for item in page["items"])
+    assert again["items"][0]["id"] == page["items"][0]["id"]  # the stream is still in step afterwards
+
+
 async def test_over_stdio_a_configured_read_only_agent_is_refused_writes_and_the_refusal_recorded(
     database_url: str, tmp_path: Path
 ) -> None:
