@@ -1,4 +1,4 @@
-"""The audit log: entries written inside the caller's transaction, and the trail query."""
+"""The audit log: entries written by the statement that makes the change, and the trail query."""
 
 from __future__ import annotations
 
@@ -11,29 +11,27 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, bindparam, insert, literal
+from sqlalchemy import ColumnElement, FromClause, Insert, Select, String, bindparam, insert, literal, true
 from sqlalchemy import select as sql_select
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import paging
-from mcp_server.db import json_object
+from mcp_server.db import Conn, json_object
 from mcp_server.errors import NotFoundError
 from mcp_server.models import (
     AUDIT_TABLE,
     ENTITY_TABLE,
     AuditAction,
-    AuditEntry,
-    Entity,
     EntityKind,
-    Task,
-    TaskStatus,
+    JSONValue,
     UTCDateTime,
     utcnow,
 )
 from mcp_server.schemas import AuditEntryPublic, AuditTrail, EntityRef
 
 MAX_RECORDED_ARGUMENTS = 20_000
+
+_audit = AUDIT_TABLE
+_entity = ENTITY_TABLE
 
 
 @dataclass(frozen=True)
@@ -48,19 +46,6 @@ class Actor:
     client_name: str | None = None
 
 
-def snapshot(entity: Entity) -> dict[str, Any]:
-    """The JSON form of an entity's audited fields, named as the tools name them."""
-    if entity.kind == EntityKind.PROJECT:
-        return {"name": entity.title, "description": entity.description}
-    return {
-        "title": entity.title,
-        "description": entity.description,
-        "status": json_value(entity.status),
-        "priority": json_value(entity.priority),
-        "project_id": entity.project_id,
-    }
-
-
 def json_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -73,87 +58,106 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict
     return {key: old.get(key) for key in changed}, {key: new[key] for key in changed}
 
 
-def record(
-    session: AsyncSession,
-    actor: Actor,
-    entity: Entity,
-    action: AuditAction,
-    *,
-    at: datetime,
-    old: dict[str, Any] | None,
-    new: dict[str, Any] | None,
-) -> None:
-    assert entity.id is not None
-    session.add(
-        AuditEntry(
-            entity_id=entity.id,
-            entity_type=entity.kind,
-            action=action,
-            changed_by=actor.agent_id,
-            client_name=actor.client_name,
-            changed_at=at,
-            request_id=actor.request_id,
-            old_value={k: json_value(v) for k, v in old.items()} if old is not None else None,
-            new_value={k: json_value(v) for k, v in new.items()} if new is not None else None,
-        )
+# The entry of a change, inserted by the changing statement itself (see db.Conn.change_one): the
+# changed row gives the entity's id, the parameters from `entry` give the rest.
+_ENTRY_COLUMNS = (
+    "entity_id",
+    "entity_type",
+    "action",
+    "changed_by",
+    "client_name",
+    "changed_at",
+    "request_id",
+    "old_value",
+    "new_value",
+)
+
+
+def entry_of(changed: FromClause) -> Insert:
+    """The audit entry of the row `changed`, its other values bound by `entry`."""
+    return insert(_audit).from_select(
+        list(_ENTRY_COLUMNS),
+        sql_select(
+            changed.c.id,
+            changed.c.kind,
+            bindparam("audit_action", type_=String),
+            bindparam("audit_changed_by", type_=String),
+            bindparam("audit_client_name", type_=String),
+            bindparam("at", type_=UTCDateTime()),
+            bindparam("audit_request_id", type_=String),
+            bindparam("audit_old", type_=JSONValue),
+            bindparam("audit_new", type_=JSONValue),
+        ),
     )
 
 
-def record_refusal(session: AsyncSession, actor: Actor, tool: str, permission: str, arguments: Any) -> None:
+def entry(
+    actor: Actor, action: AuditAction, at: datetime, old: dict[str, Any] | None, new: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The parameters of `entry_of`: what happened, when (`at`, shared with the change), and by whom."""
+    return {
+        "audit_action": action.value,
+        "audit_changed_by": actor.agent_id,
+        "audit_client_name": actor.client_name,
+        "at": at,
+        "audit_request_id": actor.request_id,
+        "audit_old": None if old is None else {k: json_value(v) for k, v in old.items()},
+        "audit_new": None if new is None else {k: json_value(v) for k, v in new.items()},
+    }
+
+
+_REFUSAL = insert(_audit).values(
+    action=AuditAction.REFUSED.value,
+    changed_by=bindparam("audit_changed_by", type_=String),
+    client_name=bindparam("audit_client_name", type_=String),
+    changed_at=bindparam("at", type_=UTCDateTime()),
+    request_id=bindparam("audit_request_id", type_=String),
+    new_value=bindparam("audit_new", type_=JSONValue),
+)
+
+
+async def record_refusal(conn: Conn, actor: Actor, tool: str, permission: str, arguments: Any) -> None:
     """A call refused for want of a permission: who tried which tool with what, and what was missing."""
     if len(json.dumps(arguments, default=str)) > MAX_RECORDED_ARGUMENTS:
         arguments = {"omitted": f"the arguments were longer than {MAX_RECORDED_ARGUMENTS} characters"}
-    session.add(
-        AuditEntry(
-            action=AuditAction.REFUSED,
-            changed_by=actor.agent_id,
-            client_name=actor.client_name,
-            changed_at=utcnow(),
-            request_id=actor.request_id,
-            new_value={"tool": tool, "missing_permission": permission, "arguments": arguments},
-        )
-    )
+    refused = {"tool": tool, "missing_permission": permission, "arguments": arguments}
+    await conn.execute(_REFUSAL, entry(actor, AuditAction.REFUSED, utcnow(), None, refused))
 
 
-async def record_status_changes(
-    session: AsyncSession, actor: Actor, matching: ColumnElement[bool], status: TaskStatus, *, at: datetime
-) -> int:
-    """One entry per task matching `matching`, old and new status, in a single INSERT ... SELECT.
+def status_changes(matching: ColumnElement[bool]) -> Insert:
+    """One entry per task matching `matching`, with its old status and the new one (bound as
+    target_status), in a single INSERT ... SELECT; the actor and time are bound as by `entry`.
 
     On PostgreSQL the SELECT locks the rows it reads (FOR UPDATE), so the old status recorded is
     the one the following UPDATE overwrites, even with concurrent writers.
-    Returns how many entries (so how many tasks) it wrote.
     """
-    columns = ["entity_id", "entity_type", "action", "changed_by", "client_name", "changed_at", "request_id"]
     source = (
         sql_select(
-            col(Task.id),
+            _entity.c.id,
             literal(EntityKind.TASK.value),
             literal(AuditAction.UPDATED.value),
-            literal(actor.agent_id),
-            literal(actor.client_name, String),
-            literal(at, UTCDateTime),
-            literal(actor.request_id),
-            json_object(literal("status"), col(Task.status)),
-            json_object(literal("status"), literal(status.value)),
+            bindparam("audit_changed_by", type_=String),
+            bindparam("audit_client_name", type_=String),
+            bindparam("at", type_=UTCDateTime()),
+            bindparam("audit_request_id", type_=String),
+            json_object(literal("status"), _entity.c.status),
+            json_object(literal("status"), bindparam("target_status", type_=String)),
         )
         .where(matching)
         .with_for_update()
     )
-    result = await session.exec(insert(AuditEntry).from_select([*columns, "old_value", "new_value"], source))
-    return result.rowcount
+    return insert(_audit).from_select(list(_ENTRY_COLUMNS), source)
 
 
-_audit = AUDIT_TABLE
-_entity = ENTITY_TABLE
-# Plain columns, not mapped objects: a page of rows, validated as one page (see tasks._task_fields).
-_TRAIL_FIELDS = tuple(AuditEntryPublic.model_fields)
+# The trail reads plain columns and builds its entries from them (see tasks.task_of).
+_TRAIL_FIELDS = tuple(AuditEntryPublic.__annotations__)
 _TRAIL_ROW = [_audit.c[name] for name in _TRAIL_FIELDS]
-_TRAIL_KEYS = [
+_TRAIL_KEYS = (
     paging.SortKey("changed_at", _audit.c.changed_at, True, datetime.isoformat, paging.load_time),
     paging.SortKey("id", _audit.c.id, True, int, int),
-]
-
+)
+_TRAIL_KEY_POSITIONS = tuple(_TRAIL_FIELDS.index(key.name) for key in _TRAIL_KEYS)
+_ENTITY_REF = (_entity.c.id, _entity.c.kind, _entity.c.title, _entity.c.deleted_at)
 
 # Each narrowing the trail can take: its column, and how the column compares with the value.
 _NARROWING: dict[str, tuple[Any, Callable[[Any, Any], ColumnElement[bool]]]] = {
@@ -164,24 +168,32 @@ _NARROWING: dict[str, tuple[Any, Callable[[Any, Any], ColumnElement[bool]]]] = {
     "since": (_audit.c.changed_at, operator.ge),
     "until": (_audit.c.changed_at, operator.lt),
 }
-_ENTITY_REF = select(_entity.c.id, _entity.c.kind, _entity.c.title, _entity.c.deleted_at).where(
-    _entity.c.id == bindparam("entity_id")
-)
 
 
 @lru_cache(maxsize=128)
 def _trail_statement(narrowed_by: tuple[str, ...], first: bool) -> Select[Any]:
-    """The trail's statement for a set of narrowings, built once and kept (see paging.paged)."""
+    """The trail's page for a set of narrowings, built once and kept (see paging.paged). Narrowed
+    to one entity, the entity comes along in the same statement: every row starts with its id,
+    kind, name and deleted_at, and an entity without entries is one row of those alone."""
     conditions = [
         compare(column, bindparam(name, type_=column.type))
         for name in narrowed_by
         for column, compare in [_NARROWING[name]]
     ]
-    return paging.paged(sql_select(*_TRAIL_ROW).where(*conditions), _TRAIL_KEYS, first=first)
+    page = paging.paged(sql_select(*_TRAIL_ROW).where(*conditions), _TRAIL_KEYS, first=first)
+    if "entity_id" not in narrowed_by:
+        return page
+    entries = page.subquery("entries")
+    return (
+        sql_select(*_ENTITY_REF, *entries.c)
+        .select_from(_entity.outerjoin(entries, true()))
+        .where(_entity.c.id == bindparam("entity_id"))
+        .order_by(entries.c.changed_at.desc(), entries.c.id.desc())
+    )
 
 
 async def get_audit_trail(
-    session: AsyncSession,
+    conn: Conn,
     *,
     entity_id: int | None,
     request_id: str | None,
@@ -196,25 +208,22 @@ async def get_audit_trail(
     params = {
         name: value for name, value in (given | {"since": since, "until": until}).items() if value is not None
     }
-    entity = None
+    query = paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until)
+    statement = _trail_statement(tuple(params), page_token is None)
+    params |= paging.page_params(_TRAIL_KEYS, limit=limit, page_token=page_token, query=query)
+    rows = await conn.rows(statement, params)
+    entity: EntityRef | None = None
     if entity_id is not None:
-        entity = (await session.exec(_ENTITY_REF, params={"entity_id": entity_id})).one_or_none()
-        if entity is None:
+        if not rows:
             raise NotFoundError(f"no task or project has id {entity_id}")
-    page = await paging.fetch_page(
-        session,
-        _trail_statement(tuple(params), page_token is None),
-        _TRAIL_KEYS,
-        params=params,
-        limit=limit,
-        page_token=page_token,
-        query=paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until),
-    )
-    return AuditTrail.model_validate(
-        {
-            "entity": None if entity is None else EntityRef.of(entity),
-            "items": [dict(zip(_TRAIL_FIELDS, row, strict=True)) for row in page.rows],
-            "has_more": page.has_more,
-            "next_page_token": page.next_page_token,
-        }
-    )
+        id, kind, name, deleted_at = rows[0][:4]
+        entity = {"id": id, "type": kind, "name": name, "deleted": deleted_at is not None}
+        rows = [row[4:] for row in rows if row[4] is not None]
+    page = paging.cut(rows, _TRAIL_KEY_POSITIONS, _TRAIL_KEYS, limit=limit, query=query)
+    items: list[AuditEntryPublic] = [dict(zip(_TRAIL_FIELDS, row, strict=True)) for row in page.rows]  # type: ignore[misc]
+    return {
+        "entity": entity,
+        "items": items,
+        "has_more": page.has_more,
+        "next_page_token": page.next_page_token,
+    }

@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import DDL, Table, event, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import DDL, BigInteger, Integer, Table, bindparam, event, text
+
+if TYPE_CHECKING:  # db imports this module to attach the triggers
+    from mcp_server.db import Conn
 
 GENESIS = "0" * 64
 # Every writing transaction on PostgreSQL takes this advisory lock first (see db.py).
@@ -146,54 +148,54 @@ class _Walk:
     hash: str = GENESIS
 
 
-async def verify(conn: AsyncConnection) -> ChainReport:
+async def verify(conn: Conn) -> ChainReport:
     """Walk the whole chain in order, a batch at a time, and stop at the first mismatch."""
-    unsealed = (
-        await conn.execute(text("SELECT id FROM audit_entry WHERE seq IS NULL ORDER BY id LIMIT 1"))
-    ).scalar()
+    unsealed = await conn.row(_UNSEALED)
     if unsealed is not None:
         problem = ChainProblem(
-            seq=None, id=unsealed, problem="entry is outside the chain (inserted with the seal trigger off)"
+            seq=None,
+            id=unsealed[0],
+            problem="entry is outside the chain (inserted with the seal trigger off)",
         )
         return ChainReport(ok=False, entries_checked=0, head_seq=None, head_hash=None, first_problem=problem)
     walk = _Walk()
-    query = text(_VERIFY_QUERY[conn.dialect.name])
+    query = _VERIFY_QUERY["sqlite" if conn.is_sqlite else "postgresql"]
     while True:
-        rows = (await conn.execute(query, {"after": walk.seq, "batch": BATCH})).all()
-        for row in rows:
-            mismatch = _check(walk, row)
+        rows = await conn.rows(query, {"after": walk.seq, "batch": BATCH})
+        for seq, id, prev_hash, entry_hash, computed in rows:
+            mismatch = _check(walk, seq, prev_hash, entry_hash, computed)
             if mismatch is not None:
-                return _report(walk, ChainProblem(seq=row.seq, id=row.id, problem=mismatch))
+                return _report(walk, ChainProblem(seq=seq, id=id, problem=mismatch))
             walk.checked += 1
-            walk.seq, walk.hash = row.seq, row.entry_hash
+            walk.seq, walk.hash = seq, entry_hash
         if len(rows) < BATCH:
             return _report(walk, None)
 
 
+_UNSEALED = text("SELECT id FROM audit_entry WHERE seq IS NULL ORDER BY id LIMIT 1")
+_AFTER = (bindparam("after", type_=BigInteger), bindparam("batch", type_=Integer))
 _VERIFY_QUERY = {
-    "postgresql": (
+    "postgresql": text(
         "SELECT seq, id, prev_hash, entry_hash, audit_entry_hash(a) AS computed FROM audit_entry a "
         "WHERE seq > :after ORDER BY seq LIMIT :batch"
-    ),
-    "sqlite": (
+    ).bindparams(*_AFTER),
+    "sqlite": text(
         "SELECT seq, id, prev_hash, entry_hash, "
         f"audit_entry_hash(prev_hash, {', '.join(CONTENT)}) AS computed FROM audit_entry "
         "WHERE seq > :after ORDER BY seq LIMIT :batch"
-    ),
+    ).bindparams(*_AFTER),
 }
 
 
-def _check(walk: _Walk, row: Any) -> str | None:
-    if row.seq != walk.seq + 1:
+def _check(walk: _Walk, seq: int, prev_hash: str, entry_hash: str, computed: str) -> str | None:
+    if seq != walk.seq + 1:
         missing = (
-            f"entry {walk.seq + 1} is"
-            if row.seq == walk.seq + 2
-            else f"entries {walk.seq + 1} to {row.seq - 1} are"
+            f"entry {walk.seq + 1} is" if seq == walk.seq + 2 else f"entries {walk.seq + 1} to {seq - 1} are"
         )
-        return f"{missing} missing: the chain jumps from {walk.seq} to {row.seq}"
-    if row.prev_hash != walk.hash:
+        return f"{missing} missing: the chain jumps from {walk.seq} to {seq}"
+    if prev_hash != walk.hash:
         return "entry does not link to the entry before it (prev_hash differs)"
-    if row.computed != row.entry_hash:
+    if computed != entry_hash:
         return "entry's content does not match its hash: it was changed after it was written"
     return None
 

@@ -31,7 +31,7 @@ from mcp_server import __version__, chain, stdio
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
-from mcp_server.errors import StartupError
+from mcp_server.errors import DATABASE_ERRORS, StartupError
 from mcp_server.server import check_tool_names, create_server
 
 logger = logging.getLogger("mcp_server")
@@ -261,9 +261,9 @@ def _mint_token(args: argparse.Namespace) -> int:
 async def _verify_audit_log(settings: Settings) -> int:
     db = create_database(settings)
     try:
-        async with db.engine.connect() as conn:
+        async with db.connect(write=False) as conn:
             report = await chain.verify(conn)
-    except (SQLAlchemyError, OSError) as exc:
+    except DATABASE_ERRORS as exc:
         raise StartupError(f"cannot read the audit log: {type(exc).__name__}") from exc
     finally:
         await db.dispose()

@@ -6,6 +6,7 @@ translated here too, so no SQL, parameter or driver text ever reaches an agent.
 
 from __future__ import annotations
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import exc as sa_exc
 
 
@@ -57,23 +58,55 @@ REFUSED_MESSAGE = (
 )
 
 
+# What a database call can raise: SQLAlchemy's errors, and asyncpg's own where statements run on
+# the driver directly (see db.Conn).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.SQLAlchemyError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+_DISCONNECTED = ("57P01", "57P02", "57P03")  # the server shut the session down (terminate, restart)
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """Whether the connection that raised `error` is gone or unusable."""
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    error = _driver_error(error)
+    if isinstance(
+        error, OSError | ConnectionError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError
+    ):
+        return True
+    return getattr(error, "sqlstate", None) in _DISCONNECTED
+
+
+def is_unique_violation(error: BaseException) -> bool:
+    return isinstance(error, sa_exc.IntegrityError | asyncpg.UniqueViolationError) and (
+        getattr(_driver_error(error), "sqlstate", "23505") == "23505"
+    )
+
+
+def _driver_error(error: BaseException) -> BaseException:
+    return error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig is not None else error
+
+
 def translate_database_error(error: Exception) -> TaskServerError | None:
     """The agent-facing error for a database failure, or None for a bug to report as a crash."""
     if isinstance(error, sa_exc.TimeoutError):  # the connection pool stayed exhausted
         return DatabaseBusyError(BUSY_MESSAGE)
+    orig = _driver_error(error)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate == "57014":  # query_canceled: the statement timeout
+        return CallTimeoutError(TIMEOUT_MESSAGE)
+    if sqlstate in ("55P03", "40P01", "40001"):  # the lock timeout, a deadlock, a serialization failure
+        return DatabaseBusyError(BUSY_MESSAGE)
+    if is_disconnect(error) or isinstance(error, sa_exc.InterfaceError):
+        return DatabaseBusyError(UNAVAILABLE_MESSAGE)
     if isinstance(error, sa_exc.DBAPIError):
-        text = str(error.orig).lower()
-        sqlstate = getattr(error.orig, "sqlstate", None)
-        if sqlstate == "57014":  # query_canceled: the statement timeout
-            return CallTimeoutError(TIMEOUT_MESSAGE)
-        if sqlstate == "55P03":  # lock_not_available: the lock timeout
-            return DatabaseBusyError(BUSY_MESSAGE)
-        if error.connection_invalidated or isinstance(error, sa_exc.InterfaceError):
-            return DatabaseBusyError(UNAVAILABLE_MESSAGE)
+        text = str(orig).lower()
         if "database is locked" in text or "deadlock" in text or "could not serialize" in text:
             return DatabaseBusyError(BUSY_MESSAGE)
         if isinstance(error, sa_exc.OperationalError) and "connect" in text:
             return DatabaseBusyError(UNAVAILABLE_MESSAGE)
-    if isinstance(error, OSError | ConnectionError):
-        return DatabaseBusyError(UNAVAILABLE_MESSAGE)
     return None

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from sqlalchemy import Column, ColumnElement, and_, bindparam, or_
 
+from mcp_server.db import one_of
 from mcp_server.errors import InvalidInputError
 from mcp_server.models import ENTITY_TABLE, Priority, TaskStatus
 from mcp_server.schemas import MAX_ID, no_nul
@@ -173,19 +174,12 @@ FIELDS: dict[FilterField, _FieldSpec] = {
 Shape = tuple[Any, ...]
 
 
-def compile_filter(node: Condition | AllOf | AnyOf) -> ColumnElement[bool]:
-    """The SQL condition for a filter tree, with its values bound, or InvalidInputError naming the
-    node that is wrong."""
-    shape, values = parse(node)
-    return _clause(shape, iter(range(MAX_NODES)), values)
-
-
 def parse(node: Condition | AllOf | AnyOf) -> tuple[Shape, dict[str, Any]]:
     """Check a filter tree and split it into its shape and its values, named f0, f1, ... in the
     order of the tree's conditions; InvalidInputError names the node that is wrong.
 
     Two calls that differ only in values share a shape, so the statement built from it can be
-    kept and reused with new values (see `clause`).
+    kept and reused with new values (see `clause`). An `in` list is one value, however long.
     """
     values: dict[str, Any] = {}
     return _parse(node, "filter", 1, [0], values), values
@@ -194,7 +188,7 @@ def parse(node: Condition | AllOf | AnyOf) -> tuple[Shape, dict[str, Any]]:
 @lru_cache(maxsize=512)
 def clause(shape: Shape) -> ColumnElement[bool]:
     """The SQL condition of a shape, with one bound parameter per value `parse` found."""
-    return _clause(shape, iter(range(MAX_NODES)), None)
+    return _clause(shape, iter(range(MAX_NODES)))
 
 
 def _parse(
@@ -240,38 +234,36 @@ def _parse_condition(cond: Condition, path: str, values: dict[str, Any]) -> Shap
     if isinstance(value, list) or value is None:
         raise InvalidInputError(f"{where}: value must be a single value ({spec.expects})")
     coerced = _coerce(spec, value, where)
-    if cond.op is Operator.CONTAINS:
-        # What autoescape=True would do to a literal: %, _ and the escape itself match themselves.
-        coerced = (
-            coerced.replace(_ESCAPE, _ESCAPE * 2).replace("%", _ESCAPE + "%").replace("_", _ESCAPE + "_")
-        )
-    values[name] = coerced
+    values[name] = escape_like(coerced) if cond.op is Operator.CONTAINS else coerced
     return (cond.field, cond.op, None)
 
 
 _ESCAPE = "/"
 
 
-def _clause(shape: Shape, names: Iterator[int], values: dict[str, Any] | None) -> ColumnElement[bool]:
-    """The condition, its values bound from `values`, or left for the statement's execution (None)."""
+def escape_like(text: str) -> str:
+    """`text` for a LIKE with escape character /, so that %, _ and / match themselves, as
+    SQLAlchemy's autoescape=True would make them."""
+    return text.replace(_ESCAPE, _ESCAPE * 2).replace("%", _ESCAPE + "%").replace("_", _ESCAPE + "_")
+
+
+def _clause(shape: Shape, names: Iterator[int]) -> ColumnElement[bool]:
     if shape[0] in ("and", "or"):
-        parts = [_clause(child, names, values) for child in shape[1]]
+        parts = [_clause(child, names) for child in shape[1]]
         return and_(*parts) if shape[0] == "and" else or_(*parts)
     field, op, null = shape
     column = FIELDS[field].column
     if op is Operator.IS_NULL:
         return column.is_(None) if null else column.is_not(None)
     name = f"f{next(names)}"
-    value = bindparam(
-        name, None if values is None else values[name], type_=column.type, expanding=op is Operator.IN
-    )
+    if op is Operator.IN:
+        return one_of(column, name)
+    value = bindparam(name, type_=column.type)
     match op:
         case Operator.EQ:
             return column == value
         case Operator.NE:
             return column != value
-        case Operator.IN:
-            return column.in_(value)
         case Operator.CONTAINS:
             return column.icontains(value, escape=_ESCAPE)
         case Operator.BEFORE:

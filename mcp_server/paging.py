@@ -14,12 +14,12 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Select, and_, bindparam, or_, tuple_
-from sqlmodel.ext.asyncio.session import AsyncSession
-from sqlmodel.sql.expression import SelectOfScalar
 
+from mcp_server.db import Conn
 from mcp_server.errors import InvalidInputError
 
 _TOKEN_ERROR = (
@@ -61,8 +61,8 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def encode_token(keys: Sequence[SortKey], row: Any, query: str) -> str:
-    values = [key.dump(getattr(row, key.name)) for key in keys]
+def encode_token(keys: Sequence[SortKey], values: Sequence[Any], query: str) -> str:
+    values = [key.dump(value) for key, value in zip(keys, values, strict=True)]
     blob = json.dumps({"q": query, "after": values}, separators=(",", ":"))
     return base64.urlsafe_b64encode(blob.encode()).decode().rstrip("=")
 
@@ -97,36 +97,60 @@ def order(keys: Sequence[SortKey]) -> list[Any]:
     return [key.column.desc() if key.descending else key.column.asc() for key in keys]
 
 
-Statement = TypeVar("Statement", SelectOfScalar[Any], Select[Any])
-
-
-def paged(statement: Statement, keys: Sequence[SortKey], *, first: bool) -> Statement:
+def paged(statement: Select[Any], keys: Sequence[SortKey], *, first: bool) -> Select[Any]:
     """`statement` in key order, as many rows as the bound page_limit, and for a later page (not
     `first`) only the rows after the bound after_ values. Built once and kept, a paged statement
-    skips SQLAlchemy's statement building and cache-key work on every call after the first."""
+    is compiled once and then only bound and run (see db.Conn)."""
     if not first:
         statement = statement.where(after(keys))
     return statement.order_by(*order(keys)).limit(bindparam("page_limit"))
 
 
+def page_params(keys: Sequence[SortKey], *, limit: int, page_token: str | None, query: str) -> dict[str, Any]:
+    """The values a `paged` statement binds: one row more than the page, to learn whether more
+    follow, and the position after which it starts."""
+    params: dict[str, Any] = {"page_limit": limit + 1}
+    if page_token is not None:
+        values = decode_token(keys, page_token, query)
+        params |= {f"after_{i}": value for i, value in enumerate(values)}
+    return params
+
+
+def cut(
+    rows: Sequence[Sequence[Any]],
+    positions: Sequence[int],
+    keys: Sequence[SortKey],
+    *,
+    limit: int,
+    query: str,
+) -> Page[Sequence[Any]]:
+    """The page in `rows` (fetched with page_params), and the token of the next one. `positions`
+    are the columns of the keys' values in a row."""
+    has_more = len(rows) > limit
+    page = list(rows[:limit])
+    token = encode_token(keys, [page[-1][i] for i in positions], query) if has_more else None
+    return Page(rows=page, has_more=has_more, next_page_token=token)
+
+
+@lru_cache(maxsize=512)
+def positions(statement: Select[Any], names: tuple[str, ...]) -> tuple[int, ...]:
+    """Where the columns called `names` sit in the rows of `statement`."""
+    columns = [column.key for column in statement.exported_columns]
+    return tuple(columns.index(name) for name in names)
+
+
 async def fetch_page(
-    session: AsyncSession,
-    statement: SelectOfScalar[Any] | Select[Any],
+    conn: Conn,
+    statement: Select[Any],
     keys: Sequence[SortKey],
     *,
     params: dict[str, Any],
     limit: int,
     page_token: str | None,
     query: str,
-) -> Page[Any]:
-    """One page of a statement from `paged(..., first=page_token is None)`, its filter's values in
-    `params`. It fetches one row more than the page, to learn whether more follow."""
-    params = {**params, "page_limit": limit + 1}
-    if page_token is not None:
-        values = decode_token(keys, page_token, query)
-        params |= {f"after_{i}": value for i, value in enumerate(values)}
-    rows: list[Any] = list((await session.exec(statement, params=params)).all())  # type: ignore[arg-type]
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    token = encode_token(keys, rows[-1], query) if has_more else None
-    return Page(rows=rows, has_more=has_more, next_page_token=token)
+) -> Page[Sequence[Any]]:
+    """One page of a statement from `paged(..., first=page_token is None)`; `params` holds the
+    values of its filter."""
+    bound = params | page_params(keys, limit=limit, page_token=page_token, query=query)
+    rows = await conn.rows(statement, bound)
+    return cut(rows, positions(statement, tuple(key.name for key in keys)), keys, limit=limit, query=query)

@@ -6,8 +6,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
-from mcp_server.models import AuditAction, EntityKind, Priority, Project, Task, TaskStatus
+from mcp_server.models import AuditAction, EntityKind, Priority, TaskStatus
 
 MAX_ID = 2**31 - 1  # ids and versions are INTEGER columns: 32 bits on PostgreSQL
 COUNT_CAP = 10_000  # search_tasks counts matches this far and no further
@@ -56,12 +57,16 @@ class OrderBy(_Input):
     direction: Literal["asc", "desc"] = Field(default="asc", description="Sort direction.")
 
 
-class ProjectRef(BaseModel):
+# Tool results. They are TypedDicts: the output schema comes from them, and the data functions
+# build them straight from database rows, with no model to validate and dump again per item.
+
+
+class ProjectRef(TypedDict):
     id: int
     name: str
 
 
-class TaskPublic(BaseModel):
+class TaskPublic(TypedDict):
     id: int
     title: str
     description: str
@@ -70,107 +75,89 @@ class TaskPublic(BaseModel):
     project: ProjectRef
     created_at: datetime
     updated_at: datetime
-    deleted_at: datetime | None = Field(description="Set when the task is soft-deleted.")
-    version: int = Field(description="Grows by one with every change; pass it as expected_version.")
-
-    @classmethod
-    def of(cls, task: Task) -> TaskPublic:
-        assert task.id is not None and task.project_id is not None
-        assert task.status is not None and task.priority is not None
-        return cls(
-            id=task.id,
-            title=task.title,
-            description=task.description,
-            status=TaskStatus(task.status),
-            priority=task.priority,
-            project=ProjectRef(id=task.project_id, name=task.project.title),
-            created_at=task.created_at,
-            updated_at=task.updated_at,
-            deleted_at=task.deleted_at,
-            version=task.version,
-        )
+    deleted_at: Annotated[datetime | None, Field(description="Set when the task is soft-deleted.")]
+    version: Annotated[int, Field(description="Grows by one with every change; pass it as expected_version.")]
 
 
-class _Paged(BaseModel):
-    has_more: bool = Field(description="True when another page follows.")
-    next_page_token: str | None = Field(description="Pass as page_token to get the next page.")
+HasMore = Annotated[bool, Field(description="True when another page follows.")]
+NextPageToken = Annotated[str | None, Field(description="Pass as page_token to get the next page.")]
 
 
-class TaskPage(_Paged):
+class TaskPage(TypedDict):
     items: list[TaskPublic]
-    total: int | None = Field(
-        description=f"With include_total: the number of matching tasks, counted up to {COUNT_CAP:,}."
-    )
-    total_exact: bool | None = Field(
-        description=f"With include_total: false when more than {COUNT_CAP:,} match and total stopped there."
-    )
+    has_more: HasMore
+    next_page_token: NextPageToken
+    total: Annotated[
+        int | None,
+        Field(description=f"With include_total: the number of matching tasks, counted up to {COUNT_CAP:,}."),
+    ]
+    total_exact: Annotated[
+        bool | None,
+        Field(
+            description=(
+                f"With include_total: false when more than {COUNT_CAP:,} match and total stopped there."
+            )
+        ),
+    ]
 
 
-class ProjectPublic(BaseModel):
+class ProjectPublic(TypedDict):
     id: int
     name: str
     description: str
     created_at: datetime
     updated_at: datetime
 
-    @classmethod
-    def of(cls, project: Project) -> ProjectPublic:
-        assert project.id is not None
-        return cls(
-            id=project.id,
-            name=project.title,
-            description=project.description,
-            created_at=project.created_at,
-            updated_at=project.updated_at,
-        )
 
-
-class ProjectPage(_Paged):
+class ProjectPage(TypedDict):
     items: list[ProjectPublic]
+    has_more: HasMore
+    next_page_token: NextPageToken
 
 
-class BulkUpdateResult(BaseModel):
-    status: TaskStatus = Field(description="The status the changed tasks now have.")
-    dry_run: bool = Field(description="True for a preview: nothing was changed and nothing audited.")
-    changed_count: int = Field(
-        description="How many tasks changed, or would change (tasks already in the status do not)."
-    )
-    changed_ids: list[int] = Field(description="Ids of those tasks, ascending, at most 500.")
-    changed_ids_truncated: bool = Field(description="True when more tasks changed than changed_ids lists.")
-    request_id: str | None = Field(
-        description="Shared by the audit entries of this call; null for a preview."
-    )
+class BulkUpdateResult(TypedDict):
+    status: Annotated[TaskStatus, Field(description="The status the changed tasks now have.")]
+    dry_run: Annotated[
+        bool, Field(description="True for a preview: nothing was changed and nothing audited.")
+    ]
+    changed_count: Annotated[
+        int,
+        Field(description="How many tasks changed, or would change (tasks already in the status do not)."),
+    ]
+    changed_ids: Annotated[list[int], Field(description="Ids of those tasks, ascending, at most 500.")]
+    changed_ids_truncated: Annotated[
+        bool, Field(description="True when more tasks changed than changed_ids lists.")
+    ]
+    request_id: Annotated[
+        str | None, Field(description="Shared by the audit entries of this call; null for a preview.")
+    ]
 
 
-class EntityRef(BaseModel):
+class EntityRef(TypedDict):
     id: int
     type: EntityKind
     name: str
     deleted: bool
 
-    @classmethod
-    def of(cls, entity: Any) -> EntityRef:
-        """From an entity, or a row with its id, kind, title and deleted_at."""
-        return cls(
-            id=entity.id,
-            type=EntityKind(entity.kind),
-            name=entity.title,
-            deleted=entity.deleted_at is not None,
-        )
 
-
-class AuditEntryPublic(BaseModel):
+class AuditEntryPublic(TypedDict):
     id: int
-    entity_id: int | None = Field(description="The task or project changed; null for a refused call.")
+    entity_id: Annotated[
+        int | None, Field(description="The task or project changed; null for a refused call.")
+    ]
     action: AuditAction
-    changed_by: str = Field(description="The verified identity of the agent.")
-    client_name: str | None = Field(description="The name the agent's client gave itself; not verified.")
+    changed_by: Annotated[str, Field(description="The verified identity of the agent.")]
+    client_name: Annotated[
+        str | None, Field(description="The name the agent's client gave itself; not verified.")
+    ]
     changed_at: datetime
-    request_id: str = Field(description="Shared by every entry one tool call wrote.")
+    request_id: Annotated[str, Field(description="Shared by every entry one tool call wrote.")]
     old_value: dict[str, Any] | None
     new_value: dict[str, Any] | None
 
 
-class AuditTrail(_Paged):
-    entity: EntityRef | None = Field(description="The entity asked for by entity_id, if any.")
-    items: list[AuditEntryPublic] = Field(description="Newest first.")
+class AuditTrail(TypedDict):
+    entity: Annotated[EntityRef | None, Field(description="The entity asked for by entity_id, if any.")]
+    items: Annotated[list[AuditEntryPublic], Field(description="Newest first.")]
+    has_more: HasMore
+    next_page_token: NextPageToken

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,14 +23,13 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import to_json, to_jsonable_python
-from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import __version__, audit, auth, chain, idempotency, identity, projects, tasks
 from mcp_server.audit import Actor
 from mcp_server.config import ConfigError, Settings
-from mcp_server.db import Database, create_database
+from mcp_server.db import Conn, Database, create_database
 from mcp_server.errors import (
+    DATABASE_ERRORS,
     REFUSED_MESSAGE,
     PermissionDeniedError,
     TaskServerError,
@@ -92,24 +91,27 @@ def _actor(ctx: ToolContext) -> Actor:
 
 
 @asynccontextmanager
-async def _transaction(ctx: ToolContext, *, write: bool) -> AsyncIterator[AsyncSession]:
-    """One transaction for the call; every expected failure leaves as a ToolError.
+async def _connection(
+    ctx: ToolContext, *, write: bool, single_statement: bool = False
+) -> AsyncIterator[Conn]:
+    """The call's connection; every expected failure leaves as a ToolError.
 
-    A read-only agent is refused here, where every write begins, whatever the tool's annotations
-    say. Permission refusals pass through as they are, for the guard to record.
+    A writing connection is one transaction (or, for a call that is one statement, that statement;
+    see db.Conn). A read-only agent is refused here, where every write begins, whatever the tool's
+    annotations say. Permission refusals pass through as they are, for the guard to record.
     """
     if write and _principal(ctx).permissions.read_only:
         raise PermissionDeniedError(
             "write", "you are a read-only agent (permission write is missing); nothing was changed"
         )
     try:
-        async with _state(ctx).db.transaction(write=write) as session:
-            yield session
+        async with _state(ctx).db.connect(write=write, single_statement=single_statement) as conn:
+            yield conn
     except PermissionDeniedError:
         raise
     except TaskServerError as exc:
         raise ToolError(str(exc)) from exc
-    except (SQLAlchemyError, OSError) as exc:
+    except DATABASE_ERRORS as exc:
         translated = translate_database_error(exc)
         if translated is None:
             logger.exception("the database refused a tool call")
@@ -118,7 +120,7 @@ async def _transaction(ctx: ToolContext, *, write: bool) -> AsyncIterator[AsyncS
         raise ToolError(str(translated)) from exc
 
 
-M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", bound=Mapping[str, Any])
 
 
 async def _write(
@@ -126,23 +128,25 @@ async def _write(
     tool: str,
     key: str | None,
     arguments: dict[str, Any],
-    result_type: type[M],
-    run: Callable[[AsyncSession, Actor], Awaitable[M]],
-) -> M:
-    """One writing transaction; with an idempotency key, a retry gets the first call's result."""
-    async with _transaction(ctx, write=True) as session:
-        actor = _actor(ctx)
-        if key is None:
-            return await run(session, actor)
+    run: Callable[[Conn, Actor], Awaitable[R]],
+    *,
+    single_statement: bool = False,
+) -> R:
+    """One write; with an idempotency key, a retry gets the first call's result. A write that is one
+    statement (`single_statement`) needs no transaction around it unless the key must be stored too."""
+    actor = _actor(ctx)
+    if key is None:
+        async with _connection(ctx, write=True, single_statement=single_statement) as conn:
+            return await run(conn, actor)
+    async with _connection(ctx, write=True) as conn:
         return await idempotency.once(
-            session,
+            conn,
             agent_id=actor.agent_id,
             key=key,
             tool=tool,
             arguments=arguments,
-            result_type=result_type,
             ttl=timedelta(seconds=_state(ctx).settings.idempotency_ttl_seconds),
-            run=lambda: run(session, actor),
+            run=lambda: run(conn, actor),
         )
 
 
@@ -214,9 +218,9 @@ async def search_tasks(
     Soft-deleted tasks are left out unless include_deleted is true. has_more tells whether
     another page follows; pass next_page_token back as page_token with the same filter and order.
     """
-    async with _transaction(ctx, write=False) as session:
+    async with _connection(ctx, write=False) as conn:
         return await tasks.search_tasks(
-            session,
+            conn,
             filter=filter,
             order_by=order_by or [],
             limit=limit,
@@ -228,8 +232,8 @@ async def search_tasks(
 
 async def get_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
     """Fetch one live task with its project. A soft-deleted task is an error that says so."""
-    async with _transaction(ctx, write=False) as session:
-        return await tasks.get_task(session, task_id)
+    async with _connection(ctx, write=False) as conn:
+        return await tasks.get_task(conn, task_id)
 
 
 async def create_task(
@@ -250,8 +254,8 @@ async def create_task(
         "create_task",
         idempotency_key,
         data.model_dump(),
-        TaskPublic,
-        lambda session, actor: tasks.create_task(session, actor, data),
+        lambda conn, actor: tasks.create_task(conn, actor, data),
+        single_statement=True,
     )
 
 
@@ -287,9 +291,8 @@ async def update_task(
         "update_task",
         idempotency_key,
         {"task_id": task_id, "changes": changes.model_dump(), "expected_version": expected_version},
-        TaskPublic,
-        lambda session, actor: tasks.update_task(
-            session, actor, task_id, changes, expected_version=expected_version
+        lambda conn, actor: tasks.update_task(
+            conn, actor, task_id, changes, expected_version=expected_version
         ),
     )
 
@@ -306,8 +309,8 @@ async def soft_delete_task(
         "soft_delete_task",
         idempotency_key,
         {"task_id": task_id},
-        TaskPublic,
-        lambda session, actor: tasks.soft_delete_task(session, actor, task_id),
+        lambda conn, actor: tasks.soft_delete_task(conn, actor, task_id),
+        single_statement=True,
     )
 
 
@@ -320,8 +323,7 @@ async def restore_task(
         "restore_task",
         idempotency_key,
         {"task_id": task_id},
-        TaskPublic,
-        lambda session, actor: tasks.restore_task(session, actor, task_id),
+        lambda conn, actor: tasks.restore_task(conn, actor, task_id),
     )
 
 
@@ -348,17 +350,16 @@ async def bulk_update_status(
     one audit entry with its old and new status. Preview with dry_run first.
     """
     if dry_run:
-        async with _transaction(ctx, write=False) as session:
-            return await tasks.preview_status_change(session, status, filter=filter, task_ids=task_ids)
+        async with _connection(ctx, write=False) as conn:
+            return await tasks.preview_status_change(conn, status, filter=filter, task_ids=task_ids)
     max_rows = _principal(ctx).permissions.max_bulk_rows
     return await _write(
         ctx,
         "bulk_update_status",
         idempotency_key,
         {"status": status, "filter": filter, "task_ids": task_ids},
-        BulkUpdateResult,
-        lambda session, actor: tasks.bulk_update_status(
-            session, actor, status, filter=filter, task_ids=task_ids, max_rows=max_rows
+        lambda conn, actor: tasks.bulk_update_status(
+            conn, actor, status, filter=filter, task_ids=task_ids, max_rows=max_rows
         ),
     )
 
@@ -385,9 +386,9 @@ async def get_audit_trail(
     Narrow by entity_id, by request_id (every entry one call wrote), by agent or by action
     (`refused` entries are calls an agent had no permission for).
     """
-    async with _transaction(ctx, write=False) as session:
+    async with _connection(ctx, write=False) as conn:
         return await audit.get_audit_trail(
-            session,
+            conn,
             entity_id=entity_id,
             request_id=request_id,
             changed_by=changed_by,
@@ -403,8 +404,8 @@ async def verify_audit_log(ctx: ToolContext) -> chain.ChainReport:
     """Check the audit log's hash chain from the first entry to the newest and report the first entry
     that was changed, removed or inserted behind the server's back. Reads every entry: slow on a big log.
     """
-    async with _transaction(ctx, write=False) as session:
-        return await chain.verify(await session.connection())
+    async with _connection(ctx, write=False) as conn:
+        return await chain.verify(conn)
 
 
 async def create_project(
@@ -419,8 +420,7 @@ async def create_project(
         "create_project",
         idempotency_key,
         {"name": name, "description": description},
-        ProjectPublic,
-        lambda session, actor: projects.create_project(session, actor, name, description),
+        lambda conn, actor: projects.create_project(conn, actor, name, description),
     )
 
 
@@ -433,9 +433,9 @@ async def list_projects(
     page_token: PageToken = None,
 ) -> ProjectPage:
     """List live projects by name, one page at a time."""
-    async with _transaction(ctx, write=False) as session:
+    async with _connection(ctx, write=False) as conn:
         return await projects.list_projects(
-            session, name_contains=name_contains, limit=limit, page_token=page_token
+            conn, name_contains=name_contains, limit=limit, page_token=page_token
         )
 
 
@@ -487,10 +487,11 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
     return tool
 
 
-def _result(value: BaseModel) -> CallToolResult:
+def _result(value: Mapping[str, Any] | BaseModel) -> CallToolResult:
     """Structured content, and the same JSON as text for clients that read only text: compact,
-    since every character of it is a token the agent pays for."""
-    structured = value.model_dump(mode="json", by_alias=True)
+    since every character of it is a token the agent pays for. A result the data functions built
+    as a dict is used as it is; the SDK turns its times into text as it sends it."""
+    structured = value.model_dump(mode="json", by_alias=True) if isinstance(value, BaseModel) else dict(value)
     return CallToolResult(
         content=[TextContent(type="text", text=to_json(structured).decode())],
         structured_content=structured,
@@ -518,9 +519,9 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 async def _record_refusal(ctx: ToolContext, tool: str, permission: str, arguments: dict[str, Any]) -> None:
     recorded = to_jsonable_python({k: v for k, v in arguments.items() if v is not None}, by_alias=True)
     try:
-        async with _state(ctx).db.transaction(write=True) as session:
-            audit.record_refusal(session, _actor(ctx), tool, permission, recorded)
-    except (SQLAlchemyError, OSError):
+        async with _state(ctx).db.connect(write=True) as conn:
+            await audit.record_refusal(conn, _actor(ctx), tool, permission, recorded)
+    except DATABASE_ERRORS:
         logger.exception("could not record a refused call to %s", tool)
 
 

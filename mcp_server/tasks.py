@@ -1,32 +1,46 @@
-"""Task data functions. Each takes the caller's session (and actor, when it writes) and never commits."""
+"""Task data functions. Each takes the call's connection (and actor, when it writes) and never commits.
+
+Every statement here is SQLAlchemy Core over the entity table, built once and kept: a call binds
+its values and runs it (see db.Conn). A task comes back with its project's name from the same
+statement, so no read ever costs a second query per row.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Select, and_, func, update
+from pydantic_core import to_json
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Insert,
+    Select,
+    String,
+    Update,
+    and_,
+    bindparam,
+    func,
+    insert,
+    update,
+)
 from sqlalchemy import select as sql_select
-from sqlalchemy.orm import joinedload
-from sqlalchemy.orm.attributes import set_committed_value
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import audit, filters, paging, projects
 from mcp_server.audit import Actor
+from mcp_server.db import Conn, one_of
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
-from mcp_server.filters import AllOf, AnyOf, Condition, Shape, compile_filter
+from mcp_server.filters import AllOf, AnyOf, Condition, Shape
 from mcp_server.models import (
+    AUDIT_TABLE,
     ENTITY_TABLE,
     AuditAction,
-    AuditEntry,
     EntityKind,
     Priority,
-    Project,
-    Task,
     TaskStatus,
+    UTCDateTime,
     utcnow,
 )
 from mcp_server.schemas import (
@@ -44,21 +58,25 @@ DEFAULT_ORDER = (OrderBy(field="created_at", direction="desc"),)
 
 FilterTree = Condition | AllOf | AnyOf
 
-# Reads select plain columns rather than mapped objects: a page of rows costs a fraction of a
-# page of ORM instances, and the project's name comes from the same statement's join.
 _entity = ENTITY_TABLE
-_project = _entity.alias("project")
 _IS_TASK = _entity.c.kind == EntityKind.TASK.value
-_TASK_ROW = (
-    *(_entity.c[name] for name in ("id", "title", "description", "status", "priority", "project_id")),
-    _project.c.title.label("project_name"),
-    *(_entity.c[name] for name in ("created_at", "updated_at", "deleted_at", "version")),
-)
+_LIVE = _entity.c.deleted_at.is_(None)
+_TASK_ID = _entity.c.id == bindparam("task_id")
 
 
-def _task_fields(row: Any) -> dict[str, Any]:
-    """A row of _TASK_ROW as TaskPublic's fields, unpacked by position, so a whole page validates in
-    one call: field by field through Row attributes costs more than the query itself."""
+def _task_row(source: FromClause) -> Select[Any]:
+    """A task as the tools show it, read from `source` (the entity table, or a row a statement just
+    changed), with its project's name joined in: the columns `task_of` unpacks."""
+    project = ENTITY_TABLE.alias("project")
+    return sql_select(
+        *(source.c[name] for name in ("id", "title", "description", "status", "priority", "project_id")),
+        project.c.title.label("project_name"),
+        *(source.c[name] for name in ("created_at", "updated_at", "deleted_at", "version")),
+    ).select_from(source.join(project, project.c.id == source.c.project_id))
+
+
+def task_of(row: Any) -> TaskPublic:
+    """A row of `_task_row` as a tool result, unpacked by position."""
     (
         id,
         title,
@@ -86,12 +104,15 @@ def _task_fields(row: Any) -> dict[str, Any]:
     }
 
 
-def _task_rows() -> Select[Any]:
-    return (
-        sql_select(*_TASK_ROW)
-        .select_from(_entity.join(_project, _project.c.id == _entity.c.project_id))
-        .where(_IS_TASK)
-    )
+def snapshot(task: TaskPublic) -> dict[str, Any]:
+    """The audited fields of a task, as its audit entries name them."""
+    return {
+        "title": task["title"],
+        "description": task["description"],
+        "status": audit.json_value(task["status"]),
+        "priority": audit.json_value(task["priority"]),
+        "project_id": task["project"]["id"],
+    }
 
 
 # Sortable field -> (column, its value as JSON in a page token, and back).
@@ -121,8 +142,11 @@ def _sort_keys(order: SortOrder) -> tuple[paging.SortKey, ...]:
     return tuple(keys)
 
 
-def _with_project() -> Any:
-    return joinedload(Task.project, innerjoin=True)
+def _conditions(shape: Shape | None, include_deleted: bool) -> list[ColumnElement[bool]]:
+    conditions = [_IS_TASK] if shape is None else [_IS_TASK, filters.clause(shape)]
+    if not include_deleted:
+        conditions.append(_LIVE)
+    return conditions
 
 
 # Searches that differ only in their values share one statement, built on first use and kept:
@@ -132,19 +156,19 @@ def _search_statement(
     shape: Shape | None, order: SortOrder, include_deleted: bool, first: bool
 ) -> Select[Any]:
     return paging.paged(
-        _task_rows().where(*_conditions(shape, include_deleted)), _sort_keys(order), first=first
+        _task_row(_entity).where(*_conditions(shape, include_deleted)), _sort_keys(order), first=first
     )
 
 
 @lru_cache(maxsize=512)
 def _count_statement(shape: Shape | None, include_deleted: bool) -> Select[Any]:
     """How many tasks match, counting no further than COUNT_CAP: a page stays cheap however many match."""
-    matching = sql_select(_entity.c.id).where(_IS_TASK, *_conditions(shape, include_deleted))
+    matching = sql_select(_entity.c.id).where(*_conditions(shape, include_deleted))
     return sql_select(func.count()).select_from(matching.limit(COUNT_CAP + 1).subquery())
 
 
 async def search_tasks(
-    session: AsyncSession,
+    conn: Conn,
     *,
     filter: FilterTree | None,
     order_by: Sequence[OrderBy],
@@ -157,11 +181,10 @@ async def search_tasks(
     if len({field for field, _ in order}) != len(order):
         raise InvalidInputError("order_by names a field twice; give each field once")
     shape, params = (None, {}) if filter is None else filters.parse(filter)
-    keys = _sort_keys(order)
     page = await paging.fetch_page(
-        session,
+        conn,
         _search_statement(shape, order, include_deleted, page_token is None),
-        keys,
+        _sort_keys(order),
         params=params,
         limit=limit,
         page_token=page_token,
@@ -169,70 +192,159 @@ async def search_tasks(
     )
     total = total_exact = None
     if include_total:
-        counted = (await session.scalar(_count_statement(shape, include_deleted), params)) or 0
+        counted = (await conn.row(_count_statement(shape, include_deleted), params) or (0,))[0]
         total, total_exact = min(counted, COUNT_CAP), counted <= COUNT_CAP
-    return TaskPage.model_validate(
-        {
-            "items": [_task_fields(row) for row in page.rows],
-            "has_more": page.has_more,
-            "next_page_token": page.next_page_token,
-            "total": total,
-            "total_exact": total_exact,
-        }
-    )
+    return {
+        "items": [task_of(row) for row in page.rows],
+        "has_more": page.has_more,
+        "next_page_token": page.next_page_token,
+        "total": total,
+        "total_exact": total_exact,
+    }
 
 
-def _conditions(shape: Shape | None, include_deleted: bool) -> list[ColumnElement[bool]]:
-    conditions = [] if shape is None else [filters.clause(shape)]
-    if not include_deleted:
-        conditions.append(_entity.c.deleted_at.is_(None))
-    return conditions
+_GET = _task_row(_entity).where(_TASK_ID, _IS_TASK)
+_GET_FOR_UPDATE = _GET.with_for_update(of=_entity)
 
 
-async def get_task(session: AsyncSession, task_id: int) -> TaskPublic:
-    return TaskPublic.of(await _load(session, task_id, deleted=False))
+async def get_task(conn: Conn, task_id: int) -> TaskPublic:
+    return _live(await _find(conn, _GET, task_id))
 
 
-async def _load(session: AsyncSession, task_id: int, *, deleted: bool | None, lock: bool = False) -> Task:
-    """The task with its project; `deleted` says whether it must be deleted (None: either)."""
-    statement = select(Task).where(Task.id == task_id).options(_with_project())
-    if lock:
-        statement = statement.with_for_update(of=Task)
-    task = (await session.exec(statement)).one_or_none()
-    if task is None:
+async def _find(conn: Conn, statement: Select[Any], task_id: int) -> TaskPublic:
+    row = await conn.row(statement, {"task_id": task_id})
+    if row is None:
         raise NotFoundError(
             f"task {task_id} does not exist; search_tasks finds tasks by title or other fields"
         )
-    if deleted is False and task.deleted_at is not None:
+    return task_of(row)
+
+
+def _live(task: TaskPublic) -> TaskPublic:
+    if task["deleted_at"] is not None:
         raise NotFoundError(
-            f"task {task_id} was deleted at {task.deleted_at.isoformat()}; restore_task brings it back"
+            f"task {task['id']} was deleted at {task['deleted_at'].isoformat()}; restore_task brings it back"
         )
-    if deleted is True and task.deleted_at is None:
-        raise ConflictError(f"task {task_id} is not deleted; nothing to restore")
     return task
 
 
-async def create_task(session: AsyncSession, actor: Actor, data: TaskCreate) -> TaskPublic:
-    project = await projects.load_live(session, data.project_id)
+def _bind(name: str) -> Any:
+    """A value of the column `name` as a parameter, converted as the column converts it."""
+    return bindparam(f"new_{name}", type_=_entity.c[name].type)
+
+
+# A new task, in one statement with its audit entry: the INSERT reads its project, so a missing or
+# deleted project inserts nothing, and the entry is written from the inserted row.
+_project = _entity.alias("project")
+_CREATE = insert(_entity).from_select(
+    [
+        "kind",
+        "title",
+        "description",
+        "status",
+        "priority",
+        "project_id",
+        "created_at",
+        "updated_at",
+        "version",
+    ],
+    sql_select(
+        bindparam("new_kind", EntityKind.TASK.value, type_=String),
+        _bind("title"),
+        _bind("description"),
+        _bind("status"),
+        _bind("priority"),
+        _project.c.id,
+        bindparam("at", type_=UTCDateTime()),
+        bindparam("at", type_=UTCDateTime()),
+        bindparam("new_version", 1),
+    ).where(
+        _project.c.id == bindparam("in_project"),
+        _project.c.kind == EntityKind.PROJECT.value,
+        _project.c.deleted_at.is_(None),
+    ),
+)
+
+
+async def create_task(conn: Conn, actor: Actor, data: TaskCreate) -> TaskPublic:
     now = utcnow()
-    task = Task(
-        title=data.title,
-        description=data.description,
-        status=data.status,
-        priority=data.priority,
-        project_id=data.project_id,
-        created_at=now,
-        updated_at=now,
+    new = {
+        "title": data.title,
+        "description": data.description,
+        "status": data.status,
+        "priority": data.priority,
+        "project_id": data.project_id,
+    }
+    params = {f"new_{name}": value for name, value in new.items() if name != "project_id"}
+    params |= {"in_project": data.project_id}
+    row = await conn.change_one(
+        _CREATE,
+        audit.entry_of,
+        _task_row,
+        params | audit.entry(actor, AuditAction.CREATED, now, None, new),
     )
-    session.add(task)
-    await session.flush()
-    _attach_project(task, project)
-    audit.record(session, actor, task, AuditAction.CREATED, at=now, old=None, new=audit.snapshot(task))
-    return TaskPublic.of(task)
+    if row is None:
+        raise projects.not_live(data.project_id)
+    return task_of(row)
+
+
+_SOFT_DELETE = (
+    update(_entity)
+    .where(_TASK_ID, _IS_TASK, _LIVE)
+    .values(deleted_at=bindparam("at"), updated_at=bindparam("at"), version=_entity.c.version + 1)
+)
+_RESTORE = (
+    update(_entity)
+    .where(_TASK_ID, _IS_TASK, _entity.c.deleted_at.is_not(None))
+    .values(deleted_at=None, updated_at=bindparam("at"), version=_entity.c.version + 1)
+)
+
+
+async def soft_delete_task(conn: Conn, actor: Actor, task_id: int) -> TaskPublic:
+    """One statement: the task, its audit entry and the result, or nothing when it is not live."""
+    now = utcnow()
+    row = await conn.change_one(
+        _SOFT_DELETE,
+        audit.entry_of,
+        _task_row,
+        {"task_id": task_id}
+        | audit.entry(actor, AuditAction.DELETED, now, {"deleted_at": None}, {"deleted_at": now}),
+    )
+    if row is None:
+        _live(await _find(conn, _GET, task_id))  # says why: missing, or deleted already
+        raise ConflictError(f"task {task_id} changed while it was being deleted; nothing was changed, retry")
+    return task_of(row)
+
+
+async def restore_task(conn: Conn, actor: Actor, task_id: int) -> TaskPublic:
+    task = await _find(conn, _GET_FOR_UPDATE, task_id)
+    if task["deleted_at"] is None:
+        raise ConflictError(f"task {task_id} is not deleted; nothing to restore")
+    now = utcnow()
+    old, new = {"deleted_at": task["deleted_at"]}, {"deleted_at": None}
+    row = await conn.change_one(
+        _RESTORE,
+        audit.entry_of,
+        _task_row,
+        {"task_id": task_id} | audit.entry(actor, AuditAction.RESTORED, now, old, new),
+    )
+    assert row is not None, "the task is locked since it was read"
+    return task_of(row)
+
+
+@lru_cache(maxsize=64)
+def _update_statement(fields: tuple[str, ...]) -> Update:
+    """An UPDATE of these fields of a live task, each bound as new_<field>."""
+    values: dict[str, Any] = {name: _bind(name) for name in fields}
+    return (
+        update(_entity)
+        .where(_TASK_ID, _IS_TASK, _LIVE)
+        .values(**values, updated_at=bindparam("at"), version=_entity.c.version + 1)
+    )
 
 
 async def update_task(
-    session: AsyncSession,
+    conn: Conn,
     actor: Actor,
     task_id: int,
     changes: TaskUpdate,
@@ -244,56 +356,31 @@ async def update_task(
         raise InvalidInputError(
             "give at least one field to change: title, description, status, priority, project_id"
         )
-    task = await _load(session, task_id, deleted=False, lock=True)
-    if expected_version is not None and task.version != expected_version:
-        current = TaskPublic.of(task).model_dump_json()
+    task = _live(await _find(conn, _GET_FOR_UPDATE, task_id))
+    if expected_version is not None and task["version"] != expected_version:
         raise ConflictError(
-            f"task {task_id} is at version {task.version}, not {expected_version}: it changed after you "
-            f"read it, and nothing was changed. Decide again from the current task: {current}"
+            f"task {task_id} is at version {task['version']}, not {expected_version}: it changed after you "
+            "read it, and nothing was changed. Decide again from the current task: " + to_json(task).decode()
         )
-    before = audit.snapshot(task)
-    old, new = audit.diff(before, {key: audit.json_value(value) for key, value in requested.items()})
+    old, new = audit.diff(snapshot(task), {key: audit.json_value(value) for key, value in requested.items()})
     if not new:
-        return TaskPublic.of(task)
+        return task
     if "project_id" in new:
-        _attach_project(task, await projects.load_live(session, new["project_id"]))
+        await projects.load_live(conn, new["project_id"])
     now = utcnow()
-    for key, value in requested.items():
-        if key in new:
-            setattr(task, key, value)
-    task.updated_at = now
-    task.version += 1
-    audit.record(session, actor, task, AuditAction.UPDATED, at=now, old=old, new=new)
-    await session.flush()
-    return TaskPublic.of(task)
-
-
-async def soft_delete_task(session: AsyncSession, actor: Actor, task_id: int) -> TaskPublic:
-    task = await _load(session, task_id, deleted=False, lock=True)
-    now = utcnow()
-    task.deleted_at = task.updated_at = now
-    task.version += 1
-    audit.record(
-        session, actor, task, AuditAction.DELETED, at=now, old={"deleted_at": None}, new={"deleted_at": now}
+    params = {f"new_{name}": requested[name] for name in new} | {"task_id": task_id}
+    row = await conn.change_one(
+        _update_statement(tuple(sorted(new))),
+        audit.entry_of,
+        _task_row,
+        params | audit.entry(actor, AuditAction.UPDATED, now, old, new),
     )
-    await session.flush()
-    return TaskPublic.of(task)
-
-
-async def restore_task(session: AsyncSession, actor: Actor, task_id: int) -> TaskPublic:
-    task = await _load(session, task_id, deleted=True, lock=True)
-    now = utcnow()
-    old = {"deleted_at": task.deleted_at}
-    task.deleted_at = None
-    task.updated_at = now
-    task.version += 1
-    audit.record(session, actor, task, AuditAction.RESTORED, at=now, old=old, new={"deleted_at": None})
-    await session.flush()
-    return TaskPublic.of(task)
+    assert row is not None, "the task is locked since it was read"
+    return task_of(row)
 
 
 async def bulk_update_status(
-    session: AsyncSession,
+    conn: Conn,
     actor: Actor,
     status: TaskStatus,
     *,
@@ -306,85 +393,101 @@ async def bulk_update_status(
 
     More than `max_rows` changing tasks refuses the whole call (the caller rolls back).
     """
-    changing = await _changing(session, status, filter=filter, task_ids=task_ids)
+    shape, params = await _target(conn, status, filter=filter, task_ids=task_ids)
     now = utcnow()
-    count = await audit.record_status_changes(session, actor, changing, status, at=now)
+    entry = audit.entry(actor, AuditAction.UPDATED, now, None, None)
+    count = await conn.execute(_bulk_statements(shape).record, params | entry)
     if max_rows is not None and count > max_rows:
         raise PermissionDeniedError(
             "max_bulk_rows",
             f"this call would change {count} tasks, and you may change at most {max_rows} in one bulk "
             "update (permission max_bulk_rows); nothing was changed. Narrow the filter or split the work",
         )
-    this_call = select(AuditEntry.entity_id).where(AuditEntry.request_id == actor.request_id)
-    result = await session.exec(
-        update(Task)
-        .where(col(Task.id).in_(this_call))
-        .values(status=status, updated_at=now, version=col(Task.version) + 1)
-        .execution_options(synchronize_session=False)
+    this_call = {"request_id": actor.request_id}
+    changed = await conn.execute(_BULK_UPDATE, this_call | {"new_status": status.value, "at": now})
+    ids = [row[0] for row in await conn.rows(_CHANGED_IDS, this_call)]
+    return {
+        "status": status,
+        "dry_run": False,
+        "changed_count": changed,
+        "changed_ids": ids[:MAX_CHANGED_IDS],
+        "changed_ids_truncated": len(ids) > MAX_CHANGED_IDS,
+        "request_id": actor.request_id,
+    }
+
+
+_audit = AUDIT_TABLE
+_THIS_CALL = sql_select(_audit.c.entity_id).where(_audit.c.request_id == bindparam("request_id"))
+_BULK_UPDATE = (
+    update(_entity)
+    .where(_entity.c.id.in_(_THIS_CALL.scalar_subquery()))
+    .values(
+        status=bindparam("new_status", type_=String),
+        updated_at=bindparam("at"),
+        version=_entity.c.version + 1,
     )
-    changed_ids = list(
-        (await session.exec(this_call.order_by(col(AuditEntry.entity_id)).limit(MAX_CHANGED_IDS + 1))).all()
-    )
-    return BulkUpdateResult(
-        status=status,
-        dry_run=False,
-        changed_count=result.rowcount,
-        changed_ids=[i for i in changed_ids[:MAX_CHANGED_IDS] if i is not None],
-        changed_ids_truncated=len(changed_ids) > MAX_CHANGED_IDS,
-        request_id=actor.request_id,
-    )
+)
+_CHANGED_IDS = _THIS_CALL.order_by(_audit.c.entity_id).limit(MAX_CHANGED_IDS + 1)
 
 
 async def preview_status_change(
-    session: AsyncSession, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+    conn: Conn, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
 ) -> BulkUpdateResult:
     """What bulk_update_status would change, read without locking, changing or auditing anything."""
-    changing = await _changing(session, status, filter=filter, task_ids=task_ids)
-    count = (await session.exec(select(func.count(col(Task.id))).where(changing))).one()
-    ids = list(
-        (
-            await session.exec(select(Task.id).where(changing).order_by(col(Task.id)).limit(MAX_CHANGED_IDS))
-        ).all()
-    )
-    return BulkUpdateResult(
-        status=status,
-        dry_run=True,
-        changed_count=count,
-        changed_ids=[i for i in ids if i is not None],
-        changed_ids_truncated=count > MAX_CHANGED_IDS,
-        request_id=None,
+    shape, params = await _target(conn, status, filter=filter, task_ids=task_ids)
+    statements = _bulk_statements(shape)
+    count = (await conn.rows(statements.counting, params))[0][0]
+    ids = await conn.rows(statements.first_ids, params)
+    return {
+        "status": status,
+        "dry_run": True,
+        "changed_count": count,
+        "changed_ids": [row[0] for row in ids],
+        "changed_ids_truncated": count > MAX_CHANGED_IDS,
+        "request_id": None,
+    }
+
+
+class _BulkStatements(NamedTuple):
+    record: Insert  # the audit entries of the tasks that change, locking them
+    counting: Select[Any]  # how many would change
+    first_ids: Select[Any]  # the first MAX_CHANGED_IDS of them
+
+
+@lru_cache(maxsize=256)
+def _bulk_statements(shape: Shape | None) -> _BulkStatements:
+    """The statements of a status change over the tasks a filter of this shape matches (None: the
+    tasks listed in task_ids), less those already in the target status."""
+    matching = one_of(_entity.c.id, "task_ids") if shape is None else filters.clause(shape)
+    changing = and_(matching, _IS_TASK, _LIVE, _entity.c.status != bindparam("target_status", type_=String))
+    return _BulkStatements(
+        record=audit.status_changes(changing),
+        counting=sql_select(func.count()).select_from(_entity).where(changing),
+        first_ids=sql_select(_entity.c.id).where(changing).order_by(_entity.c.id).limit(MAX_CHANGED_IDS),
     )
 
 
-async def _changing(
-    session: AsyncSession, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
-) -> ColumnElement[bool]:
-    """The live tasks a status change reaches, less those already in that status."""
+async def _target(
+    conn: Conn, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+) -> tuple[Shape | None, dict[str, Any]]:
+    """The shape of what a status change reaches (see _bulk_statements) and the values it binds."""
     if (filter is None) == (task_ids is None):
         raise InvalidInputError("give either filter or task_ids, not both and not neither")
-    matching: ColumnElement[bool]
     if task_ids is not None:
-        await _require_live(session, task_ids)
-        matching = col(Task.id).in_(task_ids)
+        await _require_live(conn, task_ids)
+        shape, params = None, {"task_ids": list(task_ids)}
     else:
         assert filter is not None
-        matching = compile_filter(filter)
-    return and_(matching, col(Task.deleted_at).is_(None), col(Task.status) != status)
+        shape, params = filters.parse(filter)
+    return shape, params | {"target_status": status.value}
 
 
-async def _require_live(session: AsyncSession, task_ids: Sequence[int]) -> None:
-    found = set(
-        (
-            await session.exec(
-                select(Task.id).where(col(Task.id).in_(task_ids), col(Task.deleted_at).is_(None))
-            )
-        ).all()
-    )
+_LIVE_AMONG = sql_select(_entity.c.id).where(one_of(_entity.c.id, "task_ids"), _IS_TASK, _LIVE)
+
+
+async def _require_live(conn: Conn, task_ids: Sequence[int]) -> None:
+    found = {row[0] for row in await conn.rows(_LIVE_AMONG, {"task_ids": list(task_ids)})}
     missing = sorted(set(task_ids) - found)
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise NotFoundError(f"these tasks do not exist or are deleted: {shown}; nothing was changed")
-
-
-def _attach_project(task: Task, project: Project) -> None:
-    set_committed_value(task, "project", project)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from mcp_server.config import Settings
-from mcp_server.db import Database, create_database
+from mcp_server.db import Database, create_database, sql_log
 from mcp_server.server import create_server
 
 AGENT = "test-agent"
@@ -148,6 +149,26 @@ def initialize_message(client_name: str, request_id: int = 1) -> dict[str, Any]:
 
 def error_text(result: CallToolResult) -> str:
     return " ".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+@contextmanager
+def statements_sent() -> Iterator[list[tuple[str, Any]]]:
+    """Every statement sent to a database driver in the block, with its parameters, as the server
+    logs them at DEBUG (`mcp_server.db.sql_log`)."""
+    sent: list[tuple[str, Any]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sent.append((record.getMessage(), getattr(record, "parameters", None)))
+
+    catch, level = Catch(), sql_log.level
+    sql_log.addHandler(catch)
+    sql_log.setLevel(logging.DEBUG)
+    try:
+        yield sent
+    finally:
+        sql_log.removeHandler(catch)
+        sql_log.setLevel(level)
 
 
 async def count_rows(db: Database, table: str) -> int:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from mcp import Client
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
 from mcp_server.db import Database
-from tests.conftest import call, call_error, snapshot
+from tests.conftest import call, call_error, snapshot, statements_sent
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
@@ -103,30 +99,15 @@ async def test_bad_input_gets_a_tool_error_that_says_what_to_fix_and_changes_not
     assert (await call(client, "search_tasks", {}))["items"], "the server stopped serving"
 
 
-@contextmanager
-def count_selects() -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            statements.append(statement)
-
-    event.listen(Engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        event.remove(Engine, "before_cursor_execute", record)
-
-
 async def test_search_query_count_does_not_grow_with_page_size(client: Client) -> None:
     projects = [await make_project(client, f"p{i}") for i in range(5)]
     for i in range(100):
         await make_task(client, projects[i % 5], f"task {i}")
     counts = {}
     for limit in (1, 100):
-        with count_selects() as statements:
+        with statements_sent() as statements:
             page = await call(client, "search_tasks", {"limit": limit, "include_total": True})
         assert len(page["items"]) == limit
         assert {t["project"]["name"] for t in page["items"]} <= {f"p{i}" for i in range(5)}
-        counts[limit] = len(statements)
+        counts[limit] = sum(sql.lstrip().upper().startswith("SELECT") for sql, _ in statements)
     assert counts[1] == counts[100] == 2  # the page with its projects joined in, and the total

@@ -241,7 +241,7 @@ async def test_an_exhausted_pool_means_a_bounded_wait_then_busy_retry_never_a_ha
     results: list[Any] = []
 
     async def another_writer() -> None:
-        async with db.transaction(write=True):  # holds SQLite's write lock / PostgreSQL's chain lock
+        async with db.session(write=True):  # holds SQLite's write lock / PostgreSQL's chain lock
             held.set()
             await release.wait()
 

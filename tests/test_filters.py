@@ -26,7 +26,7 @@ PRIORITIES = [p.value for p in Priority]
 
 async def seed(db: Database, count: int = 60) -> None:
     rng = random.Random(20261125)
-    async with db.transaction(write=True) as session:
+    async with db.session(write=True) as session:
         projects = [Project(title=f"project {i}", created_at=EPOCH, updated_at=EPOCH) for i in range(3)]
         session.add_all(projects)
         await session.flush()

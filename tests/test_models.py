@@ -16,7 +16,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def add_project_with_a_task(db: Database) -> None:
-    async with db.transaction(write=True) as session:
+    async with db.session(write=True) as session:
         project = Project(title="Apollo")
         session.add(project)
         await session.flush()
@@ -25,7 +25,7 @@ async def add_project_with_a_task(db: Database) -> None:
 
 async def test_projects_and_tasks_in_one_table_load_as_their_own_classes(db: Database) -> None:
     await add_project_with_a_task(db)
-    async with db.transaction(write=False) as session:
+    async with db.session(write=False) as session:
         loaded = (await session.exec(select(Entity).order_by(Entity.id))).all()  # type: ignore[arg-type]
         tasks_only = (await session.exec(select(Task).options(joinedload(Task.project)))).all()
     assert [type(e) for e in loaded] == [Project, Task]
@@ -36,7 +36,7 @@ async def test_projects_and_tasks_in_one_table_load_as_their_own_classes(db: Dat
 
 async def test_a_relationship_that_was_not_eager_loaded_raises_instead_of_lazy_loading(db: Database) -> None:
     await add_project_with_a_task(db)
-    async with db.transaction(write=False) as session:
+    async with db.session(write=False) as session:
         task = (await session.exec(select(Task))).one()
         with pytest.raises(InvalidRequestError, match="lazy"):
             _ = task.project
@@ -45,10 +45,10 @@ async def test_a_relationship_that_was_not_eager_loaded_raises_instead_of_lazy_l
 async def test_times_are_stored_and_read_back_as_timezone_aware_utc(db: Database) -> None:
     tokyo = timezone(timedelta(hours=9))
     written = datetime(2026, 3, 1, 9, 30, tzinfo=tokyo)
-    async with db.transaction(write=True) as session:
+    async with db.session(write=True) as session:
         project = Project(title="Apollo", created_at=written, updated_at=written)
         session.add(project)
-    async with db.transaction(write=False) as session:
+    async with db.session(write=False) as session:
         loaded = (await session.exec(select(Project))).one()
     assert loaded.created_at == written and loaded.created_at.tzinfo == UTC
     assert loaded.created_at.hour == 0
@@ -56,5 +56,5 @@ async def test_times_are_stored_and_read_back_as_timezone_aware_utc(db: Database
 
 async def test_a_naive_datetime_is_refused(db: Database) -> None:
     with pytest.raises(Exception, match="naive datetime"):
-        async with db.transaction(write=True) as session:
+        async with db.session(write=True) as session:
             session.add(Project(title="x", created_at=datetime(2026, 1, 1), updated_at=datetime(2026, 1, 1)))
