@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, FromClause, Insert, Select, String, bindpa
 from sqlalchemy import select as sql_select
 
 from mcp_server import paging
-from mcp_server.db import Conn, json_object
+from mcp_server.db import Conn, iso_text, json_object
 from mcp_server.errors import NotFoundError
 from mcp_server.models import (
     AUDIT_TABLE,
@@ -26,7 +26,7 @@ from mcp_server.models import (
     UTCDateTime,
     utcnow,
 )
-from mcp_server.schemas import AuditEntryPublic, AuditTrail, EntityRef
+from mcp_server.schemas import AuditEntryPublic, AuditTrail, EntityRef, iso_time
 
 MAX_RECORDED_ARGUMENTS = 20_000
 
@@ -48,7 +48,7 @@ class Actor:
 
 def json_value(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat()
+        return iso_time(value)
     return value.value if isinstance(value, Enum) else value
 
 
@@ -151,9 +151,11 @@ def status_changes(matching: ColumnElement[bool]) -> Insert:
 
 # The trail reads plain columns and builds its entries from them (see tasks.task_of).
 _TRAIL_FIELDS = tuple(AuditEntryPublic.__annotations__)
-_TRAIL_ROW = [_audit.c[name] for name in _TRAIL_FIELDS]
+_TRAIL_ROW = [
+    iso_text(_audit.c[name]).label(name) if name == "changed_at" else _audit.c[name] for name in _TRAIL_FIELDS
+]
 _TRAIL_KEYS = (
-    paging.SortKey("changed_at", _audit.c.changed_at, True, datetime.isoformat, paging.load_time),
+    paging.SortKey("changed_at", _audit.c.changed_at, True, str, paging.load_time),
     paging.SortKey("id", _audit.c.id, True, int, int),
 )
 _TRAIL_KEY_POSITIONS = tuple(_TRAIL_FIELDS.index(key.name) for key in _TRAIL_KEYS)
@@ -170,8 +172,8 @@ _NARROWING: dict[str, tuple[Any, Callable[[Any, Any], ColumnElement[bool]]]] = {
 }
 
 
-@lru_cache(maxsize=128)
-def _trail_statement(narrowed_by: tuple[str, ...], first: bool) -> Select[Any]:
+@lru_cache(maxsize=256)
+def _trail_statement(narrowed_by: tuple[str, ...], first: bool, limit: int) -> Select[Any]:
     """The trail's page for a set of narrowings, built once and kept (see paging.paged). Narrowed
     to one entity, the entity comes along in the same statement: every row starts with its id,
     kind, name and deleted_at, and an entity without entries is one row of those alone."""
@@ -180,7 +182,7 @@ def _trail_statement(narrowed_by: tuple[str, ...], first: bool) -> Select[Any]:
         for name in narrowed_by
         for column, compare in [_NARROWING[name]]
     ]
-    page = paging.paged(sql_select(*_TRAIL_ROW).where(*conditions), _TRAIL_KEYS, first=first)
+    page = paging.paged(sql_select(*_TRAIL_ROW).where(*conditions), _TRAIL_KEYS, first=first, limit=limit)
     if "entity_id" not in narrowed_by:
         return page
     entries = page.subquery("entries")
@@ -209,8 +211,8 @@ async def get_audit_trail(
         name: value for name, value in (given | {"since": since, "until": until}).items() if value is not None
     }
     query = paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until)
-    statement = _trail_statement(tuple(params), page_token is None)
-    params |= paging.page_params(_TRAIL_KEYS, limit=limit, page_token=page_token, query=query)
+    statement = _trail_statement(tuple(params), page_token is None, limit)
+    params |= paging.page_params(_TRAIL_KEYS, page_token=page_token, query=query)
     rows = await conn.rows(statement, params)
     entity: EntityRef | None = None
     if entity_id is not None:

@@ -9,6 +9,7 @@ entity by its id alone.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
@@ -85,8 +86,14 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        if dialect.driver == "asyncpg":  # asyncpg reads timestamptz as an aware UTC datetime already
+            return None
+        return super().result_processor(dialect, coltype)
+
 
 PRIORITY_RANK: dict[Priority, int] = {p: rank for rank, p in enumerate(Priority, start=1)}
+PRIORITY_NAME: dict[int, str] = {rank: p.value for p, rank in PRIORITY_RANK.items()}
 _PRIORITY_BY_RANK = {rank: p for p, rank in PRIORITY_RANK.items()}
 
 

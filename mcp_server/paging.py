@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, or_, tuple_
+from sqlalchemy import ColumnElement, Select, and_, bindparam, literal_column, or_, tuple_
 
 from mcp_server.db import Conn
 from mcp_server.errors import InvalidInputError
@@ -97,23 +97,25 @@ def order(keys: Sequence[SortKey]) -> list[Any]:
     return [key.column.desc() if key.descending else key.column.asc() for key in keys]
 
 
-def paged(statement: Select[Any], keys: Sequence[SortKey], *, first: bool) -> Select[Any]:
-    """`statement` in key order, as many rows as the bound page_limit, and for a later page (not
-    `first`) only the rows after the bound after_ values. Built once and kept, a paged statement
-    is compiled once and then only bound and run (see db.Conn)."""
+def paged(statement: Select[Any], keys: Sequence[SortKey], *, first: bool, limit: int) -> Select[Any]:
+    """`statement` in key order, `limit` rows and one more (to learn whether more follow), and
+    for a later page (not `first`) only the rows after the bound after_ values.
+
+    The row count is written into the SQL rather than bound: a prepared statement whose LIMIT
+    is a parameter looks expensive to PostgreSQL's planner in its generic form, so it is planned
+    afresh on every call, while with the LIMIT written in, its generic plan is reused.
+    """
     if not first:
         statement = statement.where(after(keys))
-    return statement.order_by(*order(keys)).limit(bindparam("page_limit"))
+    return statement.order_by(*order(keys)).limit(literal_column(str(int(limit) + 1)))
 
 
-def page_params(keys: Sequence[SortKey], *, limit: int, page_token: str | None, query: str) -> dict[str, Any]:
-    """The values a `paged` statement binds: one row more than the page, to learn whether more
-    follow, and the position after which it starts."""
-    params: dict[str, Any] = {"page_limit": limit + 1}
-    if page_token is not None:
-        values = decode_token(keys, page_token, query)
-        params |= {f"after_{i}": value for i, value in enumerate(values)}
-    return params
+def page_params(keys: Sequence[SortKey], *, page_token: str | None, query: str) -> dict[str, Any]:
+    """The values a later page of a `paged` statement binds: the position it starts after."""
+    if page_token is None:
+        return {}
+    values = decode_token(keys, page_token, query)
+    return {f"after_{i}": value for i, value in enumerate(values)}
 
 
 def cut(
@@ -124,7 +126,7 @@ def cut(
     limit: int,
     query: str,
 ) -> Page[Sequence[Any]]:
-    """The page in `rows` (fetched with page_params), and the token of the next one. `positions`
+    """The page in `rows` (fetched from a `paged` statement), and the token of the next one. `positions`
     are the columns of the keys' values in a row."""
     has_more = len(rows) > limit
     page = list(rows[:limit])
@@ -151,6 +153,6 @@ async def fetch_page(
 ) -> Page[Sequence[Any]]:
     """One page of a statement from `paged(..., first=page_token is None)`; `params` holds the
     values of its filter."""
-    bound = params | page_params(keys, limit=limit, page_token=page_token, query=query)
+    bound = params | page_params(keys, page_token=page_token, query=query)
     rows = await conn.rows(statement, bound)
     return cut(rows, positions(statement, tuple(key.name for key in keys)), keys, limit=limit, query=query)

@@ -10,7 +10,7 @@ from sqlalchemy import select as sql_select
 
 from mcp_server import audit, paging
 from mcp_server.audit import Actor
-from mcp_server.db import Conn
+from mcp_server.db import Conn, iso_text
 from mcp_server.errors import DATABASE_ERRORS, ConflictError, NotFoundError, is_unique_violation
 from mcp_server.filters import escape_like
 from mcp_server.models import ENTITY_TABLE, AuditAction, EntityKind, UTCDateTime, utcnow
@@ -27,13 +27,20 @@ _KEYS = (
 def _project_row(source: Any) -> Select[Any]:
     """A project as the tools show it: the columns `project_of` unpacks."""
     return sql_select(
-        *(source.c[name] for name in ("id", "title", "description", "created_at", "updated_at"))
+        *(source.c[name] for name in ("id", "title", "description")),
+        *(iso_text(source.c[name]).label(name) for name in ("created_at", "updated_at")),
     )
 
 
 def project_of(row: Any) -> ProjectPublic:
     id, name, description, created, updated = row
-    return {"id": id, "name": name, "description": description, "created_at": created, "updated_at": updated}
+    return {
+        "id": id,
+        "name": name,
+        "description": description,
+        "created_at": created,
+        "updated_at": updated,
+    }
 
 
 def not_live(project_id: int) -> NotFoundError:
@@ -87,14 +94,14 @@ async def create_project(conn: Conn, actor: Actor, name: str, description: str) 
     return project_of(row)
 
 
-@lru_cache(maxsize=8)
-def _list_statement(named: bool, first: bool) -> Select[Any]:
+@lru_cache(maxsize=64)
+def _list_statement(named: bool, first: bool, limit: int) -> Select[Any]:
     statement = _project_row(_entity).where(_IS_LIVE_PROJECT)
     if named:
         statement = statement.where(
             _entity.c.title.icontains(bindparam("name_contains", type_=String), escape="/")
         )
-    return paging.paged(statement, _KEYS, first=first)
+    return paging.paged(statement, _KEYS, first=first, limit=limit)
 
 
 async def list_projects(
@@ -103,7 +110,7 @@ async def list_projects(
     params = {} if not name_contains else {"name_contains": escape_like(name_contains)}
     page = await paging.fetch_page(
         conn,
-        _list_statement(bool(name_contains), page_token is None),
+        _list_statement(bool(name_contains), page_token is None, limit),
         _KEYS,
         params=params,
         limit=limit,

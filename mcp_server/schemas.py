@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from mcp_server.models import AuditAction, EntityKind, Priority, TaskStatus
@@ -58,7 +58,17 @@ class OrderBy(_Input):
 
 
 # Tool results. They are TypedDicts: the output schema comes from them, and the data functions
-# build them straight from database rows, with no model to validate and dump again per item.
+# build them straight from database rows, with no model to validate and dump again per item. Their
+# values are plain JSON already, times included (the database writes them as text, see
+# db.iso_text), so each of the SDK's passes over a result stays cheap.
+
+Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+
+
+def iso_time(value: datetime) -> str:
+    """A time as the tools write it: RFC 3339 in UTC with microseconds, 2026-08-02T16:46:40.000000Z
+    (the text db.iso_text has the database write)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class ProjectRef(TypedDict):
@@ -73,9 +83,9 @@ class TaskPublic(TypedDict):
     status: TaskStatus
     priority: Priority
     project: ProjectRef
-    created_at: datetime
-    updated_at: datetime
-    deleted_at: Annotated[datetime | None, Field(description="Set when the task is soft-deleted.")]
+    created_at: Time
+    updated_at: Time
+    deleted_at: Annotated[Time | None, Field(description="Set when the task is soft-deleted.")]
     version: Annotated[int, Field(description="Grows by one with every change; pass it as expected_version.")]
 
 
@@ -105,8 +115,8 @@ class ProjectPublic(TypedDict):
     id: int
     name: str
     description: str
-    created_at: datetime
-    updated_at: datetime
+    created_at: Time
+    updated_at: Time
 
 
 class ProjectPage(TypedDict):
@@ -150,7 +160,7 @@ class AuditEntryPublic(TypedDict):
     client_name: Annotated[
         str | None, Field(description="The name the agent's client gave itself; not verified.")
     ]
-    changed_at: datetime
+    changed_at: Time
     request_id: Annotated[str, Field(description="Shared by every entry one tool call wrote.")]
     old_value: dict[str, Any] | None
     new_value: dict[str, Any] | None

@@ -8,9 +8,8 @@ statement, so no read ever costs a second query per row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from pydantic_core import to_json
 from sqlalchemy import (
@@ -18,24 +17,27 @@ from sqlalchemy import (
     FromClause,
     Insert,
     Select,
+    SmallInteger,
     String,
     Update,
     and_,
     bindparam,
     func,
     insert,
+    type_coerce,
     update,
 )
 from sqlalchemy import select as sql_select
 
 from mcp_server import audit, filters, paging, projects
 from mcp_server.audit import Actor
-from mcp_server.db import Conn, one_of
+from mcp_server.db import Conn, Row, iso_text, one_of
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition, Shape
 from mcp_server.models import (
     AUDIT_TABLE,
     ENTITY_TABLE,
+    PRIORITY_NAME,
     AuditAction,
     EntityKind,
     Priority,
@@ -69,9 +71,12 @@ def _task_row(source: FromClause) -> Select[Any]:
     changed), with its project's name joined in: the columns `task_of` unpacks."""
     project = ENTITY_TABLE.alias("project")
     return sql_select(
-        *(source.c[name] for name in ("id", "title", "description", "status", "priority", "project_id")),
+        *(source.c[name] for name in ("id", "title", "description", "status")),
+        type_coerce(source.c.priority, SmallInteger).label("priority"),  # the rank; task_of names it
+        source.c.project_id,
         project.c.title.label("project_name"),
-        *(source.c[name] for name in ("created_at", "updated_at", "deleted_at", "version")),
+        *(iso_text(source.c[name]).label(name) for name in ("created_at", "updated_at", "deleted_at")),
+        source.c.version,
     ).select_from(source.join(project, project.c.id == source.c.project_id))
 
 
@@ -95,7 +100,7 @@ def task_of(row: Any) -> TaskPublic:
         "title": title,
         "description": description,
         "status": status,
-        "priority": priority,
+        "priority": cast(Priority, PRIORITY_NAME[priority]),  # its name: as JSON has it, and cheaper to send
         "project": {"id": project_id, "name": project_name},
         "created_at": created,
         "updated_at": updated,
@@ -115,12 +120,13 @@ def snapshot(task: TaskPublic) -> dict[str, Any]:
     }
 
 
-# Sortable field -> (column, its value as JSON in a page token, and back).
+# Sortable field -> (column, its value in a row as JSON in a page token, and back to a value to
+# compare the column with). Times are in rows as text already.
 _SORTABLE: dict[str, tuple[Any, Any, Any]] = {
-    "created_at": (_entity.c.created_at, datetime.isoformat, paging.load_time),
-    "updated_at": (_entity.c.updated_at, datetime.isoformat, paging.load_time),
+    "created_at": (_entity.c.created_at, str, paging.load_time),
+    "updated_at": (_entity.c.updated_at, str, paging.load_time),
     "title": (_entity.c.title, str, str),
-    "priority": (_entity.c.priority, lambda p: Priority(p).value, Priority),
+    "priority": (_entity.c.priority, PRIORITY_NAME.__getitem__, Priority),
     "id": (_entity.c.id, int, int),
 }
 
@@ -150,14 +156,14 @@ def _conditions(shape: Shape | None, include_deleted: bool) -> list[ColumnElemen
 
 
 # Searches that differ only in their values share one statement, built on first use and kept:
-# the filter's shape, the order, include_deleted and whether it is a first page decide the SQL.
+# the filter's shape, the order, include_deleted, the page size and whether it is a first page
+# decide the SQL.
 @lru_cache(maxsize=512)
 def _search_statement(
-    shape: Shape | None, order: SortOrder, include_deleted: bool, first: bool
+    shape: Shape | None, order: SortOrder, include_deleted: bool, first: bool, limit: int
 ) -> Select[Any]:
-    return paging.paged(
-        _task_row(_entity).where(*_conditions(shape, include_deleted)), _sort_keys(order), first=first
-    )
+    statement = _task_row(_entity).where(*_conditions(shape, include_deleted))
+    return paging.paged(statement, _sort_keys(order), first=first, limit=limit)
 
 
 @lru_cache(maxsize=512)
@@ -183,7 +189,7 @@ async def search_tasks(
     shape, params = (None, {}) if filter is None else filters.parse(filter)
     page = await paging.fetch_page(
         conn,
-        _search_statement(shape, order, include_deleted, page_token is None),
+        _search_statement(shape, order, include_deleted, page_token is None, limit),
         _sort_keys(order),
         params=params,
         limit=limit,
@@ -204,6 +210,7 @@ async def search_tasks(
 
 
 _GET = _task_row(_entity).where(_TASK_ID, _IS_TASK)
+_DELETED_AT = [column.key for column in _GET.exported_columns].index("deleted_at")
 _GET_FOR_UPDATE = _GET.with_for_update(of=_entity)
 
 
@@ -212,18 +219,22 @@ async def get_task(conn: Conn, task_id: int) -> TaskPublic:
 
 
 async def _find(conn: Conn, statement: Select[Any], task_id: int) -> TaskPublic:
+    return task_of(await _find_row(conn, statement, task_id))
+
+
+async def _find_row(conn: Conn, statement: Select[Any], task_id: int) -> Row:
     row = await conn.row(statement, {"task_id": task_id})
     if row is None:
         raise NotFoundError(
             f"task {task_id} does not exist; search_tasks finds tasks by title or other fields"
         )
-    return task_of(row)
+    return row
 
 
 def _live(task: TaskPublic) -> TaskPublic:
     if task["deleted_at"] is not None:
         raise NotFoundError(
-            f"task {task['id']} was deleted at {task['deleted_at'].isoformat()}; restore_task brings it back"
+            f"task {task['id']} was deleted at {task['deleted_at']}; restore_task brings it back"
         )
     return task
 
@@ -317,11 +328,11 @@ async def soft_delete_task(conn: Conn, actor: Actor, task_id: int) -> TaskPublic
 
 
 async def restore_task(conn: Conn, actor: Actor, task_id: int) -> TaskPublic:
-    task = await _find(conn, _GET_FOR_UPDATE, task_id)
-    if task["deleted_at"] is None:
+    deleted_at = (await _find_row(conn, _GET_FOR_UPDATE, task_id))[_DELETED_AT]
+    if deleted_at is None:
         raise ConflictError(f"task {task_id} is not deleted; nothing to restore")
     now = utcnow()
-    old, new = {"deleted_at": task["deleted_at"]}, {"deleted_at": None}
+    old, new = {"deleted_at": deleted_at}, {"deleted_at": None}
     row = await conn.change_one(
         _RESTORE,
         audit.entry_of,

@@ -15,6 +15,7 @@ from mcp_server import chain
 from mcp_server.config import Settings
 from mcp_server.db import Database
 from mcp_server.models import AuditEntry, Task
+from mcp_server.schemas import iso_time
 from tests.conftest import call, connect
 from tests.test_tools import make_project, make_task
 
@@ -97,6 +98,6 @@ async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
             "status": task.status,
             "priority": task.priority,
             "project_id": task.project_id,
-            "deleted_at": task.deleted_at.isoformat() if task.deleted_at else None,
+            "deleted_at": iso_time(task.deleted_at) if task.deleted_at else None,
         }
         assert state == current, f"task {task_id}: replaying its audit chain does not give its current state"
