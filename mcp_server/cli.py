@@ -8,19 +8,19 @@ protocol, so they show exactly what an agent would see. `mint-token`, `verify-au
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 from mcp import Client, StdioServerParameters
-from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
@@ -32,7 +32,8 @@ from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
 from mcp_server.errors import DATABASE_ERRORS, StartupError
-from mcp_server.server import check_tool_names, create_server
+from mcp_server.server import TaskServer, check_tool_names, create_server
+from mcp_server.stdio_calls import DirectCalls
 
 logger = logging.getLogger("mcp_server")
 T = TypeVar("T")
@@ -143,6 +144,10 @@ def _http_settings(settings: Settings, args: argparse.Namespace) -> Settings:
 
 def _serve(settings: Settings, *, http: bool) -> int:
     server = create_server(settings)
+    # What was built so far lives as long as the process: keep the collector from walking it
+    # over and over (every full collection would otherwise visit every imported object).
+    gc.collect()
+    gc.freeze()
     try:
         if not http:
             anyio.run(_serve_stdio, server)
@@ -176,7 +181,7 @@ def _serve(settings: Settings, *, http: bool) -> int:
     return 0
 
 
-async def _serve_stdio(server: MCPServer[Any]) -> None:
+async def _serve_stdio(server: TaskServer) -> None:
     """Serve until stdin closes or SIGTERM arrives. Either way the server stops reading requests,
     a call in flight is cancelled and its transaction rolled back, and the connections close."""
     if not stdio.pollable(sys.stdin.fileno()):
@@ -201,7 +206,7 @@ async def _serve_stdio(server: MCPServer[Any]) -> None:
 
 
 async def _serve_stdio_lines(
-    server: MCPServer[Any], stdin: stdio.StdinLines, stdout: stdio.StdoutPipe | None
+    server: TaskServer, stdin: stdio.StdinLines, stdout: stdio.StdoutPipe | None
 ) -> None:
     async with anyio.create_task_group() as group:
 
@@ -212,7 +217,10 @@ async def _serve_stdio_lines(
                     stdin.close()
 
         group.start_soon(stop_on_sigterm)
-        async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
+        lines: AsyncIterable[str] = stdin
+        if stdout is not None:
+            lines = DirectCalls(server, stdout.write, group).lines(stdin)
+        async with stdio_server(stdin=lines, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
             await server._lowlevel_server.run(  # run_stdio_async, with our streams
                 read_stream, write_stream, server._lowlevel_server.create_initialization_options()
             )

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, TypeVar, cast
 
+from mcp.server._otel import OpenTelemetryMiddleware  # not exported; the SDK documents dropping it
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from opentelemetry import trace
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import to_json, to_jsonable_python
 
@@ -538,24 +540,37 @@ def check_tool_names(settings: Settings) -> None:
             )
 
 
-def create_server(settings: Settings) -> MCPServer[AppState]:
+class TaskServer(MCPServer[AppState]):
+    """The MCP server, with what stdio_calls needs to answer tools/call itself: the tools by name,
+    and the state the lifespan opened (None until it has)."""
+
+    def __init__(self, *, tools: list[Tool], **kwargs: Any) -> None:
+        super().__init__(tools=tools, **kwargs)
+        self.direct_tools = {tool.name: tool for tool in tools}
+        self.app_state: AppState | None = None
+
+
+def create_server(settings: Settings) -> TaskServer:
     check_tool_names(settings)
 
     @asynccontextmanager
-    async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
+    async def lifespan(server: MCPServer[AppState]) -> AsyncIterator[AppState]:
         db = create_database(settings)
         try:
             await db.create_schema()
-            yield AppState(settings=settings, db=db)
+            state = AppState(settings=settings, db=db)
+            cast(TaskServer, server).app_state = state
+            yield state
         finally:
+            cast(TaskServer, server).app_state = None
             await db.dispose()
 
-    return MCPServer(
-        "tasks",
+    server = TaskServer(
+        name="tasks",
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
-        log_level=settings.log_level,  # type: ignore[arg-type]
+        log_level=settings.log_level,
         tools=[
             _tool(fn, title, annotations)
             for fn, title, annotations in TOOLS
@@ -568,3 +583,8 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         if settings.accepts_tokens
         else None,
     )
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes
+        # nowhere; it would still cost each call about 40 µs.
+        server.middleware[:] = [m for m in server.middleware if not isinstance(m, OpenTelemetryMiddleware)]
+    return server

@@ -94,6 +94,9 @@ class StdoutPipe:
         self._fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
         os.dup2(2, 1)
         os.set_blocking(self._fd, False)
+        # The SDK's writer and stdio_calls both write frames; a frame larger than the pipe goes
+        # out in parts, and no other frame may land between them.
+        self._lock = anyio.Lock()
 
     def restore(self) -> None:
         with contextlib.suppress(OSError):
@@ -103,11 +106,12 @@ class StdoutPipe:
 
     async def write(self, text: str) -> None:
         data = memoryview(text.encode("utf-8"))
-        while data:
-            try:
-                data = data[os.write(self._fd, data) :]
-            except BlockingIOError:
-                await anyio.wait_writable(self._fd)
+        async with self._lock:
+            while data:
+                try:
+                    data = data[os.write(self._fd, data) :]
+                except BlockingIOError:
+                    await anyio.wait_writable(self._fd)
 
     async def flush(self) -> None:
         """Every write goes straight to the descriptor; nothing is buffered."""

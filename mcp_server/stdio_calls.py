@@ -1,0 +1,183 @@
+"""tools/call on stdio, answered by the server itself instead of the SDK's generic dispatcher.
+
+The SDK serves every request through machinery built for every transport and protocol era: a
+task and a middleware chain per request, the params validated twice, and the result dumped,
+validated and dumped again before its frame is written. For the one request an agent sends over
+and over, that costs about 0.5 ms a call, more than most calls spend in the database (bench/).
+So on a stdio session opened with `initialize` at protocol 2025-11-25, this module answers
+tools/call itself: the same tools (argument models, permission guard, data functions), the
+same result and error frames, and one serialization. Every other message, and any tools/call
+it is not sure of (another protocol version, a progress token, odd params), goes to the SDK
+untouched. Calls run concurrently, as the SDK runs them; `notifications/cancelled` cancels one
+(its transaction rolls back and it is never answered); when stdin closes, calls still running
+are cancelled and answered "Connection closed", as the SDK answers them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp.types import CallToolResult, InitializeRequestParams, TextContent
+from pydantic import ValidationError
+from pydantic_core import from_json, to_json
+
+from mcp_server.server import AppState, TaskServer
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "2025-11-25"  # the version whose frames this module writes, as the SDK writes them
+CONNECTION_CLOSED = -32000  # the SDK's code for a request cut off by the end of the connection
+
+_MARKERS = ('"tools/call"', '"initialize"', '"notifications/initialized"', '"notifications/cancelled"')
+
+
+@dataclass(frozen=True)
+class _RequestContext:
+    lifespan_context: AppState
+
+
+@dataclass(frozen=True)
+class _Session:
+    client_params: InitializeRequestParams
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What the tools read of the SDK's `Context` (server._state, identity.principal): the state
+    the lifespan opened, and the session's initialize parameters."""
+
+    request_context: _RequestContext
+    session: _Session
+
+
+@dataclass
+class _Running:
+    scope: anyio.CancelScope
+    closing: bool = False  # cancelled because stdin closed, rather than by the client
+
+
+class DirectCalls:
+    """Sits between stdin and the SDK: serves the tools/call lines it can, passes on the rest."""
+
+    def __init__(self, server: TaskServer, write: Callable[[str], Awaitable[None]], group: TaskGroup) -> None:
+        self._server = server
+        self._write = write
+        self._group = group
+        self._initialize: InitializeRequestParams | None = None
+        self._ready = False
+        self._running: dict[int | str, _Running] = {}
+        self._idle = anyio.Event()
+
+    async def lines(self, source: AsyncIterable[str]) -> AsyncIterator[str]:
+        """The lines of `source` the SDK is to handle. When `source` ends, the calls still running
+        are cancelled and answered before the SDK hears of the end."""
+        async for line in source:
+            if not any(marker in line for marker in _MARKERS) or not self._take(line):
+                yield line
+        for call in self._running.values():
+            call.closing = True
+            call.scope.cancel()
+        while self._running:
+            await self._idle.wait()
+
+    def _take(self, line: str) -> bool:
+        """Serve or note `line`; False when the SDK is to handle it."""
+        try:
+            message = from_json(line)
+        except ValueError:
+            return False
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            return False
+        method: Any = message.get("method")
+        params: Any = message.get("params")
+        id: Any = message.get("id")
+        if method == "initialize" and self._initialize is None:
+            self._note_initialize(params)
+        elif method == "notifications/initialized" and self._initialize is not None:
+            self._ready = True
+        elif method == "notifications/cancelled" and isinstance(params, dict):
+            request: Any = params.get("requestId")
+            call = self._running.get(request)
+            if call is not None:
+                call.scope.cancel()
+                return True
+        elif method == "tools/call" and self._ready and self._servable(id, params):
+            self._running[id] = _Running(anyio.CancelScope())
+            self._group.start_soon(self._serve, id, params["name"], params.get("arguments") or {})
+            return True
+        return False
+
+    def _note_initialize(self, params: Any) -> None:
+        if not isinstance(params, dict) or params.get("protocolVersion") != PROTOCOL_VERSION:
+            return
+        try:
+            self._initialize = InitializeRequestParams.model_validate(params, by_name=False)
+        except ValidationError:
+            return
+
+    def _servable(self, id: Any, params: Any) -> bool:
+        if isinstance(id, bool) or not isinstance(id, int | str) or id in self._running:
+            return False
+        if not isinstance(params, dict) or set(params) - {"name", "arguments", "_meta"}:
+            return False
+        meta, arguments = params.get("_meta"), params.get("arguments")
+        if meta is not None and (not isinstance(meta, dict) or "progressToken" in meta):
+            return False  # a progress token asks for notifications: the SDK sends them
+        return params.get("name") in self._server.direct_tools and isinstance(arguments, dict | None)
+
+    async def _serve(self, id: int | str, name: str, arguments: dict[str, Any]) -> None:
+        call = self._running[id]
+        try:
+            with call.scope:
+                result = await self._call(name, arguments)
+            if not call.scope.cancelled_caught:
+                # Keys in the order the SDK writes them, so that the frames are the SDK's to the byte.
+                frame = f'{{"jsonrpc":"2.0","id":{to_json(id).decode()},"result":{result}}}'
+            elif call.closing:
+                error = {"code": CONNECTION_CLOSED, "message": "Connection closed"}
+                frame = to_json({"jsonrpc": "2.0", "id": id, "error": error}).decode()
+            else:
+                return  # cancelled by the client: never answered
+            await self._write(frame + "\n")
+        finally:
+            del self._running[id]
+            if not self._running:
+                self._idle.set()
+                self._idle = anyio.Event()
+
+    async def _call(self, name: str, arguments: dict[str, Any]) -> str:
+        """The call's result as JSON, as the SDK's tools/call handler would give it."""
+        tool: Tool = self._server.direct_tools[name]
+        try:
+            validated = tool.fn_metadata.validate_arguments(arguments)
+        except ValidationError as exc:
+            logger.info("Tool %r rejected arguments: %r", name, sorted({str(e["loc"]) for e in exc.errors()}))
+            return _error_result(f"Error executing tool {name}: {exc}")
+        state = self._server.app_state
+        assert state is not None and self._initialize is not None, "served only after initialize"
+        try:
+            result: CallToolResult = await tool.fn(
+                ctx=CallContext(_RequestContext(state), _Session(self._initialize)), **validated
+            )
+        except ToolError as exc:
+            logger.info("Tool %r failed: %r", name, str(exc))
+            return _error_result(f"Error executing tool {name}: {exc}")
+        except Exception:
+            logger.exception("Tool %r raised an unexpected exception", name)
+            return _error_result(f"Error executing tool {name}")
+        text = result.content[0]
+        assert isinstance(text, TextContent) and result.structured_content is not None
+        # The text is the structured content as JSON (server._result): written once, used twice.
+        content = to_json([{"text": text.text, "type": "text"}]).decode()
+        return f'{{"content":{content},"isError":false,"structuredContent":{text.text}}}'
+
+
+def _error_result(text: str) -> str:
+    return to_json({"content": [{"text": text, "type": "text"}], "isError": True}).decode()

@@ -1,0 +1,159 @@
+"""tools/call on stdio, answered by the server itself (stdio_calls): the same frames as the SDK's,
+calls that run side by side, cancellation, and the end of stdin, on real server processes.
+
+A call that carries a progress token goes to the SDK, so sending each call twice, once with
+one, compares the two answers on one server and one database.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+
+from mcp_server.db import Database
+from tests.test_faults import StdioPeer, bulk_outcome, seed_many, stdio_server
+
+pytestmark = pytest.mark.anyio
+
+
+async def answer_line(peer: StdioPeer, request_id: int, name: str, arguments: Any, meta: Any = None) -> str:
+    """The raw frame answering one tools/call, sent under `request_id`."""
+    params: dict[str, Any] = {"name": name, "arguments": arguments}
+    if meta is not None:
+        params["_meta"] = meta
+    await peer.send_raw(
+        json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}).encode()
+    )
+    with anyio.fail_after(30):
+        while True:
+            line = (await peer.stdout.receive_until(b"\n", 64 * 1024 * 1024)).decode()
+            if json.loads(line).get("id") == request_id:
+                return line
+
+
+async def test_direct_answers_are_the_frames_the_sdk_writes_for_the_same_calls(database_url: str) -> None:
+    async with stdio_server(database_url) as peer:
+        project = json.loads(await answer_line(peer, 100, "create_project", {"name": "Apollo"}))
+        project_id = project["result"]["structuredContent"]["id"]
+        task = json.loads(
+            await answer_line(peer, 101, "create_task", {"title": "Write it", "project_id": project_id})
+        )
+        task_id = task["result"]["structuredContent"]["id"]
+        calls: list[tuple[str, Any]] = [
+            (
+                "search_tasks",
+                {"filter": {"field": "project_id", "op": "eq", "value": project_id}, "limit": 1},
+            ),
+            ("search_tasks", {"filter": {"field": "priority", "op": "in", "value": ["medium", "high"]}}),
+            ("search_tasks", {"limit": 0}),  # out of range: pydantic's message
+            ("search_tasks", {"changed_by": "me"}),  # an unknown argument
+            (
+                "search_tasks",
+                {"filter": {"field": "status", "op": "contains", "value": "x"}},
+            ),  # our filter error
+            ("search_tasks", "not an object"),
+            ("get_task", {"task_id": task_id}),
+            ("get_task", {"task_id": 999_999}),  # a ToolError from the data layer
+            ("list_projects", {"name_contains": "apo"}),
+            ("get_audit_trail", {"entity_id": task_id}),
+            ("get_audit_trail", {"entity_id": 999_999}),
+            ("verify_audit_log", {}),
+        ]
+        request_id = 200
+        for name, arguments in calls:
+            direct = await answer_line(peer, request_id, name, arguments)
+            by_sdk = await answer_line(peer, request_id + 1, name, arguments, meta={"progressToken": "p"})
+            request_id += 2
+            assert direct.replace(f'"id":{request_id - 2},', "") == by_sdk.replace(
+                f'"id":{request_id - 1},', ""
+            ), (
+                name,
+                arguments,
+            )
+
+
+async def test_calls_sent_together_are_each_answered_once_under_their_own_id(database_url: str) -> None:
+    async with stdio_server(database_url) as peer:
+        for i in range(6):
+            arguments = {"name": f"project {i}"}
+            frame = {
+                "jsonrpc": "2.0",
+                "id": f"p{i}",
+                "method": "tools/call",
+                "params": {"name": "create_project", "arguments": arguments},
+            }
+            await peer.send_raw(json.dumps(frame).encode())
+        answers: dict[str, Any] = {}
+        with anyio.fail_after(30):
+            while len(answers) < 6:
+                answer = json.loads(await peer.stdout.receive_until(b"\n", 1 << 20))
+                assert answer["id"] not in answers
+                answers[answer["id"]] = answer["result"]["structuredContent"]["name"]
+        assert answers == {f"p{i}": f"project {i}" for i in range(6)}
+
+
+def bulk_frame(request_id: int) -> bytes:
+    everything = {"field": "status", "op": "eq", "value": "pending"}
+    arguments = {"status": "blocked", "filter": everything}
+    frame = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": "bulk_update_status", "arguments": arguments},
+    }
+    return json.dumps(frame).encode()
+
+
+async def answers_until(peer: StdioPeer, request_id: int) -> list[dict[str, Any]]:
+    """Every frame the server writes up to and including the answer to `request_id`."""
+    frames = []
+    with anyio.fail_after(30):
+        while not frames or frames[-1].get("id") != request_id:
+            frames.append(json.loads(await peer.stdout.receive_until(b"\n", 1 << 20)))
+    return frames
+
+
+async def test_a_cancelled_call_is_never_answered_and_its_changes_roll_back(
+    database_url: str, db: Database
+) -> None:
+    await seed_many(db)
+    async with stdio_server(database_url) as peer:
+        await peer.send_raw(bulk_frame(4242))
+        await anyio.sleep(0.3)  # under way: BULK_TASKS tasks take seconds
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 4242}}
+        await peer.send_raw(json.dumps(cancel).encode())
+        # A write waits its turn behind the bulk update, so it completes once that is cancelled and
+        # rolled back, or, were the cancel ignored, once it had committed.
+        write = {"name": "create_project", "arguments": {"name": "after"}}
+        await peer.send_raw(
+            json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": write}).encode()
+        )
+        frames = await answers_until(peer, 1)
+        outcome = await bulk_outcome(db)
+        await anyio.sleep(0.5)  # time for a late answer to show up before the next one
+        verify = {"name": "verify_audit_log", "arguments": {}}
+        await peer.send_raw(
+            json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": verify}).encode()
+        )
+        frames += await answers_until(peer, 2)
+    assert outcome == (0, 0)
+    assert [frame["id"] for frame in frames] == [1, 2], "the cancelled call was answered"
+    assert not frames[0]["result"]["isError"] and frames[1]["result"]["structuredContent"]["ok"]
+
+
+async def test_calls_running_when_stdin_closes_are_answered_connection_closed_and_roll_back(
+    database_url: str, db: Database
+) -> None:
+    await seed_many(db)
+    async with stdio_server(database_url) as peer:
+        await peer.send_raw(bulk_frame(77))
+        await anyio.sleep(0.3)
+        await peer.stdin.aclose()
+        with anyio.fail_after(30):
+            answer = json.loads(await peer.stdout.receive_until(b"\n", 1 << 20))
+            assert await peer.process.wait() == 0
+    assert answer == {"jsonrpc": "2.0", "id": 77, "error": {"code": -32000, "message": "Connection closed"}}
+    assert await bulk_outcome(db) == (0, 0)
