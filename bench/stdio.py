@@ -1,8 +1,11 @@
 """A minimal MCP client over stdio, the same for every server measured.
 
 It writes one JSON-RPC line and reads lines until the matching response, and times exactly
-that: no client-side schema validation or model building, which would be the client's cost and
-would differ by what each server returns. It also knows the server's pid, for its memory.
+that: from the request's first byte written to the response's last byte read. Parsing the
+response, like schema validation or model building, is the client's work and would differ by
+what each server returns (a structured result costs this client's json.loads about twice the
+time of a text one), so it happens after the clock stops. It also knows the server's pid, for
+its memory.
 """
 
 from __future__ import annotations
@@ -66,12 +69,19 @@ class StdioServer:
         await self.process.stdin.drain()
 
     async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        return (await self._timed_request(method, params))[1]
+
+    async def _timed_request(self, method: str, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Seconds from the request's first byte written to its response's last byte read, and the
+        response's result."""
         self._next_id += 1
         request_id = self._next_id
+        started = time.perf_counter()
         await self._send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
         assert self.process.stdout is not None
         while True:
             line = await self.process.stdout.readline()
+            received = time.perf_counter()
             if not line:
                 raise ToolCallError(f"{self.name} closed its stdout (exit {await self.process.wait()})")
             message = json.loads(line)
@@ -80,13 +90,11 @@ class StdioServer:
             if "error" in message:
                 raise ToolCallError(f"{self.name}: {message['error']}")
             result: dict[str, Any] = message["result"]
-            return result
+            return received - started, result
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """Seconds for one tools/call, and its result; a tool error raises."""
-        started = time.perf_counter()
-        result = await self.request("tools/call", {"name": tool, "arguments": arguments})
-        elapsed = time.perf_counter() - started
+        elapsed, result = await self._timed_request("tools/call", {"name": tool, "arguments": arguments})
         if result.get("isError"):
             text = " ".join(c.get("text", "") for c in result.get("content", []))
             raise ToolCallError(f"{self.name} {tool}: {text}")
