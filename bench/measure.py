@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from bench.stdio import StdioServer
+from mcp_server.schemas import COUNT_CAP
 
 logger = logging.getLogger("bench.measure")
 
@@ -92,6 +94,14 @@ def search_sql(where: str, after: tuple[str, int] | None = None) -> str:
         f"SELECT {TASK_COLUMNS} FROM entity t JOIN entity p ON p.id = t.project_id "
         f"WHERE t.kind = 'task' AND t.deleted_at IS NULL AND {where}{keyset} "
         f"ORDER BY t.created_at DESC, t.id DESC LIMIT {PAGE + 1}"
+    )
+
+
+def count_sql(where: str) -> str:
+    """How many tasks match, counted no further than the server counts (COUNT_CAP)."""
+    return (
+        f"SELECT count(*) FROM (SELECT t.id FROM entity t WHERE t.kind = 'task' AND t.deleted_at IS NULL "
+        f"AND {where} LIMIT {COUNT_CAP + 1}) AS matching"
     )
 
 
@@ -252,6 +262,8 @@ class Bench:
                     f"{shape.name}: the tool and the SQL disagree on page 1; the SQL is not equivalent"
                 )
             await self.alternate(f"search: {shape.name}, page 1", self.search_runners(shape, None, None))
+            if shape.name == "or":
+                await self.total(shape)
             if shape.name == "contains in a project":
                 continue
             token, after = await self.walk_to(shape, self.deep_page)
@@ -262,6 +274,28 @@ class Bench:
             await self.alternate(
                 f"search: {shape.name}, page {self.deep_page}", self.search_runners(shape, token, after)
             )
+
+    async def total(self, shape: Shape) -> None:
+        """The first page with include_total, against the page and the bounded count by hand."""
+        args = {"filter": shape.filter, "limit": PAGE, "include_total": True}
+        _, result = await self.ours.call("search_tasks", args)
+        counted = await self.raw.fetchval(count_sql(shape.where))
+        if result["structuredContent"]["total"] != min(counted, COUNT_CAP):
+            raise SystemExit(f"{shape.name}: include_total and its SQL disagree")
+        page_sql, total_sql = search_sql(shape.where), count_sql(shape.where)
+
+        async def ours() -> float:
+            return (await self.ours.call("search_tasks", args))[0]
+
+        async def raw() -> float:
+            started = time.perf_counter()
+            await self.raw.fetch(page_sql)
+            await self.raw.fetchval(total_sql)
+            return time.perf_counter() - started
+
+        await self.alternate(
+            f"search: {shape.name}, page 1 with include_total", {"ours": ours, "raw asyncpg": raw}
+        )
 
     async def our_search(self, shape: Shape, token: str | None) -> dict[str, Any]:
         args: dict[str, Any] = {"filter": shape.filter, "limit": PAGE}
@@ -277,7 +311,7 @@ class Bench:
         last: dict[str, Any] = {}
         for _ in range(page_no - 1):
             page = await self.our_search(shape, token)
-            token = page["next_page_token"]
+            token = page.get("next_page_token")
             last = page["items"][-1]
             if token is None:
                 raise SystemExit(f"{shape.name} has fewer than {page_no} pages; is the data loaded?")
@@ -435,7 +469,8 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             entry["ours_over_faster_peer_p50"] = round(ours["p50_ms"] / min(peers), 3)
         out[op] = entry
     for op in ops:
-        if op.startswith("search:") and not op.endswith("page 1"):
+        deep = re.search(r", page (\d+)$", op)
+        if op.startswith("search:") and deep and deep.group(1) != "1":
             first = op.rsplit(",", 1)[0] + ", page 1"
             out[op]["deep_over_first_page_p50"] = round(
                 ops[op]["ours"]["p50_ms"] / ops[first]["ours"]["p50_ms"], 3
