@@ -11,7 +11,20 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, Insert, Select, String, bindparam, insert, literal, true
+from pydantic_core import from_json
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Insert,
+    Select,
+    String,
+    Text,
+    bindparam,
+    cast,
+    insert,
+    literal,
+    true,
+)
 from sqlalchemy import select as sql_select
 
 from mcp_server import paging
@@ -151,9 +164,19 @@ def status_changes(matching: ColumnElement[bool]) -> Insert:
 
 # The trail reads plain columns and builds its entries from them (see tasks.task_of).
 _TRAIL_FIELDS = tuple(AuditEntryPublic.__annotations__)
-_TRAIL_ROW = [
-    iso_text(_audit.c[name]).label(name) if name == "changed_at" else _audit.c[name] for name in _TRAIL_FIELDS
-]
+_JSON_FIELDS = ("old_value", "new_value")
+
+
+def _trail_column(name: str) -> Any:
+    column = _audit.c[name]
+    if name == "changed_at":
+        return iso_text(column).label(name)
+    if name in _JSON_FIELDS:
+        return cast(column, Text).label(name)  # JSON text, parsed a page at a time (get_audit_trail)
+    return column
+
+
+_TRAIL_ROW = [_trail_column(name) for name in _TRAIL_FIELDS]
 _TRAIL_KEYS = (
     paging.SortKey("changed_at", _audit.c.changed_at, True, str, paging.load_time),
     paging.SortKey("id", _audit.c.id, True, int, int),
@@ -170,6 +193,28 @@ _NARROWING: dict[str, tuple[Any, Callable[[Any, Any], ColumnElement[bool]]]] = {
     "since": (_audit.c.changed_at, operator.ge),
     "until": (_audit.c.changed_at, operator.lt),
 }
+
+
+def _entry_of(row: Any, at: int, old: Any, new: Any, *, with_entity: bool) -> AuditEntryPublic:
+    """The columns of _TRAIL_ROW in `row`, from position `at`, as an entry of the trail, with its
+    values `old` and `new` parsed; its entity's id only `with_entity`."""
+    id, entity_id, action, changed_by, client_name, changed_at, request_id = row[at : at + 7]
+    entry: AuditEntryPublic = {
+        "id": id,
+        "action": action,
+        "changed_by": changed_by,
+        "changed_at": changed_at,
+        "request_id": request_id,
+    }
+    if with_entity and entity_id is not None:
+        entry["entity_id"] = entity_id
+    if client_name is not None:
+        entry["client_name"] = client_name
+    if old is not None:
+        entry["old_value"] = old
+    if new is not None:
+        entry["new_value"] = new
+    return entry
 
 
 @lru_cache(maxsize=256)
@@ -214,18 +259,28 @@ async def get_audit_trail(
     statement = _trail_statement(tuple(params), page_token is None, limit)
     params |= paging.page_params(_TRAIL_KEYS, page_token=page_token, query=query)
     rows = await conn.rows(statement, params)
-    entity: EntityRef | None = None
+    result: AuditTrail = {"items": [], "has_more": False}
+    at = 0  # where the entry's columns start in a row
     if entity_id is not None:
         if not rows:
             raise NotFoundError(f"no task or project has id {entity_id}")
-        id, kind, name, deleted_at = rows[0][:4]
-        entity = {"id": id, "type": kind, "name": name, "deleted": deleted_at is not None}
-        rows = [row[4:] for row in rows if row[4] is not None]
-    page = paging.cut(rows, _TRAIL_KEY_POSITIONS, _TRAIL_KEYS, limit=limit, query=query)
-    items: list[AuditEntryPublic] = [dict(zip(_TRAIL_FIELDS, row, strict=True)) for row in page.rows]  # type: ignore[misc]
-    return {
-        "entity": entity,
-        "items": items,
-        "has_more": page.has_more,
-        "next_page_token": page.next_page_token,
-    }
+        id, kind, name, deleted_at = rows[0][: len(_ENTITY_REF)]
+        entity: EntityRef = {"id": id, "type": kind, "name": name, "deleted": deleted_at is not None}
+        result = {"entity": entity, "items": [], "has_more": False}
+        at = len(_ENTITY_REF)
+        if rows[0][at] is None:  # the entity's one row, without entries
+            rows = []
+    positions = [at + position for position in _TRAIL_KEY_POSITIONS]
+    page = paging.cut(rows, positions, _TRAIL_KEYS, limit=limit, query=query)
+    # One parse for the values of the whole page, rather than one per value.
+    texts = [text for row in page.rows for text in row[at + 7 : at + 9]]
+    values = iter(from_json("[" + ",".join("null" if text is None else text for text in texts) + "]"))
+    # In a trail of one entity the header names it; its id in every entry would say it again.
+    with_entity = entity_id is None
+    result["items"] = [
+        _entry_of(row, at, next(values), next(values), with_entity=with_entity) for row in page.rows
+    ]
+    result["has_more"] = page.has_more
+    if (token := page.next_page_token) is not None:
+        result["next_page_token"] = token
+    return result

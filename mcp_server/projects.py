@@ -117,8 +117,7 @@ async def list_projects(
         page_token=page_token,
         query=paging.fingerprint("projects", name_contains),
     )
-    return {
-        "items": [project_of(row) for row in page.rows],
-        "has_more": page.has_more,
-        "next_page_token": page.next_page_token,
-    }
+    result: ProjectPage = {"items": [project_of(row) for row in page.rows], "has_more": page.has_more}
+    if (token := page.next_page_token) is not None:
+        result["next_page_token"] = token
+    return result

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,  # pydantic reads typing's TypedDict only from 3.12
+)
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
-from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
+from typing_extensions import TypedDict
 
 from mcp_server.models import AuditAction, EntityKind, Priority, TaskStatus
 
@@ -76,6 +81,10 @@ class ProjectRef(TypedDict):
     name: str
 
 
+# A field that would be null is left out instead (its description says when it is there): every
+# field in a result is one an agent can use, and costs it tokens only then.
+
+
 class TaskPublic(TypedDict):
     id: int
     title: str
@@ -85,29 +94,30 @@ class TaskPublic(TypedDict):
     project: ProjectRef
     created_at: Time
     updated_at: Time
-    deleted_at: Annotated[Time | None, Field(description="Set when the task is soft-deleted.")]
+    deleted_at: NotRequired[Annotated[Time, Field(description="Only on a soft-deleted task: when.")]]
     version: Annotated[int, Field(description="Grows by one with every change; pass it as expected_version.")]
 
 
 HasMore = Annotated[bool, Field(description="True when another page follows.")]
-NextPageToken = Annotated[str | None, Field(description="Pass as page_token to get the next page.")]
+NextPageToken = Annotated[str, Field(description="When has_more: pass it as page_token for the next page.")]
 
 
 class TaskPage(TypedDict):
     items: list[TaskPublic]
     has_more: HasMore
-    next_page_token: NextPageToken
-    total: Annotated[
-        int | None,
-        Field(description=f"With include_total: the number of matching tasks, counted up to {COUNT_CAP:,}."),
+    next_page_token: NotRequired[NextPageToken]
+    total: NotRequired[
+        Annotated[
+            int, Field(description=f"With include_total: how many tasks match, counted up to {COUNT_CAP:,}.")
+        ]
     ]
-    total_exact: Annotated[
-        bool | None,
-        Field(
-            description=(
-                f"With include_total: false when more than {COUNT_CAP:,} match and total stopped there."
-            )
-        ),
+    total_exact: NotRequired[
+        Annotated[
+            bool,
+            Field(
+                description=f"With include_total: false when over {COUNT_CAP:,} match and total stops there."
+            ),
+        ]
     ]
 
 
@@ -122,7 +132,7 @@ class ProjectPublic(TypedDict):
 class ProjectPage(TypedDict):
     items: list[ProjectPublic]
     has_more: HasMore
-    next_page_token: NextPageToken
+    next_page_token: NotRequired[NextPageToken]
 
 
 class BulkUpdateResult(TypedDict):
@@ -138,8 +148,8 @@ class BulkUpdateResult(TypedDict):
     changed_ids_truncated: Annotated[
         bool, Field(description="True when more tasks changed than changed_ids lists.")
     ]
-    request_id: Annotated[
-        str | None, Field(description="Shared by the audit entries of this call; null for a preview.")
+    request_id: NotRequired[
+        Annotated[str, Field(description="Not on a preview: shared by the audit entries of this call.")]
     ]
 
 
@@ -152,22 +162,25 @@ class EntityRef(TypedDict):
 
 class AuditEntryPublic(TypedDict):
     id: int
-    entity_id: Annotated[
-        int | None, Field(description="The task or project changed; null for a refused call.")
+    entity_id: NotRequired[
+        Annotated[
+            int,
+            Field(description="The task or project changed; not on a refusal, nor in a trail of one entity."),
+        ]
     ]
     action: AuditAction
     changed_by: Annotated[str, Field(description="The verified identity of the agent.")]
-    client_name: Annotated[
-        str | None, Field(description="The name the agent's client gave itself; not verified.")
+    client_name: NotRequired[
+        Annotated[str, Field(description="The name the agent's client gave itself, if any; not verified.")]
     ]
     changed_at: Time
     request_id: Annotated[str, Field(description="Shared by every entry one tool call wrote.")]
-    old_value: dict[str, Any] | None
-    new_value: dict[str, Any] | None
+    old_value: NotRequired[dict[str, Any]]
+    new_value: NotRequired[dict[str, Any]]
 
 
 class AuditTrail(TypedDict):
-    entity: Annotated[EntityRef | None, Field(description="The entity asked for by entity_id, if any.")]
+    entity: NotRequired[Annotated[EntityRef, Field(description="With entity_id: that task or project.")]]
     items: Annotated[list[AuditEntryPublic], Field(description="Newest first.")]
     has_more: HasMore
-    next_page_token: NextPageToken
+    next_page_token: NotRequired[NextPageToken]

@@ -130,6 +130,8 @@ class DirectCalls:
         meta, arguments = params.get("_meta"), params.get("arguments")
         if meta is not None and (not isinstance(meta, dict) or "progressToken" in meta):
             return False  # a progress token asks for notifications: the SDK sends them
+        if self._server.app_state is None:
+            return False  # the lifespan has not opened the database yet: the SDK queues the call
         return params.get("name") in self._server.direct_tools and isinstance(arguments, dict | None)
 
     async def _serve(self, id: int | str, name: str, arguments: dict[str, Any]) -> None:
@@ -161,7 +163,7 @@ class DirectCalls:
             logger.info("Tool %r rejected arguments: %r", name, sorted({str(e["loc"]) for e in exc.errors()}))
             return _error_result(f"Error executing tool {name}: {exc}")
         state = self._server.app_state
-        assert state is not None and self._initialize is not None, "served only after initialize"
+        assert state is not None and self._initialize is not None, "see _servable"
         try:
             result: CallToolResult = await tool.fn(
                 ctx=CallContext(_RequestContext(state), _Session(self._initialize)), **validated

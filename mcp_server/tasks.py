@@ -95,7 +95,7 @@ def task_of(row: Any) -> TaskPublic:
         deleted,
         version,
     ) = row
-    return {
+    task: TaskPublic = {
         "id": id,
         "title": title,
         "description": description,
@@ -104,9 +104,11 @@ def task_of(row: Any) -> TaskPublic:
         "project": {"id": project_id, "name": project_name},
         "created_at": created,
         "updated_at": updated,
-        "deleted_at": deleted,
         "version": version,
     }
+    if deleted is not None:
+        task["deleted_at"] = deleted
+    return task
 
 
 def snapshot(task: TaskPublic) -> dict[str, Any]:
@@ -196,17 +198,13 @@ async def search_tasks(
         page_token=page_token,
         query=paging.fingerprint(shape, params, order, include_deleted),
     )
-    total = total_exact = None
+    result: TaskPage = {"items": [task_of(row) for row in page.rows], "has_more": page.has_more}
+    if (token := page.next_page_token) is not None:
+        result["next_page_token"] = token
     if include_total:
         counted = (await conn.row(_count_statement(shape, include_deleted), params) or (0,))[0]
-        total, total_exact = min(counted, COUNT_CAP), counted <= COUNT_CAP
-    return {
-        "items": [task_of(row) for row in page.rows],
-        "has_more": page.has_more,
-        "next_page_token": page.next_page_token,
-        "total": total,
-        "total_exact": total_exact,
-    }
+        result["total"], result["total_exact"] = min(counted, COUNT_CAP), counted <= COUNT_CAP
+    return result
 
 
 _GET = _task_row(_entity).where(_TASK_ID, _IS_TASK)
@@ -232,10 +230,8 @@ async def _find_row(conn: Conn, statement: Select[Any], task_id: int) -> Row:
 
 
 def _live(task: TaskPublic) -> TaskPublic:
-    if task["deleted_at"] is not None:
-        raise NotFoundError(
-            f"task {task['id']} was deleted at {task['deleted_at']}; restore_task brings it back"
-        )
+    if (when := task.get("deleted_at")) is not None:
+        raise NotFoundError(f"task {task['id']} was deleted at {when}; restore_task brings it back")
     return task
 
 
@@ -455,7 +451,6 @@ async def preview_status_change(
         "changed_count": count,
         "changed_ids": [row[0] for row in ids],
         "changed_ids_truncated": count > MAX_CHANGED_IDS,
-        "request_id": None,
     }
 
 

@@ -80,7 +80,7 @@ async def test_an_agent_may_call_only_the_tools_it_was_granted(
         assert "tool:soft_delete_task" in message
         message = await call_error(narrow, "search_tasks", {})
         assert "tool:search_tasks" in message
-        assert (await call(narrow, "get_task", {"task_id": ids["task"]}))["deleted_at"] is None
+        assert "deleted_at" not in await call(narrow, "get_task", {"task_id": ids["task"]})
     assert await refusals(db) == [
         ("narrow", "soft_delete_task", "tool:soft_delete_task"),
         ("narrow", "search_tasks", "tool:search_tasks"),

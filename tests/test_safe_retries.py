@@ -144,6 +144,6 @@ async def test_a_bulk_dry_run_reports_what_would_change_and_changes_nothing(
                 "dry_run": True,
             },
         )
-    assert preview["dry_run"] and preview["request_id"] is None
+    assert preview["dry_run"] and "request_id" not in preview
     assert preview["changed_count"] == 3 and preview["changed_ids"] == [t["id"] for t in tasks[1:]]
     assert await snapshot(db) == before

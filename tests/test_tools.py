@@ -83,7 +83,7 @@ async def test_create_task_returns_it_with_its_project_and_audits_it_under_the_c
     trail = await call(client, "get_audit_trail", {"entity_id": task["id"]})
     [entry] = trail["items"]
     assert entry["action"] == "created" and entry["changed_by"] == AGENT
-    assert entry["old_value"] is None
+    assert "old_value" not in entry and "entity_id" not in entry  # the trail's entity is its header
     assert entry["new_value"]["title"] == "Write the launch plan"
     assert await audit_rows(db, task["id"]) == [("created", AGENT)]
 
@@ -169,7 +169,7 @@ async def test_soft_deleted_tasks_stay_out_of_every_default_read(client: Client,
     assert [t["id"] for t in with_deleted["items"]] == [gone["id"]]
 
     restored = await call(client, "restore_task", {"task_id": gone["id"]})
-    assert restored["deleted_at"] is None
+    assert "deleted_at" not in restored
     assert (await call(client, "get_task", {"task_id": gone["id"]}))["title"] == "gone"
     actions = [action for action, _ in await audit_rows(db, gone["id"])]
     assert actions == ["created", "deleted", "restored"]
@@ -276,7 +276,7 @@ async def test_search_pages_through_every_match_once_in_order(client: Client) ->
             args["page_token"] = token
         page = await call(client, "search_tasks", args)
         seen += page["items"]
-        token = page["next_page_token"]
+        token = page.get("next_page_token")
         assert page["has_more"] == (token is not None)
         if not token:
             break
@@ -370,3 +370,29 @@ async def test_search_after_and_before_compare_times_across_timezones(client: Cl
     for op in ("before", "after"):  # strict: the task's own time is neither before nor after it
         exact = {"field": "created_at", "op": op, "value": task["created_at"]}
         assert (await call(client, "search_tasks", {"filter": exact}))["items"] == []
+
+
+async def test_results_leave_out_fields_that_would_be_null(client: Client) -> None:
+    project_id = await make_project(client)
+    task = await make_task(client, project_id, "t")
+    assert "deleted_at" not in task
+    assert set(await call(client, "search_tasks", {})) == {
+        "items",
+        "has_more",
+    }  # no total asked, no next page
+    counted = await call(client, "search_tasks", {"include_total": True})
+    assert (counted["total"], counted["total_exact"]) == (1, True)
+    trail = await call(client, "get_audit_trail", {"entity_id": task["id"]})
+    assert set(trail) == {"entity", "items", "has_more"}
+    [created] = trail["items"]  # no old value, and no entity id beside the entity's own header
+    assert set(created) == {
+        "id",
+        "action",
+        "changed_by",
+        "client_name",
+        "changed_at",
+        "request_id",
+        "new_value",
+    }
+    everything = await call(client, "get_audit_trail", {})
+    assert all("entity_id" in entry for entry in everything["items"])
