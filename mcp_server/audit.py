@@ -227,15 +227,20 @@ def _trail_statement(narrowed_by: tuple[str, ...], first: bool, limit: int) -> S
         for name in narrowed_by
         for column, compare in [_NARROWING[name]]
     ]
-    page = paging.paged(sql_select(*_TRAIL_ROW).where(*conditions), _TRAIL_KEYS, first=first, limit=limit)
     if "entity_id" not in narrowed_by:
-        return page
+        return paging.paged(sql_select(*_TRAIL_ROW).where(*conditions), _TRAIL_KEYS, first=first, limit=limit)
+    # The entries keep their time as stored too, to be put back in order by it: sorting the
+    # page by its time as text would compare strings, at several times the cost.
+    sort_at = _audit.c.changed_at.label("sort_at")
+    page = paging.paged(
+        sql_select(*_TRAIL_ROW, sort_at).where(*conditions), _TRAIL_KEYS, first=first, limit=limit
+    )
     entries = page.subquery("entries")
     return (
-        sql_select(*_ENTITY_REF, *entries.c)
+        sql_select(*_ENTITY_REF, *(entries.c[name] for name in _TRAIL_FIELDS))
         .select_from(_entity.outerjoin(entries, true()))
         .where(_entity.c.id == bindparam("entity_id"))
-        .order_by(entries.c.changed_at.desc(), entries.c.id.desc())
+        .order_by(entries.c.sort_at.desc(), entries.c.id.desc())
     )
 
 
