@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -150,7 +151,7 @@ def _serve(settings: Settings, *, http: bool) -> int:
     gc.freeze()
     try:
         if not http:
-            anyio.run(_serve_stdio, server)
+            anyio.run(_serve_stdio, server, backend_options=_EVENT_LOOP)
             return 0
         # Fail with one clear line, before uvicorn would report it as a failed startup traceback.
         anyio.run(_open_database, settings)
@@ -219,7 +220,7 @@ async def _serve_stdio_lines(
         group.start_soon(stop_on_sigterm)
         lines: AsyncIterable[str] = stdin
         if stdout is not None:
-            lines = DirectCalls(server, stdout.write, group).lines(stdin)
+            lines = DirectCalls(server, stdout.write).lines(stdin)
         async with stdio_server(stdin=lines, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
             await server._lowlevel_server.run(  # run_stdio_async, with our streams
                 read_stream, write_stream, server._lowlevel_server.create_initialization_options()
@@ -228,6 +229,10 @@ async def _serve_stdio_lines(
 
 
 SHUTDOWN_GRACE_SECONDS = 3.0
+
+# uvloop, where it is installed (a dependency everywhere but Windows): its event loop takes about
+# 0.05 ms less of each call (bench/).
+_EVENT_LOOP = {"use_uvloop": True} if importlib.util.find_spec("uvloop") else {}
 
 
 def _exit_now() -> None:
