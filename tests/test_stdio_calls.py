@@ -157,3 +157,23 @@ async def test_calls_running_when_stdin_closes_are_answered_connection_closed_an
             assert await peer.process.wait() == 0
     assert answer == {"jsonrpc": "2.0", "id": 77, "error": {"code": -32000, "message": "Connection closed"}}
     assert await bulk_outcome(db) == (0, 0)
+
+
+async def test_a_call_cancelled_in_the_same_read_as_it_arrived_never_runs(
+    database_url: str, db: Database
+) -> None:
+    async with stdio_server(database_url) as peer:
+        create = {"name": "create_project", "arguments": {"name": "never"}}
+        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": create}
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7}}
+        await peer.send_raw((json.dumps(call) + "\n" + json.dumps(cancel)).encode())
+        listing = {"name": "list_projects", "arguments": {}}
+        await peer.send_raw(
+            json.dumps({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": listing}).encode()
+        )
+        frames = await answers_until(peer, 8)
+        await peer.stdin.aclose()
+        with anyio.fail_after(10):  # nothing left waiting on the call that never ran
+            assert await peer.process.wait() == 0
+    assert [frame["id"] for frame in frames] == [8]
+    assert frames[0]["result"]["structuredContent"]["items"] == []
