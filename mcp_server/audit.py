@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import select as sql_select
 
-from mcp_server import paging
+from mcp_server import chain, paging
 from mcp_server.db import Conn, iso_text, json_object
 from mcp_server.errors import NotFoundError
 from mcp_server.models import (
@@ -72,18 +72,9 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict
 
 
 # The entry of a change, inserted by the changing statement itself (see db.Conn.change_one): the
-# changed row gives the entity's id, the parameters from `entry` give the rest.
-_ENTRY_COLUMNS = (
-    "entity_id",
-    "entity_type",
-    "action",
-    "changed_by",
-    "client_name",
-    "changed_at",
-    "request_id",
-    "old_value",
-    "new_value",
-)
+# changed row gives the entity's id, the parameters from `entry` give the rest. An entry is
+# written with exactly the content its hash covers (after its position, which the seal assigns).
+_ENTRY_COLUMNS = chain.CONTENT[1:]
 
 
 def entry_of(changed: FromClause) -> Insert:
