@@ -68,7 +68,8 @@ class Conn:
 
     A connection opened for a single statement (`Database.connect(..., single_statement=True)`)
     has no transaction around it: on PostgreSQL that statement is its own transaction, which is
-    atomic, and a second statement is refused as the bug it would be.
+    atomic. Its one change must come first, and a statement after a change that changed something
+    is refused as the bug it would be (see `_start`).
     """
 
     is_sqlite: bool
