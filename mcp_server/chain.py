@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, NotRequired
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import DDL, BigInteger, Integer, Table, bindparam, event, text
+from typing_extensions import TypedDict
 
 if TYPE_CHECKING:  # db imports this module to attach the triggers
     from mcp_server.db import Conn
@@ -125,20 +126,20 @@ def sqlite_entry_hash(prev_hash: str, *content: Any) -> str:
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
 
 
-class ChainProblem(BaseModel):
-    seq: int | None = Field(description="Chain position of the entry, null for an entry outside the chain.")
-    id: int | None = Field(description="The audit entry's id.")
+class ChainProblem(TypedDict):
+    seq: NotRequired[Annotated[int, Field(description="Its position; none when outside the chain.")]]
+    id: Annotated[int, Field(description="The audit entry's id.")]
     problem: str
 
 
-class ChainReport(BaseModel):
-    ok: bool = Field(description="True when every entry matches its hash and links to the one before.")
+class ChainReport(TypedDict):
+    ok: Annotated[bool, Field(description="Every entry matches its hash and links to the one before.")]
     entries_checked: int
-    head_seq: int | None = Field(description="Position of the newest entry checked.")
-    head_hash: str | None = Field(
-        description="Hash of the newest entry; record it elsewhere to detect a later rewrite."
-    )
-    first_problem: ChainProblem | None
+    head_seq: NotRequired[Annotated[int, Field(description="Position of the newest entry checked.")]]
+    head_hash: NotRequired[
+        Annotated[str, Field(description="Hash of the newest entry: keep it elsewhere to detect a rewrite.")]
+    ]
+    first_problem: NotRequired[ChainProblem]
 
 
 @dataclass
@@ -152,12 +153,11 @@ async def verify(conn: Conn) -> ChainReport:
     """Walk the whole chain in order, a batch at a time, and stop at the first mismatch."""
     unsealed = await conn.row(_UNSEALED)
     if unsealed is not None:
-        problem = ChainProblem(
-            seq=None,
-            id=unsealed[0],
-            problem="entry is outside the chain (inserted with the seal trigger off)",
-        )
-        return ChainReport(ok=False, entries_checked=0, head_seq=None, head_hash=None, first_problem=problem)
+        problem: ChainProblem = {
+            "id": unsealed[0],
+            "problem": "entry is outside the chain (inserted with the seal trigger off)",
+        }
+        return {"ok": False, "entries_checked": 0, "first_problem": problem}
     walk = _Walk()
     query = _VERIFY_QUERY["sqlite" if conn.is_sqlite else "postgresql"]
     while True:
@@ -165,7 +165,7 @@ async def verify(conn: Conn) -> ChainReport:
         for seq, id, prev_hash, entry_hash, computed in rows:
             mismatch = _check(walk, seq, prev_hash, entry_hash, computed)
             if mismatch is not None:
-                return _report(walk, ChainProblem(seq=seq, id=id, problem=mismatch))
+                return _report(walk, {"seq": seq, "id": id, "problem": mismatch})
             walk.checked += 1
             walk.seq, walk.hash = seq, entry_hash
         if len(rows) < BATCH:
@@ -201,10 +201,9 @@ def _check(walk: _Walk, seq: int, prev_hash: str, entry_hash: str, computed: str
 
 
 def _report(walk: _Walk, problem: ChainProblem | None) -> ChainReport:
-    return ChainReport(
-        ok=problem is None,
-        entries_checked=walk.checked,
-        head_seq=walk.seq or None,
-        head_hash=walk.hash if walk.seq else None,
-        first_problem=problem,
-    )
+    report: ChainReport = {"ok": problem is None, "entries_checked": walk.checked}
+    if walk.seq:
+        report["head_seq"], report["head_hash"] = walk.seq, walk.hash
+    if problem is not None:
+        report["first_problem"] = problem
+    return report

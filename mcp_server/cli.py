@@ -280,12 +280,13 @@ async def _verify_audit_log(settings: Settings) -> int:
         raise StartupError(f"cannot read the audit log: {type(exc).__name__}") from exc
     finally:
         await db.dispose()
-    _write(json.dumps(report.model_dump(mode="json"), indent=2))
-    if report.first_problem is not None:
-        problem = report.first_problem
-        sys.stderr.write(f"audit log: entry seq={problem.seq} id={problem.id}: {problem.problem}\n")
+    _write(json.dumps(report, indent=2))
+    if (problem := report.get("first_problem")) is not None:
+        where = f"seq={problem['seq']} id={problem['id']}" if "seq" in problem else f"id={problem['id']}"
+        sys.stderr.write(f"audit log: entry {where}: {problem['problem']}\n")
         return 1
-    sys.stderr.write(f"audit log: {report.entries_checked} entries, chain intact; head {report.head_hash}\n")
+    head = report.get("head_hash", "none (the log is empty)")
+    sys.stderr.write(f"audit log: {report['entries_checked']} entries, chain intact; head {head}\n")
     return 0
 
 

@@ -32,7 +32,9 @@ Name = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(no_nul)
 ]
 Description = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(no_nul)]
-Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+# The bounds are enforced, and their errors name them, but not advertised: no agent comes near
+# them, and every id parameter in the tool list would carry them.
+Id = Annotated[int, Field(ge=1, le=MAX_ID), WithJsonSchema({"type": "integer"})]
 
 
 class _Input(BaseModel):
@@ -56,10 +58,8 @@ class TaskUpdate(_Input):
 
 
 class OrderBy(_Input):
-    field: Literal["created_at", "updated_at", "title", "priority", "id"] = Field(
-        description="Field to sort on; priority sorts by urgency (low < medium < high < critical)."
-    )
-    direction: Literal["asc", "desc"] = Field(default="asc", description="Sort direction.")
+    field: Literal["created_at", "updated_at", "title", "priority", "id"]
+    direction: Literal["asc", "desc"] = "asc"
 
 
 # Tool results. They are TypedDicts: the output schema comes from them, and the data functions
@@ -96,6 +96,15 @@ class TaskPublic(TypedDict):
     updated_at: Time
     deleted_at: NotRequired[Annotated[Time, Field(description="Only on a soft-deleted task: when.")]]
     version: Annotated[int, Field(description="Grows by one with every change; pass it as expected_version.")]
+
+
+class TaskWritten(TypedDict):
+    """What the tool list says of the task a write returns: the fields an agent's next call needs.
+    The result is the whole task, as get_task gives it; its output schema names every field once
+    for all of them, at a quarter of the tokens."""
+
+    id: int
+    version: Annotated[int, Field(description="Pass it as expected_version.")]
 
 
 HasMore = Annotated[bool, Field(description="True when another page follows.")]
@@ -184,3 +193,63 @@ class AuditTrail(TypedDict):
     items: Annotated[list[AuditEntryPublic], Field(description="Newest first.")]
     has_more: HasMore
     next_page_token: NotRequired[NextPageToken]
+
+
+# --- the schemas as tools/list sends them ------------------------------------------------------
+# Every agent pays for the tool list in every conversation. pydantic's schemas spell the same
+# contract at length: a title on every node, `$ref`s into `$defs`, an optional parameter as
+# `anyOf [its type, null]` with `default: null`. These are the short spellings.
+
+
+def compact(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with every `$ref` inlined and no titles, an optional value as its own type (a null
+    is accepted all the same), and no length limits on text (the server enforces them and its
+    errors name them): nearly the same contract in a fraction of the tokens, and plainer for
+    clients with weak JSON Schema support. A recursive schema needs a plain one of its own."""
+    defs: dict[str, Any] = schema.get("$defs", {})
+
+    def walk(node: Any, inside: frozenset[str]) -> Any:
+        if isinstance(node, list):
+            return [walk(item, inside) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            if name in inside:
+                raise ValueError(f"{name} refers to itself; give it a schema of its own (WithJsonSchema)")
+            return walk({**defs[name], **{k: v for k, v in node.items() if k != "$ref"}}, inside | {name})
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in ("title", "$defs", "minLength", "maxLength") or (key == "default" and value is None):
+                continue
+            if key == "properties":
+                out[key] = {name: walk(sub, inside) for name, sub in value.items()}
+            else:
+                out[key] = walk(value, inside)
+        options = out.get("anyOf")
+        optional = node.get("default", ...) is None  # a parameter that may be left out
+        if optional and isinstance(options, list) and len(options) == 2 and {"type": "null"} in options:
+            [kept] = [option for option in options if option != {"type": "null"}]
+            del out["anyOf"]
+            out = {**kept, **out}
+        return out
+
+    compacted: dict[str, Any] = walk(schema, frozenset())
+    return compacted
+
+
+def outline(schema: dict[str, Any]) -> dict[str, Any]:
+    """An output schema's top level: each field and its JSON type. What is nested inside the
+    fields, and which are left out when empty, the results show."""
+    full = compact(schema)
+    return {
+        "type": "object",
+        "properties": {name: _json_type(sub) for name, sub in full.get("properties", {}).items()},
+    }
+
+
+def _json_type(schema: dict[str, Any]) -> dict[str, Any]:
+    if "anyOf" in schema:
+        return {"anyOf": [_json_type(option) for option in schema["anyOf"]]}
+    return {"type": schema.get("type", "object")}

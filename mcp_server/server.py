@@ -23,7 +23,7 @@ from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from opentelemetry import trace
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic_core import to_json, to_jsonable_python
 
 from mcp_server import __version__, audit, auth, chain, idempotency, identity, projects, tasks
@@ -37,11 +37,10 @@ from mcp_server.errors import (
     TaskServerError,
     translate_database_error,
 )
-from mcp_server.filters import MAX_DEPTH, MAX_LIST_VALUES, MAX_NODES, FilterField, FilterNode
+from mcp_server.filters import MAX_DEPTH, FilterField, FilterNode
 from mcp_server.models import AuditAction, Priority, TaskStatus
 from mcp_server.schemas import (
     COUNT_CAP,
-    MAX_ID,
     AuditTrail,
     BulkUpdateResult,
     Description,
@@ -54,7 +53,10 @@ from mcp_server.schemas import (
     TaskPage,
     TaskPublic,
     TaskUpdate,
+    TaskWritten,
     Text,
+    compact,
+    outline,
 )
 
 logger = logging.getLogger(__name__)
@@ -158,21 +160,19 @@ TaskId = Annotated[Id, Field(description="The task's id.")]
 Limit = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description=f"Page size, 1 to {MAX_PAGE_SIZE}.")]
 PageToken = Annotated[
     Text | None,
-    Field(
-        default=None,
-        max_length=1000,
-        description="next_page_token from the previous page of the same query; omit for the first page.",
-    ),
+    Field(default=None, max_length=1000, description="From the previous page."),
 ]
 Filter = Annotated[
     FilterNode | None,
+    # The tree is described in words: as a recursive JSON schema it cost 2,500 characters of every
+    # tool list, and clients with weak JSON Schema support stumble on recursion.
+    WithJsonSchema({"type": "object"}),
     Field(
         default=None,
         description=(
-            'A condition {"field", "op", "value"} or a group {"and": [...]} / {"or": [...]} of nodes. '
-            f"Fields: {', '.join(field.value for field in FilterField)}. "
-            f"Groups nest at most {MAX_DEPTH} deep, {MAX_NODES} nodes in all, "
-            f"`in` lists at most {MAX_LIST_VALUES} values."
+            '{"field":F,"op":O,"value":V}, or {"and"|"or":[...]} of these, '
+            f"{MAX_DEPTH} deep. F: {', '.join(field.value for field in FilterField)}. "
+            "O: eq, ne, in (a list), contains (text), before/after (ISO time), is_null (bool)."
         ),
     ),
 ]
@@ -183,10 +183,7 @@ IdempotencyKey = Annotated[
         default=None,
         min_length=1,
         max_length=200,
-        description=(
-            "A unique string of yours for this change. Retrying with the same key and arguments "
-            "returns the first result without changing anything again; a different call with it is refused."
-        ),
+        description="Retry with the same key: no second change.",
     ),
 ]
 
@@ -201,25 +198,18 @@ async def search_tasks(
     filter: Filter = None,
     order_by: Annotated[
         list[OrderBy] | None,
-        Field(max_length=3, description="Sort keys, most significant first. Default: newest first."),
+        Field(max_length=3, description="Up to 3 sort keys; priority sorts by urgency."),
     ] = None,
     limit: Limit = 20,
     page_token: PageToken = None,
     include_deleted: Annotated[bool, Field(description="Also return soft-deleted tasks.")] = False,
     include_total: Annotated[
         bool,
-        Field(
-            description=(
-                f"Also count the matches, up to {COUNT_CAP:,} (see total_exact); has_more alone is cheaper."
-            )
-        ),
+        Field(description=f"Also count matches (up to {COUNT_CAP:,}); slower."),
     ] = False,
 ) -> TaskPage:
-    """Search tasks with a filter tree, in a stable order, one page at a time.
-
-    Soft-deleted tasks are left out unless include_deleted is true. has_more tells whether
-    another page follows; pass next_page_token back as page_token with the same filter and order.
-    """
+    """Find tasks, a page at a time, newest first unless order_by says otherwise; deleted ones
+    only with include_deleted. Next page: next_page_token as page_token, same filter and order_by."""
     async with _connection(ctx, write=False) as conn:
         return await tasks.search_tasks(
             conn,
@@ -233,7 +223,7 @@ async def search_tasks(
 
 
 async def get_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
-    """Fetch one live task with its project. A soft-deleted task is an error that says so."""
+    """One task with its project; a deleted one is an error (restore_task brings it back)."""
     async with _connection(ctx, write=False) as conn:
         return await tasks.get_task(conn, task_id)
 
@@ -241,13 +231,13 @@ async def get_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
 async def create_task(
     ctx: ToolContext,
     title: Annotated[Name, Field(description="Short title.")],
-    project_id: Annotated[Id, Field(description="Id of a live project (see list_projects).")],
-    description: Annotated[Description, Field(description="Longer free text.")] = "",
+    project_id: Annotated[Id, Field(description="A live project's id (list_projects).")],
+    description: Annotated[Description, Field(description="Longer text.")] = "",
     status: Annotated[TaskStatus, Field(description="Initial status.")] = TaskStatus.PENDING,
     priority: Annotated[Priority, Field(description="Urgency.")] = Priority.MEDIUM,
     idempotency_key: IdempotencyKey = None,
-) -> TaskPublic:
-    """Create a task in a project. Audited as `created` under your agent identity."""
+) -> TaskWritten:
+    """Create a task in a live project (list_projects, create_project). Returns the task."""
     data = TaskCreate(
         title=title, project_id=project_id, description=description, status=status, priority=priority
     )
@@ -268,23 +258,14 @@ async def update_task(
     description: Annotated[Description | None, Field(description="New description.")] = None,
     status: Annotated[TaskStatus | None, Field(description="New status.")] = None,
     priority: Annotated[Priority | None, Field(description="New priority.")] = None,
-    project_id: Annotated[Id | None, Field(description="Move the task to this live project.")] = None,
+    project_id: Annotated[Id | None, Field(description="Move it to this live project.")] = None,
     expected_version: Annotated[
-        int | None,
-        Field(
-            ge=1,
-            le=MAX_ID,
-            description="The version you read; if the task has changed since, nothing is changed.",
-        ),
+        Id | None, Field(description="The version you read: if it changed since, nothing changes.")
     ] = None,
     idempotency_key: IdempotencyKey = None,
-) -> TaskPublic:
-    """Change some fields of a live task; omitted fields stay as they are.
-
-    Audited as `updated` with the before and after of the fields that actually changed; a call
-    that changes nothing writes nothing. With expected_version, a stale version is a conflict
-    whose message carries the current task.
-    """
+) -> TaskWritten:
+    """Change some fields of a task, leaving out the rest. With expected_version from your read, a
+    change made since is not overwritten (the error shows the task as it is now)."""
     changes = TaskUpdate(
         title=title, description=description, status=status, priority=priority, project_id=project_id
     )
@@ -301,11 +282,8 @@ async def update_task(
 
 async def soft_delete_task(
     ctx: ToolContext, task_id: TaskId, idempotency_key: IdempotencyKey = None
-) -> TaskPublic:
-    """Soft-delete a task: it disappears from searches and reads but stays restorable (restore_task).
-
-    Audited as `deleted`.
-    """
+) -> TaskWritten:
+    """Delete a task: it leaves searches and reads, and restore_task brings it back."""
     return await _write(
         ctx,
         "soft_delete_task",
@@ -318,8 +296,8 @@ async def soft_delete_task(
 
 async def restore_task(
     ctx: ToolContext, task_id: TaskId, idempotency_key: IdempotencyKey = None
-) -> TaskPublic:
-    """Bring back a soft-deleted task. Audited as `restored`."""
+) -> TaskWritten:
+    """Bring back a deleted task."""
     return await _write(
         ctx,
         "restore_task",
@@ -331,26 +309,23 @@ async def restore_task(
 
 async def bulk_update_status(
     ctx: ToolContext,
-    status: Annotated[TaskStatus, Field(description="The status to set.")],
-    filter: Filter = None,
+    status: Annotated[TaskStatus, Field(description="The new status.")],
+    filter: Annotated[
+        Filter, Field(description="As in search_tasks. Give filter or task_ids, not both.")
+    ] = None,
     task_ids: Annotated[
         list[Id] | None,
         Field(
             min_length=1,
             max_length=MAX_BULK_IDS,
-            description="Ids of live tasks to change, instead of a filter.",
+            description="The tasks' ids.",
         ),
     ] = None,
-    dry_run: Annotated[
-        bool, Field(description="Only report how many and which tasks would change; change nothing.")
-    ] = False,
+    dry_run: Annotated[bool, Field(description="Only report what would change.")] = False,
     idempotency_key: IdempotencyKey = None,
 ) -> BulkUpdateResult:
-    """Set the status of every live task matching a filter (same language as search_tasks) or a list of ids.
-
-    All or nothing. Tasks already in that status are left alone; each task that changes gets
-    one audit entry with its old and new status. Preview with dry_run first.
-    """
+    """Set the status of every live task a filter or task_ids names, all or none; try dry_run
+    first. Lists 500 changed ids at most: get_audit_trail with its request_id lists all."""
     if dry_run:
         async with _connection(ctx, write=False) as conn:
             return await tasks.preview_status_change(conn, status, filter=filter, task_ids=task_ids)
@@ -368,26 +343,21 @@ async def bulk_update_status(
 
 async def get_audit_trail(
     ctx: ToolContext,
-    entity_id: Annotated[
-        Id | None, Field(description="Only entries of this task or project (deleted ones included).")
-    ] = None,
+    entity_id: Annotated[Id | None, Field(description="A task's or project's history.")] = None,
     request_id: Annotated[
-        Text | None, Field(max_length=64, description="Only entries written by this one tool call.")
+        Text | None, Field(max_length=64, description="One call's changes (its result's request_id).")
     ] = None,
     changed_by: Annotated[
-        Text | None, Field(max_length=identity.MAX_LENGTH, description="Only entries by this agent.")
+        Text | None, Field(max_length=identity.MAX_LENGTH, description="An agent's entries.")
     ] = None,
-    action: Annotated[AuditAction | None, Field(description="Only entries of this kind.")] = None,
-    since: Annotated[AwareDatetime | None, Field(description="Only entries at or after this time.")] = None,
-    until: Annotated[AwareDatetime | None, Field(description="Only entries before this time.")] = None,
+    action: Annotated[AuditAction | None, Field(description="Entries of this kind.")] = None,
+    since: Annotated[AwareDatetime | None, Field(description="From this time on.")] = None,
+    until: Annotated[AwareDatetime | None, Field(description="Before this time.")] = None,
     limit: Limit = 50,
     page_token: PageToken = None,
 ) -> AuditTrail:
-    """Audit entries, newest first: who changed what, when, before and after.
-
-    Narrow by entity_id, by request_id (every entry one call wrote), by agent or by action
-    (`refused` entries are calls an agent had no permission for).
-    """
+    """Who changed what and when, with the values before and after, newest first. `refused`
+    entries are calls made without the permission."""
     async with _connection(ctx, write=False) as conn:
         return await audit.get_audit_trail(
             conn,
@@ -403,9 +373,8 @@ async def get_audit_trail(
 
 
 async def verify_audit_log(ctx: ToolContext) -> chain.ChainReport:
-    """Check the audit log's hash chain from the first entry to the newest and report the first entry
-    that was changed, removed or inserted behind the server's back. Reads every entry: slow on a big log.
-    """
+    """Walk the audit log's hash chain: reports the first entry changed, removed or added behind
+    the server's back. Slow on a large log."""
     async with _connection(ctx, write=False) as conn:
         return await chain.verify(conn)
 
@@ -413,10 +382,10 @@ async def verify_audit_log(ctx: ToolContext) -> chain.ChainReport:
 async def create_project(
     ctx: ToolContext,
     name: Annotated[Name, Field(description="Unique among live projects.")],
-    description: Annotated[Description, Field(description="Longer free text.")] = "",
+    description: Annotated[Description, Field(description="Longer text.")] = "",
     idempotency_key: IdempotencyKey = None,
 ) -> ProjectPublic:
-    """Create a project to hold tasks. Audited as `created`."""
+    """Create a project to hold tasks."""
     return await _write(
         ctx,
         "create_project",
@@ -428,13 +397,11 @@ async def create_project(
 
 async def list_projects(
     ctx: ToolContext,
-    name_contains: Annotated[
-        Name | None, Field(description="Only projects whose name contains this text.")
-    ] = None,
+    name_contains: Annotated[Name | None, Field(description="Only names containing this.")] = None,
     limit: Limit = 50,
     page_token: PageToken = None,
 ) -> ProjectPage:
-    """List live projects by name, one page at a time."""
+    """Live projects by name, a page at a time."""
     async with _connection(ctx, write=False) as conn:
         return await projects.list_projects(
             conn, name_contains=name_contains, limit=limit, page_token=page_token
@@ -442,8 +409,12 @@ async def list_projects(
 
 
 def _annotations(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
+    """A writing tool's hints, leaving out what the protocol assumes when a hint is absent (not
+    read-only, destructive, not idempotent)."""
     return ToolAnnotations(
-        read_only_hint=False, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
+        destructive_hint=None if destructive else False,
+        idempotent_hint=True if idempotent else None,
+        open_world_hint=False,
     )
 
 
@@ -452,9 +423,9 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (get_task, "Get a task", READ_ONLY),
     (create_task, "Create a task", _annotations(destructive=False, idempotent=False)),
     (update_task, "Update a task", _annotations(destructive=True, idempotent=True)),
-    (soft_delete_task, "Delete a task (restorable)", _annotations(destructive=True, idempotent=True)),
-    (restore_task, "Restore a deleted task", _annotations(destructive=False, idempotent=True)),
-    (bulk_update_status, "Set the status of many tasks", _annotations(destructive=True, idempotent=True)),
+    (soft_delete_task, "Delete a task", _annotations(destructive=True, idempotent=True)),
+    (restore_task, "Restore a task", _annotations(destructive=False, idempotent=True)),
+    (bulk_update_status, "Bulk status change", _annotations(destructive=True, idempotent=True)),
     (get_audit_trail, "Audit trail", READ_ONLY),
     (verify_audit_log, "Verify the audit log", READ_ONLY),
     (create_project, "Create a project", _annotations(destructive=False, idempotent=False)),
@@ -466,7 +437,10 @@ TOOL_NAMES = frozenset(fn.__name__ for fn, _, _ in TOOLS)
 
 
 def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> Tool:
-    tool = Tool.from_function(fn, title=title, annotations=annotations, structured_output=True)
+    description = " ".join((fn.__doc__ or "").split())  # one line: indentation is tokens too
+    tool = Tool.from_function(
+        fn, title=title, description=description, annotations=annotations, structured_output=True
+    )
     # Unknown arguments are an error the agent should see, not something silently dropped.
     loose = tool.fn_metadata.arg_model
     strict = cast(
@@ -481,10 +455,12 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
         ),
     )
     tool.fn_metadata.arg_model = strict
-    tool.parameters = strict.model_json_schema(by_alias=True)
+    tool.parameters = compact(strict.model_json_schema(by_alias=True))
     # The tool returns a model it has validated, and _guarded dumps it once; without the model the
     # SDK still publishes the output schema but no longer validates and dumps the result again.
     tool.fn_metadata.output_model = None
+    if tool.fn_metadata.output_schema is not None:
+        tool.fn_metadata.output_schema = outline(tool.fn_metadata.output_schema)
     tool.fn = _guarded(tool.name, tool.fn)
     return tool
 

@@ -79,7 +79,7 @@ async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
     assert len(tasks) == 10 + 4 * 5
     # One linear hash chain: positions 1..n with no gap or fork, every link intact.
     assert [entry.seq for entry in entries] == list(range(1, len(entries) + 1))
-    assert report.ok and report.entries_checked == len(entries)
+    assert report["ok"] and report["entries_checked"] == len(entries)
     chains: dict[int | None, list[AuditEntry]] = defaultdict(list)
     for entry in entries:
         chains[entry.entity_id].append(entry)

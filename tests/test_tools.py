@@ -67,9 +67,29 @@ async def test_every_tool_describes_itself_and_its_parameters_and_declares_its_o
             assert schema.get("description"), f"{tool.name}.{name} has no description"
         annotations = tool.annotations
         assert annotations is not None and annotations.open_world_hint is False, tool.name
-    assert tools["search_tasks"].annotations.read_only_hint is True  # type: ignore[union-attr]
-    assert tools["create_task"].annotations.read_only_hint is False  # type: ignore[union-attr]
-    assert tools["soft_delete_task"].annotations.destructive_hint is True  # type: ignore[union-attr]
+
+    def hint(tool: str, name: str, absent: bool) -> bool:
+        value = getattr(tools[tool].annotations, name)
+        return absent if value is None else bool(value)  # an absent hint means the protocol's default
+
+    assert hint("search_tasks", "read_only_hint", absent=False) is True
+    assert hint("create_task", "read_only_hint", absent=False) is False
+    assert hint("create_task", "destructive_hint", absent=True) is False
+    assert hint("soft_delete_task", "destructive_hint", absent=True) is True
+    assert hint("update_task", "idempotent_hint", absent=False) is True
+    assert hint("create_task", "idempotent_hint", absent=False) is False
+
+
+CONTEXT_BUDGET_TOKENS = 2500
+
+
+async def test_the_whole_tool_list_fits_the_context_budget(client: Client) -> None:
+    """Every agent pays for the tool list in every conversation: its JSON, at about four
+    characters a token, stays within the budget."""
+    listed = (await client.list_tools()).model_dump(by_alias=True, mode="json", exclude_none=True)
+    characters = len(json.dumps(listed, separators=(",", ":"), ensure_ascii=False))
+    assert len(listed["tools"]) == len(EXPECTED_TOOLS)
+    assert characters / 4 <= CONTEXT_BUDGET_TOKENS, f"tools/list is {characters / 4:.0f} tokens"
 
 
 async def test_create_task_returns_it_with_its_project_and_audits_it_under_the_client_name(
