@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import selectors
 import stat
 import sys
 
@@ -17,14 +18,23 @@ import anyio
 
 
 def pollable(fd: int) -> bool:
-    """A pipe, socket or terminal, which the event loop can wait on (a regular file it cannot)."""
+    """A pipe, socket or terminal, which the event loop can wait on. A regular file it cannot, nor
+    /dev/null (a service manager's stdin): a character device like a terminal, but one epoll
+    refuses, so the selector is asked."""
     if sys.platform == "win32":
         return False
     try:
         mode = os.fstat(fd).st_mode
     except (OSError, ValueError):
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+        return False
+    with selectors.DefaultSelector() as selector:
+        try:
+            selector.register(fd, selectors.EVENT_READ)
+        except OSError:
+            return False
+    return True
 
 
 def is_pipe(fd: int) -> bool:

@@ -203,3 +203,16 @@ async def test_a_file_redirected_to_stdin_is_read_to_its_end_and_the_server_exit
     assert served.returncode == 0, served.stderr.decode()
     [answer] = [json.loads(line) for line in served.stdout.decode().splitlines()]
     assert answer["id"] == 1 and "result" in answer
+
+
+async def test_a_server_given_dev_null_as_stdin_exits_cleanly(database_url: str, tmp_path: Path) -> None:
+    """/dev/null is a character device, as a terminal is, but the event loop cannot wait on it
+    (a service manager's default stdin)."""
+    served = await anyio.run_process(
+        [sys.executable, "-m", "mcp_server", "serve"],
+        stdin=subprocess.DEVNULL,
+        env={"HOME": str(tmp_path), "DATABASE_URL": database_url},
+        check=False,
+    )
+    assert served.returncode == 0, served.stderr.decode()
+    assert served.stdout == b"" and b"Traceback" not in served.stderr
