@@ -258,7 +258,7 @@ async def load_postgres(url: str, size: Size, *, force: bool) -> None:
         await admin.close()
 
     db = create_database(Settings(database_url=url))
-    await db.create_schema()
+    await db.open_schema(upgrade=True)
     await db.dispose()
 
     started = time.perf_counter()
@@ -336,7 +336,7 @@ async def load_sqlite(path: str, size: Size, *, force: bool) -> None:
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
     db = create_database(Settings(database_url=f"sqlite:///{path}"))
-    await db.create_schema()
+    await db.open_schema(upgrade=True)
     await db.dispose()
 
     started = time.perf_counter()

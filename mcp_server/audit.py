@@ -170,7 +170,7 @@ def _trail_column(name: str) -> Any:
 _TRAIL_ROW = [_trail_column(name) for name in _TRAIL_FIELDS]
 _TRAIL_KEYS = (
     paging.SortKey("changed_at", _audit.c.changed_at, True, str, paging.load_time),
-    paging.SortKey("id", _audit.c.id, True, int, int),
+    paging.SortKey("id", _audit.c.id, True, int, paging.load_id),
 )
 _TRAIL_KEY_POSITIONS = tuple(_TRAIL_FIELDS.index(key.name) for key in _TRAIL_KEYS)
 _ENTITY_REF = (_entity.c.id, _entity.c.kind, _entity.c.title, _entity.c.deleted_at)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Index,
+    Integer,
     SmallInteger,
     String,
     Table,
@@ -97,6 +98,11 @@ PRIORITY_NAME: dict[int, str] = {rank: p.value for p, rank in PRIORITY_RANK.item
 _PRIORITY_BY_RANK = {rank: p for p, rank in PRIORITY_RANK.items()}
 
 
+# Ids are 64-bit on PostgreSQL: the audit log only grows, and a 32-bit id runs out at 2.1 billion
+# rows. On SQLite an INTEGER PRIMARY KEY is the 64-bit rowid already, and must be spelled INTEGER.
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class PriorityType(TypeDecorator[Priority]):
     """Stored as its rank, so ordering by priority is ordering by urgency and can use an index."""
 
@@ -142,14 +148,14 @@ class Entity(SQLModel, table=True):
         ),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=IdType)
     # Set from the subclass's polymorphic identity; the default only keeps the constructor optional.
     kind: str = Field(default="", sa_type=String(16), nullable=False)
     title: str = Field(sa_type=String(200), nullable=False)
     description: str = Field(default="", sa_type=Text, nullable=False)
     status: TaskStatus | None = Field(default=None, sa_type=String(16), index=True)
     priority: Priority | None = Field(default=None, sa_type=PriorityType)
-    project_id: int | None = Field(default=None, foreign_key="entity.id")
+    project_id: int | None = Field(default=None, foreign_key="entity.id", sa_type=IdType)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -232,9 +238,9 @@ class AuditEntry(SQLModel, table=True):
         Index("uq_audit_seq", "seq", unique=True),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=IdType)
     seq: int | None = Field(default=None, sa_type=BigInteger)
-    entity_id: int | None = Field(default=None, foreign_key="entity.id")
+    entity_id: int | None = Field(default=None, foreign_key="entity.id", sa_type=IdType)
     entity_type: str | None = Field(default=None, sa_type=String(16))
     action: AuditAction = Field(sa_type=String(16), nullable=False)
     changed_by: str = Field(sa_type=String(200), nullable=False)

@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, Select, and_, bindparam, literal_column, o
 
 from mcp_server.db import Conn
 from mcp_server.errors import InvalidInputError
+from mcp_server.schemas import MAX_ID
 
 _TOKEN_ERROR = (
     "page_token is not valid for this query: pass the next_page_token of the previous page together "
@@ -53,6 +54,13 @@ def load_time(value: str) -> datetime:
     if parsed.tzinfo is None:
         raise ValueError("time without an offset")
     return parsed
+
+
+def load_id(value: Any) -> int:
+    """An id from a page token, within the range an id column holds."""
+    if type(value) is not int or not 0 < value <= MAX_ID:
+        raise ValueError("not an id")
+    return value
 
 
 def fingerprint(*parts: Any) -> str:

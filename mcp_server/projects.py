@@ -20,7 +20,7 @@ _entity = ENTITY_TABLE
 _IS_LIVE_PROJECT = (_entity.c.kind == EntityKind.PROJECT.value) & _entity.c.deleted_at.is_(None)
 _KEYS = (
     paging.SortKey("title", _entity.c.title, False, str, str),
-    paging.SortKey("id", _entity.c.id, False, int, int),
+    paging.SortKey("id", _entity.c.id, False, int, paging.load_id),
 )
 
 

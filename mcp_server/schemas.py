@@ -15,7 +15,9 @@ from typing_extensions import TypedDict
 
 from mcp_server.models import AuditAction, EntityKind, Priority, TaskStatus
 
-MAX_ID = 2**31 - 1  # ids and versions are INTEGER columns: 32 bits on PostgreSQL
+# Ids are 64-bit columns, but JSON numbers past 2**53 lose digits in many clients (JavaScript's).
+MAX_ID = 2**53 - 1
+MAX_VERSION = 2**31 - 1  # a row's version is an INTEGER column: 32 bits on PostgreSQL
 COUNT_CAP = 10_000  # search_tasks counts matches this far and no further
 
 
@@ -35,6 +37,7 @@ Description = Annotated[str, StringConstraints(max_length=10_000), AfterValidato
 # The bounds are enforced, and their errors name them, but not advertised: no agent comes near
 # them, and every id parameter in the tool list would carry them.
 Id = Annotated[int, Field(ge=1, le=MAX_ID), WithJsonSchema({"type": "integer"})]
+RowVersion = Annotated[int, Field(ge=1, le=MAX_VERSION), WithJsonSchema({"type": "integer"})]
 
 
 class _Input(BaseModel):

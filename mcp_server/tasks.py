@@ -129,7 +129,7 @@ _SORTABLE: dict[str, tuple[Any, Any, Any]] = {
     "updated_at": (_entity.c.updated_at, str, paging.load_time),
     "title": (_entity.c.title, str, str),
     "priority": (_entity.c.priority, PRIORITY_NAME.__getitem__, Priority),
-    "id": (_entity.c.id, int, int),
+    "id": (_entity.c.id, int, paging.load_id),
 }
 
 
