@@ -2,7 +2,8 @@
 
 Each entry gets the next `seq`, the previous entry's hash as `prev_hash`, and `entry_hash` =
 SHA-256 over `prev_hash` and its own content. The database does this in a trigger, so every
-insert is sealed whichever code path wrote it, and set-based inserts stay set-based. Writers are
+insert is sealed whichever code path wrote it, and set-based inserts stay set-based (the
+triggers are created by the first migration, schema_versions/versions/0001). Writers are
 serialized while they link (PostgreSQL: a transaction-level advisory lock, which every writing
 transaction takes first; SQLite: one writer at a time already), so the chain never forks.
 
@@ -21,10 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, NotRequired
 
 from pydantic import Field
-from sqlalchemy import DDL, BigInteger, Integer, Table, bindparam, event, text
+from sqlalchemy import BigInteger, Integer, bindparam, text
 from typing_extensions import TypedDict
 
-if TYPE_CHECKING:  # db imports this module to attach the triggers
+if TYPE_CHECKING:  # db imports this module
     from mcp_server.db import Conn
 
 GENESIS = "0" * 64
@@ -46,82 +47,10 @@ CONTENT = (
     "new_value",
 )
 
-_POSTGRESQL = [
-    """
-CREATE OR REPLACE FUNCTION audit_entry_hash(e audit_entry) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT encode(sha256(convert_to(e.prev_hash || jsonb_build_array(
-        e.seq, e.entity_id, e.entity_type, e.action, e.changed_by, e.client_name,
-        e.changed_at AT TIME ZONE 'UTC', e.request_id, e.old_value, e.new_value)::text, 'UTF8')), 'hex')
-$$""",
-    f"""
-CREATE OR REPLACE FUNCTION audit_entry_seal() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    head record;
-BEGIN
-    PERFORM pg_advisory_xact_lock({CHAIN_LOCK_KEY});
-    SELECT seq, entry_hash INTO head FROM audit_entry ORDER BY seq DESC LIMIT 1;
-    NEW.seq := coalesce(head.seq, 0) + 1;
-    NEW.prev_hash := coalesce(head.entry_hash, '{GENESIS}');
-    NEW.entry_hash := audit_entry_hash(NEW);
-    RETURN NEW;
-END $$""",
-    """
-CREATE OR REPLACE FUNCTION audit_entry_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'audit_entry is append-only: %% refused', TG_OP USING ERRCODE = 'insufficient_privilege';
-END $$""",
-    "CREATE TRIGGER audit_entry_seal BEFORE INSERT ON audit_entry "
-    "FOR EACH ROW EXECUTE FUNCTION audit_entry_seal()",
-    "CREATE TRIGGER audit_entry_append_only BEFORE UPDATE OR DELETE ON audit_entry "
-    "FOR EACH ROW EXECUTE FUNCTION audit_entry_refuse()",
-    "CREATE TRIGGER audit_entry_no_truncate BEFORE TRUNCATE ON audit_entry "
-    "FOR EACH STATEMENT EXECUTE FUNCTION audit_entry_refuse()",
-]
-
-# SQLite cannot assign NEW in a trigger, so an AFTER INSERT trigger seals the new row with an
-# UPDATE; the no-update trigger lets exactly that through (the row is not sealed yet) and
-# refuses every UPDATE of a sealed row. audit_entry_hash is the Python function below,
-# registered on each connection.
-_SQLITE_HEAD_SEQ = "(SELECT coalesce(max(seq), 0) FROM audit_entry)"
-_SQLITE_HEAD_HASH = (
-    f"coalesce((SELECT entry_hash FROM audit_entry WHERE seq = {_SQLITE_HEAD_SEQ}), '{GENESIS}')"
-)
-_SQLITE = [
-    f"""
-CREATE TRIGGER audit_entry_seal AFTER INSERT ON audit_entry
-BEGIN
-    UPDATE audit_entry SET
-        seq = {_SQLITE_HEAD_SEQ} + 1,
-        prev_hash = {_SQLITE_HEAD_HASH},
-        entry_hash = audit_entry_hash({_SQLITE_HEAD_HASH}, {_SQLITE_HEAD_SEQ} + 1,
-            {", ".join(f"NEW.{name}" for name in CONTENT[1:])})
-    WHERE id = NEW.id;
-END""",
-    """
-CREATE TRIGGER audit_entry_no_update BEFORE UPDATE ON audit_entry WHEN OLD.entry_hash IS NOT NULL
-BEGIN
-    SELECT RAISE(ABORT, 'audit_entry is append-only: UPDATE refused');
-END""",
-    """
-CREATE TRIGGER audit_entry_no_delete BEFORE DELETE ON audit_entry
-BEGIN
-    SELECT RAISE(ABORT, 'audit_entry is append-only: DELETE refused');
-END""",
-]
-
-
-def attach(table: Table) -> None:
-    """Create the chain's functions and triggers right after the audit table is created."""
-    for statement in _POSTGRESQL:
-        ddl = DDL(statement)  # type: ignore[no-untyped-call]
-        event.listen(table, "after_create", ddl.execute_if(dialect="postgresql"))
-    for statement in _SQLITE:
-        ddl = DDL(statement)  # type: ignore[no-untyped-call]
-        event.listen(table, "after_create", ddl.execute_if(dialect="sqlite"))
-
 
 def sqlite_entry_hash(prev_hash: str, *content: Any) -> str:
-    """The SQLite side of the seal, over the values as SQLite stores them."""
+    """The SQLite side of the seal (its trigger calls this as audit_entry_hash, registered on
+    each connection), over the values as SQLite stores them."""
     body = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
 

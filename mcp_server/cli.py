@@ -1,8 +1,9 @@
 """Command line: serve (stdio or HTTP), act as a scripted MCP client, and the operator's commands.
 
 `tools` and `call` start the server as a stdio subprocess and talk to it through the real
-protocol, so they show exactly what an agent would see. `mint-token`, `verify-audit-log` and
-`grant-app-role` are for the operator and work on the configuration and the database directly.
+protocol, so they show exactly what an agent would see. `migrate`, `mint-token`,
+`verify-audit-log` and `grant-app-role` are for the operator and work on the configuration and the
+database directly.
 """
 
 from __future__ import annotations
@@ -54,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     command = args.command or "serve"
+    if command != "migrate":  # Alembic says at INFO what it checked; only migrate's steps are news
+        logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if command == "serve":
             return _serve(settings, http=args.transport == "http")
         if command == "mint-token":
             return _mint_token(args)
+        if command == "migrate":
+            return anyio.run(_migrate, settings)
         if command == "verify-audit-log":
             return anyio.run(_verify_audit_log, settings)
         if command == "grant-app-role":
@@ -111,12 +116,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     mint.add_argument("--max-bulk-rows", type=int, help="most tasks one bulk update of its may change")
     commands.add_parser(
+        "migrate", help="upgrade the database's schema to this version's (the server refuses one behind)"
+    )
+    commands.add_parser(
         "verify-audit-log",
         help="walk the audit log's hash chain; exit 1 at the first entry that does not match",
     )
     grant = commands.add_parser(
         "grant-app-role",
-        help="PostgreSQL: create the schema and grant an existing role what the server needs, and no more",
+        help="PostgreSQL: migrate the schema and grant an existing role what the server needs, and no more",
     )
     grant.add_argument("role", help="the role the server will connect as")
     commands.add_parser("tools", help="start the server and list its tools")
@@ -246,9 +254,22 @@ def _exit_now() -> None:
 async def _open_database(settings: Settings) -> None:
     db = create_database(settings)
     try:
-        await db.create_schema()
+        await db.open_schema(upgrade=db.is_sqlite)
     finally:
         await db.dispose()
+
+
+async def _migrate(settings: Settings) -> int:
+    db = create_database(settings)
+    try:
+        before = await db.open_schema(upgrade=True)
+    finally:
+        await db.dispose()
+    if before.behind:
+        sys.stderr.write(f"schema upgraded from {before.current or 'none'} to {before.head}\n")
+    else:
+        sys.stderr.write(f"schema already at {before.head}; nothing to do\n")
+    return 0
 
 
 def _mint_token(args: argparse.Namespace) -> int:
@@ -297,7 +318,7 @@ async def _grant_app_role(settings: Settings, role: str) -> int:
             raise ConfigError(
                 "grant-app-role is for PostgreSQL; on SQLite, file permissions decide who writes"
             )
-        await db.create_schema()
+        await db.open_schema(upgrade=True)
         async with db.engine.begin() as conn:
             await conn.run_sync(lambda sync: grant_app_role(sync, role))
     except SQLAlchemyError as exc:

@@ -9,7 +9,9 @@ a call costs its round trips and little else. On SQLite they run through SQLAlch
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -20,7 +22,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from pydantic_core import from_json
-from sqlalchemy import ARRAY, JSON, Boolean, ColumnElement, Dialect, String, Table, event, inspect, true
+from sqlalchemy import ARRAY, JSON, Boolean, ColumnElement, Dialect, String, Table, event, true
 from sqlalchemy import func as sql_func
 from sqlalchemy import select as sql_select
 from sqlalchemy.engine import Connection, make_url
@@ -34,23 +36,22 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlalchemy.util import await_only
-from sqlmodel import SQLModel, select
+from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import chain, models
+from mcp_server import chain, models, schema
 from mcp_server.config import Settings
 from mcp_server.errors import StartupError, is_disconnect
 
 # Every statement sent to a driver, at DEBUG: its SQL in the message, its values only in the record
 # (`parameters`), never in the text of the log.
+logger = logging.getLogger(__name__)
 sql_log = logging.getLogger("mcp_server.sql")
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 PING_AFTER_IDLE_SECONDS = 10.0
 APPLICATION_NAME = "mcp-task-server"
 PLAN_CACHE_SIZE = 1024
-
-chain.attach(models.AUDIT_TABLE)
 
 Statement = Select[Any] | Insert | Update | Delete | TextClause
 Row = Sequence[Any]
@@ -333,20 +334,44 @@ class Database:
                 await session.exec(select(sql_func.pg_advisory_xact_lock(chain.CHAIN_LOCK_KEY)))
             yield session
 
-    async def create_schema(self) -> None:
-        where = self.engine.url.render_as_string(hide_password=True)
+    @property
+    def where(self) -> str:
+        """The database's URL with its password masked, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    async def open_schema(self, *, upgrade: bool) -> schema.Version:
+        """The database's schema version, checked against this server's: brought up to it with
+        `upgrade`, and otherwise a StartupError that says how when it is behind. What it was."""
         try:
-            async with self.engine.begin() as conn:
-                await conn.run_sync(SQLModel.metadata.create_all)
-                missing = await conn.run_sync(_missing_columns)
+            async with self.engine.connect() as conn:
+                if upgrade and self.is_sqlite:
+                    # Take the write lock before reading the version: two servers starting on
+                    # one file then upgrade it one after the other, not both.
+                    conn = await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+                async with conn.begin():
+                    version = await conn.run_sync(schema.upgrade if upgrade else schema.version)
+        except schema.OutdatedError as exc:
+            raise StartupError(
+                f"the database {self.where} was made by a version older than any migration ({exc}); "
+                "start from a new database"
+            ) from exc
+        except schema.NewerError as exc:
+            raise StartupError(
+                f"the database {self.where} was upgraded by a newer mcp-task-server ({exc}); "
+                "run that version, or upgrade this one"
+            ) from exc
         except (SQLAlchemyError, OSError) as exc:
             reason = exc.orig if isinstance(exc, DBAPIError) else exc
-            raise StartupError(f"cannot open the database {where}: {reason}") from exc
-        if missing:
+            raise StartupError(f"cannot open the database {self.where}: {reason}") from exc
+        if version.behind and not upgrade:
             raise StartupError(
-                f"the database {where} was created by an earlier version (it lacks {', '.join(missing)}); "
-                "start from a new database (schema migrations are not available yet)"
+                f"the database {self.where} is at schema version {version.current or 'none (it is empty)'} "
+                f"and this server needs {version.head}: run `mcp-task-server migrate` with the same "
+                "settings to upgrade it"
             )
+        if version.behind:
+            logger.info("upgraded the database schema from %s to %s", version.current or "none", version.head)
+        return version
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -366,18 +391,6 @@ async def _give_back_after(fairy: PoolProxiedConnection, exc: BaseException) -> 
     else:
         fairy.invalidate()
     fairy.close()
-
-
-def _missing_columns(conn: Connection) -> list[str]:
-    """Columns the models have and the database's existing tables lack."""
-    inspector = inspect(conn)
-    return [
-        f"{table.name}.{column.name}"
-        for table in SQLModel.metadata.sorted_tables
-        for present in [{c["name"] for c in inspector.get_columns(table.name)}]
-        for column in table.columns
-        if column.name not in present
-    ]
 
 
 def create_database(settings: Settings) -> Database:
@@ -419,11 +432,13 @@ def grant_app_role(conn: Connection, role: str) -> None:
     schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
     for statement in (
         f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
-        f"REVOKE ALL ON entity, audit_entry, idempotency_key FROM {quote(role)}",
+        f"REVOKE ALL ON entity, audit_entry, idempotency_key, alembic_version FROM {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
         f"GRANT SELECT, INSERT ON audit_entry TO {quote(role)}",
         f"GRANT SELECT, INSERT, DELETE ON idempotency_key TO {quote(role)}",
         f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq TO {quote(role)}",
+        # The server reads the schema version at start; only `migrate`, as the owner, changes it.
+        f"GRANT SELECT ON alembic_version TO {quote(role)}",
     ):
         conn.exec_driver_sql(statement)
 
@@ -462,8 +477,8 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -478,6 +493,21 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
     def on_execute(_conn: Connection, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         _sent(statement, parameters)
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """WAL mode, which the file keeps once set. Setting it on a new file needs a lock that another
+    process starting on the same file may hold, and SQLite reports that at once rather than wait
+    (the busy timeout does not apply), so wait here."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await_only(asyncio.sleep(0.01))
 
 
 class json_object(FunctionElement[dict[str, Any]]):

@@ -49,6 +49,7 @@ from mcp_server.schemas import (
     OrderBy,
     ProjectPage,
     ProjectPublic,
+    RowVersion,
     TaskCreate,
     TaskPage,
     TaskPublic,
@@ -260,7 +261,7 @@ async def update_task(
     priority: Annotated[Priority | None, Field(description="New priority.")] = None,
     project_id: Annotated[Id | None, Field(description="Move it to this live project.")] = None,
     expected_version: Annotated[
-        Id | None, Field(description="The version you read: if it changed since, nothing changes.")
+        RowVersion | None, Field(description="The version you read: if it changed since, nothing changes.")
     ] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskWritten:
@@ -533,7 +534,8 @@ def create_server(settings: Settings) -> TaskServer:
     async def lifespan(server: MCPServer[AppState]) -> AsyncIterator[AppState]:
         db = create_database(settings)
         try:
-            await db.create_schema()
+            # The embedded SQLite file belongs to this server: nobody else is there to migrate it.
+            await db.open_schema(upgrade=db.is_sqlite)
             state = AppState(settings=settings, db=db)
             cast(TaskServer, server).app_state = state
             yield state

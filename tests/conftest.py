@@ -42,9 +42,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _postgres_problem() -> str | None:
-    """None when the test database is reachable (created afresh for this run), else why not."""
-    url = make_url(POSTGRES_URL)
+async def _postgres_problem(url_text: str = POSTGRES_URL) -> str | None:
+    """None when the database is reachable (created afresh, empty), else why not."""
+    url = make_url(url_text)
     try:
         admin = await asyncpg.connect(
             host=url.host,
@@ -77,7 +77,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
             pytest.fail(f"CI=true requires PostgreSQL: {_postgres_checked}")
         pytest.skip(_postgres_checked)
     db = create_database(Settings(database_url=POSTGRES_URL))
-    await db.create_schema()
+    await db.open_schema(upgrade=True)
     async with db.engine.begin() as conn:
         # The audit log refuses TRUNCATE; a superuser in replica mode skips triggers, as a test reset may.
         await conn.execute(text("SET LOCAL session_replication_role = replica"))
@@ -86,6 +86,20 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await conn.execute(text("ALTER TABLE audit_entry ENABLE TRIGGER USER"))
     await db.dispose()
     yield POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database with no schema at all, made for the one test."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    url = make_url(POSTGRES_URL)
+    url_text = url.set(database=f"{url.database}_empty").render_as_string(hide_password=False)
+    if problem := await _postgres_problem(url_text):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires PostgreSQL: {problem}")
+        pytest.skip(problem)
+    return url_text
 
 
 @pytest.fixture
@@ -97,7 +111,7 @@ def settings(database_url: str) -> Settings:
 async def db(settings: Settings) -> AsyncIterator[Database]:
     """A second connection to the test database, to look at rows behind the server's back."""
     database = create_database(settings)
-    await database.create_schema()
+    await database.open_schema(upgrade=True)
     yield database
     await database.dispose()
 

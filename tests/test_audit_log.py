@@ -18,7 +18,6 @@ from sqlalchemy.exc import DBAPIError
 from mcp_server.chain import CHAIN_LOCK_KEY
 from mcp_server.config import Settings
 from mcp_server.db import Database, create_database
-from mcp_server.errors import StartupError
 from tests.conftest import call, call_error, connect, snapshot
 from tests.test_tools import make_project, make_task
 
@@ -206,24 +205,6 @@ async def test_on_postgresql_a_held_lock_or_a_long_statement_ends_the_call_with_
         finally:
             await holder.execute(text(f"SELECT pg_advisory_unlock({CHAIN_LOCK_KEY})"))
     assert await snapshot(db) == before
-
-
-async def test_a_database_from_before_the_hash_chain_is_refused_at_start_with_what_to_do(
-    settings: Settings, db: Database
-) -> None:
-    async with db.engine.begin() as conn:
-        await conn.execute(text("DROP TABLE audit_entry" + ("" if db.is_sqlite else " CASCADE")))
-        await conn.execute(text("CREATE TABLE audit_entry (id INTEGER PRIMARY KEY, changed_by TEXT)"))
-    try:
-        with pytest.raises(StartupError, match="earlier version"):
-            await db.create_schema()
-    finally:
-        async with db.engine.begin() as conn:
-            await conn.execute(text("DROP TABLE audit_entry"))
-    await db.create_schema()  # without the table, the current schema is created again, triggers included
-    await some_history(settings)
-    async with connect(settings, "auto") as client:
-        assert (await call(client, "verify_audit_log"))["ok"]
 
 
 async def test_concurrent_writers_that_bypass_the_server_still_extend_one_unbroken_chain(
