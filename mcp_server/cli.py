@@ -29,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from mcp_server import __version__, chain, stdio
+from mcp_server import __version__, chain, logs, stdio, telemetry
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
@@ -50,15 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"mcp-task-server: {exc}\n")
         return 2
-    # stdout carries the protocol on stdio: logs go to stderr only.
-    logging.basicConfig(
-        level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)  # stderr: stdout carries the protocol
     command = args.command or "serve"
     if command != "migrate":  # Alembic says at INFO what it checked; only migrate's steps are news
         logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if command == "serve":
+            telemetry.setup()
             return _serve(settings, http=args.transport == "http")
         if command == "mint-token":
             return _mint_token(args)
@@ -227,7 +225,8 @@ async def _serve_stdio_lines(
 
         group.start_soon(stop_on_sigterm)
         lines: AsyncIterable[str] = stdin
-        if stdout is not None:
+        # With tracing on, every call goes through the SDK, whose middleware opens its span.
+        if stdout is not None and not telemetry.tracing():
             lines = DirectCalls(server, stdout.write).lines(stdin)
         async with stdio_server(stdin=lines, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
             await server._lowlevel_server.run(  # run_stdio_async, with our streams

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "DB_STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
     "DB_LOCK_TIMEOUT_MS": "lock_timeout_ms",
     "LOG_LEVEL": "log_level",
+    "LOG_FORMAT": "log_format",
 }
 # Settings that hold a list take a comma-separated environment variable.
 _LIST_SETTINGS = {"tools", "allowed_hosts", "allowed_origins"}
@@ -111,6 +112,7 @@ class Settings(BaseModel):
     max_overflow: int = Field(default=10, ge=0, le=100)
     pool_timeout: float = Field(default=30.0, gt=0, le=600)
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

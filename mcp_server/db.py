@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
+import sqlalchemy.ext.asyncio
 from pydantic_core import from_json
 from sqlalchemy import ARRAY, JSON, Boolean, ColumnElement, Dialect, String, Table, event, true
 from sqlalchemy import func as sql_func
 from sqlalchemy import select as sql_select
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.sql import Delete, FromClause, Insert, Select, TextClause, Update, bindparam, literal_column
@@ -411,7 +412,8 @@ def create_database(settings: Settings) -> Database:
                 "lock_timeout": str(settings.lock_timeout_ms),
             }
         }
-    engine = create_async_engine(url, **kwargs)
+    # Looked up at call time: OpenTelemetry's SQLAlchemy instrumentation wraps it (telemetry.py).
+    engine = sqlalchemy.ext.asyncio.create_async_engine(url, **kwargs)
     if url.get_backend_name() == "postgresql":
         _check_on_checkout(engine)
     if url.get_backend_name() == "sqlite":

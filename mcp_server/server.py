@@ -8,13 +8,13 @@ recorded in the audit log. Expected failures become a `ToolError` that tells the
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, TypeVar, cast
 
+import anyio
 from mcp.server._otel import OpenTelemetryMiddleware  # not exported; the SDK documents dropping it
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
@@ -22,11 +22,21 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from opentelemetry import trace
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic_core import to_json, to_jsonable_python
 
-from mcp_server import __version__, audit, auth, chain, idempotency, identity, projects, tasks
+from mcp_server import (
+    __version__,
+    audit,
+    auth,
+    chain,
+    idempotency,
+    identity,
+    logs,
+    projects,
+    tasks,
+    telemetry,
+)
 from mcp_server.audit import Actor
 from mcp_server.config import ConfigError, Settings
 from mcp_server.db import Conn, Database, create_database
@@ -92,7 +102,9 @@ def _principal(ctx: ToolContext) -> identity.Principal:
 
 def _actor(ctx: ToolContext) -> Actor:
     who = _principal(ctx)
-    return Actor(agent_id=who.agent_id, request_id=uuid.uuid4().hex, client_name=who.client_name)
+    call = logs.current_call()  # set by _guarded: the call's logs, span and audit share its request id
+    request_id = call.request_id if call is not None else logs.new_request_id()
+    return Actor(agent_id=who.agent_id, request_id=request_id, client_name=who.client_name)
 
 
 @asynccontextmanager
@@ -478,19 +490,35 @@ def _result(value: Mapping[str, Any] | BaseModel) -> CallToolResult:
 
 
 def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The tool function behind a permission check; a refused call is recorded, then reported."""
+    """The tool function behind a permission check; a refused call is recorded, then reported.
+
+    The call gets its request id here. Its log records carry it with the agent's identity, and so
+    does the trace span the SDK opened for the call, with the outcome (when tracing is on).
+    """
 
     async def guarded(ctx: ToolContext, **arguments: Any) -> CallToolResult:
         who = _principal(ctx)
-        try:
-            if who.permissions.tools is not None and name not in who.permissions.tools:
-                raise PermissionDeniedError(
-                    f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
-                )
-            return _result(await fn(ctx, **arguments))
-        except PermissionDeniedError as exc:
-            await _record_refusal(ctx, name, exc.permission, arguments)
-            raise ToolError(f"permission denied: {exc}. The attempt is recorded in the audit log.") from None
+        call = logs.Call(tool=name, agent_id=who.agent_id, request_id=logs.new_request_id())
+        outcome = "error"
+        with logs.calling(call):
+            try:
+                if who.permissions.tools is not None and name not in who.permissions.tools:
+                    raise PermissionDeniedError(
+                        f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
+                    )
+                result = _result(await fn(ctx, **arguments))
+                outcome = "ok"
+                return result
+            except PermissionDeniedError as exc:
+                outcome = "refused"
+                await _record_refusal(ctx, name, exc.permission, arguments)
+                message = f"permission denied: {exc}. The attempt is recorded in the audit log."
+                raise ToolError(message) from None
+            except anyio.get_cancelled_exc_class():
+                outcome = "cancelled"
+                raise
+            finally:
+                telemetry.describe_call(call, outcome)
 
     return guarded
 
@@ -561,7 +589,7 @@ def create_server(settings: Settings) -> TaskServer:
         if settings.accepts_tokens
         else None,
     )
-    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    if not telemetry.tracing():
         # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes
         # nowhere; it would still cost each call about 40 µs.
         server.middleware[:] = [m for m in server.middleware if not isinstance(m, OpenTelemetryMiddleware)]

@@ -1,0 +1,192 @@
+"""What an operator sees: traces sent over OTLP and logs on stderr.
+
+The traces and logs come from a real server subprocess over stdio, configured only by environment
+variables, as an operator would configure it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.types import Implementation
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from mcp_server.telemetry import wanted_exporters
+from tests.conftest import call, call_error
+from tests.test_stdio import BIN, desktop_entry
+
+pytestmark = pytest.mark.anyio
+
+AGENT = desktop_entry()["env"]["MCP_AGENT_ID"]
+
+
+def _value(any_value: Any) -> Any:
+    return getattr(any_value, any_value.WhichOneof("value"))
+
+
+@contextmanager
+def otlp_collector() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """An OTLP/HTTP endpoint, as a collector serves it: every span it receives, decoded."""
+    spans: list[dict[str, Any]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        spans.append(
+                            {
+                                "name": span.name,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent_id": span.parent_span_id.hex(),
+                                "status": span.status.code,
+                                "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
+                                "resource": resource,
+                            }
+                        )
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=collector.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{collector.server_address[1]}", spans
+    finally:
+        collector.shutdown()
+        collector.server_close()
+
+
+def stdio_server(env: dict[str, str], errlog: Any) -> Client:
+    """The server from config.example.json's entry, with `env` over its environment and its
+    stderr in `errlog`."""
+    entry = desktop_entry()
+    params = StdioServerParameters(
+        command=str(BIN / entry["command"]), args=entry["args"], env={**entry["env"], **env}
+    )
+    info = Implementation(name="operator-test", version="1")
+    return Client(stdio_client(params, errlog=errlog), mode="legacy", client_info=info)
+
+
+async def test_with_an_otlp_endpoint_set_each_tool_call_is_a_span_with_its_caller_outcome_and_sql_beneath(
+    database_url: str, tmp_path: Path
+) -> None:
+    with otlp_collector() as (endpoint, spans), (tmp_path / "stderr").open("w") as errlog:
+        env = {
+            "DATABASE_URL": database_url,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_SERVICE_NAME": "tasks-under-test",
+        }
+        async with stdio_server(env, errlog) as client:
+            project = await call(client, "create_project", {"name": "Traced"})
+            await call_error(client, "get_task", {"task_id": 999_999})
+            trail = await call(client, "get_audit_trail", {"entity_id": project["id"]})
+        # The server sends what it holds as it exits; the collector's thread receives it.
+        with anyio.fail_after(30):
+            while not any(span["name"] == "tools/call get_audit_trail" for span in spans):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+
+    by_name = {span["name"]: span for span in spans}
+    created = by_name["tools/call create_project"]
+    assert created["resource"]["service.name"] == "tasks-under-test"
+    assert created["attributes"]["gen_ai.tool.name"] == "create_project"
+    assert created["attributes"]["enduser.id"] == AGENT
+    assert created["attributes"]["task_server.outcome"] == "ok"
+    # The same request id as the change's audit entry: one id finds the span, the logs and the entry.
+    [entry] = trail["items"]
+    assert created["attributes"]["task_server.request_id"] == entry["request_id"]
+    sql = [
+        span
+        for span in spans
+        if span["parent_id"] == created["span_id"] and span["attributes"].get("db.system") is not None
+    ]
+    assert len(sql) >= 2, [span["name"] for span in spans]
+    assert {span["trace_id"] for span in sql} == {created["trace_id"]}
+    expected_system = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    assert {span["attributes"]["db.system"] for span in sql} == {expected_system}
+
+    missed = by_name["tools/call get_task"]
+    assert missed["attributes"]["task_server.outcome"] == "error"
+    assert missed["status"] == 2  # STATUS_CODE_ERROR
+
+
+@pytest.mark.parametrize(
+    ("env", "exporters"),
+    [
+        ({}, []),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ["otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "console, otlp"}, ["console", "otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, []),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}, []),
+    ],
+)
+def test_tracing_is_off_unless_the_standard_settings_ask_for_it(
+    env: dict[str, str], exporters: list[str]
+) -> None:
+    assert wanted_exporters(env) == exporters
+
+
+def test_an_exporter_the_server_cannot_send_to_stops_it_with_a_clear_message(tmp_path: Path) -> None:
+    served = subprocess.run(
+        [sys.executable, "-m", "mcp_server", "serve"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env={"HOME": str(tmp_path), "OTEL_TRACES_EXPORTER": "zipkin"},
+        timeout=60,
+        check=False,
+    )
+    assert served.returncode == 1
+    assert b"OTEL_TRACES_EXPORTER: 'zipkin' is not supported here; use otlp, console or none" in served.stderr
+    assert b"Traceback" not in served.stderr
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_log_records_of_a_tool_call_carry_its_tool_agent_and_request_id(
+    database_url: str, tmp_path: Path, log_format: str
+) -> None:
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as errlog:
+        env = {"DATABASE_URL": database_url, "LOG_FORMAT": log_format, "LOG_LEVEL": "DEBUG"}
+        async with stdio_server(env, errlog) as client:
+            project = await call(client, "create_project", {"name": "Logged"})
+            trail = await call(client, "get_audit_trail", {"entity_id": project["id"]})
+    request_id = trail["items"][0]["request_id"]
+    lines = stderr.read_text().splitlines()
+    assert lines
+
+    if log_format == "text":
+        tagged = [line for line in lines if f"request_id={request_id}]" in line]
+        assert tagged and all(f"[tool=create_project agent={AGENT} " in line for line in tagged)
+        assert any(" mcp_server.sql: " in line for line in tagged)  # the call's statements
+        return
+
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+    of_the_call = [record for record in records if record.get("request_id") == request_id]
+    assert of_the_call
+    assert {(record["tool"], record["agent_id"]) for record in of_the_call} == {("create_project", AGENT)}
+    assert any(record["logger"] == "mcp_server.sql" for record in of_the_call)
+    # Outside a call (start-up, shut-down) a record names no call.
+    assert any("request_id" not in record for record in records)
