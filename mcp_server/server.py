@@ -349,7 +349,13 @@ async def bulk_update_status(
         idempotency_key,
         {"status": status, "filter": filter, "task_ids": task_ids},
         lambda conn, actor: tasks.bulk_update_status(
-            conn, actor, status, filter=filter, task_ids=task_ids, max_rows=max_rows
+            conn,
+            actor,
+            status,
+            filter=filter,
+            task_ids=task_ids,
+            max_rows=max_rows,
+            progress=ctx.report_progress,  # sent only when the client asked, with a progress token
         ),
     )
 

@@ -55,6 +55,11 @@ class CallContext:
     request_context: _RequestContext
     session: _Session
 
+    async def report_progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Nothing to report to: a call that asks for progress goes to the SDK, which sends it."""
+
 
 @dataclass
 class _Running:

@@ -7,7 +7,7 @@ statement, so no read ever costs a second query per row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
@@ -386,6 +386,14 @@ async def update_task(
     return task_of(row)
 
 
+Progress = Callable[[float, float | None, str], Awaitable[None]]
+BULK_STEPS = 3
+
+
+async def no_progress(done: float, total: float | None, message: str) -> None:
+    """For a caller that asked for no progress."""
+
+
 async def bulk_update_status(
     conn: Conn,
     actor: Actor,
@@ -394,15 +402,18 @@ async def bulk_update_status(
     filter: FilterTree | None,
     task_ids: Sequence[int] | None,
     max_rows: int | None = None,
+    progress: Progress = no_progress,
 ) -> BulkUpdateResult:
     """Set `status` on every live matching task, set-based: one INSERT ... SELECT writes the audit
     entries of exactly the tasks that change, then one UPDATE changes the tasks those entries name.
 
-    More than `max_rows` changing tasks refuses the whole call (the caller rolls back).
+    More than `max_rows` changing tasks refuses the whole call (the caller rolls back). `progress`
+    hears of each of the three steps as it ends; the first, the audit entries, takes the longest.
     """
     shape, params = await _target(conn, status, filter=filter, task_ids=task_ids)
     now = utcnow()
     entry = audit.entry(actor, AuditAction.UPDATED, now, None, None)
+    await progress(0, BULK_STEPS, "finding the tasks to change and writing their audit entries")
     count = await conn.execute(_bulk_statements(shape).record, params | entry)
     if max_rows is not None and count > max_rows:
         raise PermissionDeniedError(
@@ -410,9 +421,12 @@ async def bulk_update_status(
             f"this call would change {count} tasks, and you may change at most {max_rows} in one bulk "
             "update (permission max_bulk_rows); nothing was changed. Narrow the filter or split the work",
         )
+    await progress(1, BULK_STEPS, f"{count:,} audit entries written; updating the tasks")
     this_call = {"request_id": actor.request_id}
     changed = await conn.execute(_BULK_UPDATE, this_call | {"new_status": status.value, "at": now})
+    await progress(2, BULK_STEPS, f"{changed:,} tasks updated; listing their ids")
     ids = [row[0] for row in await conn.rows(_CHANGED_IDS, this_call)]
+    await progress(BULK_STEPS, BULK_STEPS, "done; committing")
     return {
         "status": status,
         "dry_run": False,

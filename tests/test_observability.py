@@ -1,4 +1,4 @@
-"""What an operator sees: traces sent over OTLP and logs on stderr.
+"""What an operator sees: traces sent over OTLP, logs on stderr, and progress during a long tool.
 
 The traces and logs come from a real server subprocess over stdio, configured only by environment
 variables, as an operator would configure it.
@@ -190,3 +190,24 @@ async def test_log_records_of_a_tool_call_carry_its_tool_agent_and_request_id(
     assert any(record["logger"] == "mcp_server.sql" for record in of_the_call)
     # Outside a call (start-up, shut-down) a record names no call.
     assert any("request_id" not in record for record in records)
+
+
+async def test_a_bulk_update_reports_its_steps_to_a_client_that_sent_a_progress_token(client: Client) -> None:
+    project = await call(client, "create_project", {"name": "Progress"})
+    for i in range(5):
+        await call(client, "create_task", {"title": f"task {i}", "project_id": project["id"]})
+    heard: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        heard.append((progress, total, message))
+
+    result = await client.call_tool(
+        "bulk_update_status",
+        {"status": "completed", "filter": {"field": "project_id", "op": "eq", "value": project["id"]}},
+        progress_callback=on_progress,
+    )
+    assert not result.is_error
+    assert result.structured_content is not None and result.structured_content["changed_count"] == 5
+    assert [(progress, total) for progress, total, _ in heard] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    messages = [message or "" for _, _, message in heard]
+    assert "5 audit entries written" in messages[1] and "5 tasks updated" in messages[2]
