@@ -1,7 +1,7 @@
 """Command line: serve (stdio or HTTP), act as a scripted MCP client, and the operator's commands.
 
 `tools` and `call` start the server as a stdio subprocess and talk to it through the real
-protocol, so they show exactly what an agent would see. `migrate`, `mint-token`,
+protocol, so they show exactly what an agent would see. `migrate`, `doctor`, `mint-token`,
 `verify-audit-log` and `grant-app-role` are for the operator and work on the configuration and the
 database directly.
 """
@@ -29,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from mcp_server import __version__, chain, logs, stdio, telemetry
+from mcp_server import __version__, chain, doctor, logs, stdio, telemetry
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return _mint_token(args)
         if command == "migrate":
             return anyio.run(_migrate, settings)
+        if command == "doctor":
+            return anyio.run(_doctor, settings, args.json)
         if command == "verify-audit-log":
             return anyio.run(_verify_audit_log, settings)
         if command == "grant-app-role":
@@ -116,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "migrate", help="upgrade the database's schema to this version's (the server refuses one behind)"
     )
+    doctor_command = commands.add_parser(
+        "doctor",
+        help="show the settings in effect and check the database, its schema, the pool and the audit "
+        "log's protections; exit 1 on a problem",
+    )
+    doctor_command.add_argument("--json", action="store_true", help="print the report as JSON")
     commands.add_parser(
         "verify-audit-log",
         help="walk the audit log's hash chain; exit 1 at the first entry that does not match",
@@ -269,6 +277,12 @@ async def _migrate(settings: Settings) -> int:
     else:
         sys.stderr.write(f"schema already at {before.head}; nothing to do\n")
     return 0
+
+
+async def _doctor(settings: Settings, as_json: bool) -> int:
+    report = await doctor.diagnose(settings)
+    _write(json.dumps(report.as_json(), indent=2) if as_json else doctor.render(report))
+    return 0 if report.healthy else 1
 
 
 def _mint_token(args: argparse.Namespace) -> int:
