@@ -162,6 +162,14 @@ async def test_on_postgresql_the_app_role_cannot_touch_audit_rows_even_without_t
     assert granted.returncode == 0, granted.stderr.decode()
     as_app = make_url(database_url).set(username=APP_ROLE).render_as_string(hide_password=False)
     app_settings = settings.model_copy(update={"database_url": as_app})
+    checked = await anyio.run_process(
+        [sys.executable, "-m", "mcp_server", "doctor", "--json"],
+        env={**os.environ, "DATABASE_URL": as_app},
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout.decode()
+    [role] = [f for f in json.loads(checked.stdout)["findings"] if f["check"] == "database role"]
+    assert role == {**role, "level": "ok", "text": f"{APP_ROLE} may only read and append to the audit log"}
     ids = await some_history(app_settings, era)
     async with connect(app_settings, era) as client:
         await call(client, "restore_task", {"task_id": ids[0]})

@@ -30,6 +30,8 @@ from tests.test_stdio import BIN, desktop_entry
 pytestmark = pytest.mark.anyio
 
 AGENT = desktop_entry()["env"]["MCP_AGENT_ID"]
+CLIENT_TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 
 
 def _value(any_value: Any) -> Any:
@@ -101,7 +103,12 @@ async def test_with_an_otlp_endpoint_set_each_tool_call_is_a_span_with_its_calle
         async with stdio_server(env, errlog) as client:
             project = await call(client, "create_project", {"name": "Traced"})
             await call_error(client, "get_task", {"task_id": 999_999})
-            trail = await call(client, "get_audit_trail", {"entity_id": project["id"]})
+            # A client's own trace continues through the call.
+            traced = await client.call_tool(
+                "get_audit_trail", {"entity_id": project["id"]}, meta={"traceparent": TRACEPARENT}
+            )
+            trail = traced.structured_content
+            assert trail is not None
         # The server sends what it holds as it exits; the collector's thread receives it.
         with anyio.fail_after(30):
             while not any(span["name"] == "tools/call get_audit_trail" for span in spans):  # noqa: ASYNC110
@@ -125,6 +132,11 @@ async def test_with_an_otlp_endpoint_set_each_tool_call_is_a_span_with_its_calle
     assert {span["trace_id"] for span in sql} == {created["trace_id"]}
     expected_system = "sqlite" if database_url.startswith("sqlite") else "postgresql"
     assert {span["attributes"]["db.system"] for span in sql} == {expected_system}
+
+    # Statements are traced as text: the values bound to them (the project's name) stay out.
+    assert not [span["name"] for span in spans if "Traced" in json.dumps(span["attributes"])]
+    read = by_name["tools/call get_audit_trail"]
+    assert (read["trace_id"], read["parent_id"]) == (CLIENT_TRACE, CLIENT_SPAN)
 
     missed = by_name["tools/call get_task"]
     assert missed["attributes"]["task_server.outcome"] == "error"
