@@ -250,16 +250,15 @@ async def load_postgres(url: str, size: Size, *, force: bool) -> None:
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if exists and not force and await _pg_marker(url) == size.marker:
-            logger.info("%s already holds %s; nothing to do (--force reloads)", name, size.marker)
+            logger.info("%s already holds %s; nothing to load (--force reloads)", name, size.marker)
+            await _migrate(url)  # data loaded by an earlier version: its schema may be behind
             return
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
 
-    db = create_database(Settings(database_url=url))
-    await db.open_schema(upgrade=True)
-    await db.dispose()
+    await _migrate(url)
 
     started = time.perf_counter()
     h = plan(size)
@@ -302,6 +301,14 @@ async def load_postgres(url: str, size: Size, *, force: bool) -> None:
     finally:
         await conn.close()
     logger.info("loaded %s in %.1f s", name, time.perf_counter() - started)
+
+
+async def _migrate(url: str) -> None:
+    db = create_database(Settings(database_url=url))
+    try:
+        await db.open_schema(upgrade=True)
+    finally:
+        await db.dispose()
 
 
 async def _pg_marker(url: str) -> str | None:
