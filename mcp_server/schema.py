@@ -71,6 +71,10 @@ def upgrade(conn: Connection, target: str = "head") -> Version:
     transaction; what it was."""
     if conn.dialect.name == "postgresql":
         conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"))
+        # A migration rewrites whole tables: the server's statement_timeout, meant for tool calls,
+        # would cancel it on a large database. lock_timeout stays, so a migration that cannot get
+        # its locks fails instead of queueing every server's queries behind it.
+        conn.execute(text("SET LOCAL statement_timeout = 0"))
     before = version(conn)
     if before.current is not None and MigrationContext.configure(conn).get_current_revision() is None:
         command.stamp(_config(conn), FIRST)  # a database from before migrations: record what it is

@@ -132,6 +132,41 @@ async def test_migrate_upgrades_a_first_release_database_to_head_and_keeps_every
         await db.dispose()
 
 
+async def test_a_migration_is_not_cut_off_by_the_statement_timeout_meant_for_tool_calls(
+    empty_database_url: str,
+) -> None:
+    """Rewriting a large table takes longer than a tool call may: on 200,000 tasks, 0002's ALTER
+    takes well over the 50 ms this server's calls are given here."""
+    if empty_database_url.startswith("sqlite"):
+        pytest.skip("statement_timeout is a PostgreSQL setting")
+    db = await at_version(empty_database_url, schema.FIRST)
+    try:
+        await first_release_history(db)
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO entity (kind, title, description, status, priority, project_id, "
+                    "created_at, updated_at, version) SELECT 'task', 'bulk ' || n, '', 'pending', 1, 1, "
+                    "now(), now(), 1 FROM generate_series(1, 200000) AS n"
+                )
+            )
+        migrated = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "mcp_server", "migrate"],
+                env={**os.environ, "DATABASE_URL": empty_database_url, "DB_STATEMENT_TIMEOUT_MS": "50"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+        )
+        assert migrated.returncode == 0, migrated.stderr
+        await db.engine.dispose()
+        assert await version_of(db) == schema.head()
+    finally:
+        await db.dispose()
+
+
 async def test_after_the_upgrade_ids_go_past_32_bits(empty_database_url: str) -> None:
     db = await at_version(empty_database_url, "head")
     try:
