@@ -6,8 +6,9 @@ Create Date: 2026-11-30
 
 The audit log only grows, and a 32-bit id (and its sequence) stops at 2,147,483,647 rows. Each
 table is rewritten once, under an exclusive lock: 64 s for 1,000,000 tasks and 5,000,000 audit
-entries (3 GB) on a 2-core machine, so run `migrate` when the servers are stopped. The audit hashes do not change: an id is the same JSON
-number at either width. On SQLite an INTEGER PRIMARY KEY is 64 bits already, and nothing changes.
+entries (3 GB) on a 2-core machine, so run `migrate` when the servers are stopped. The audit
+hashes do not change: an id is the same JSON number at either width. On SQLite an INTEGER
+PRIMARY KEY is 64 bits already, and nothing changes.
 """
 
 from collections.abc import Sequence
