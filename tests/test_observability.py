@@ -23,8 +23,10 @@ from mcp.client.stdio import stdio_client
 from mcp.types import Implementation
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from mcp_server.auth import mint_token, token_sha256
+from mcp_server.db import Database
 from mcp_server.telemetry import wanted_exporters
-from tests.conftest import call, call_error
+from tests.conftest import call, call_error, http_client, http_server
 from tests.test_stdio import BIN, desktop_entry
 
 pytestmark = pytest.mark.anyio
@@ -141,6 +143,33 @@ async def test_with_an_otlp_endpoint_set_each_tool_call_is_a_span_with_its_calle
     missed = by_name["tools/call get_task"]
     assert missed["attributes"]["task_server.outcome"] == "error"
     assert missed["status"] == 2  # STATUS_CODE_ERROR
+
+
+async def test_over_http_the_span_names_the_agent_its_token_proves_and_a_refusal(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    token = mint_token()
+    config = {
+        "database_url": database_url,
+        "agents": [{"id": "planner", "token_sha256": token_sha256(token), "tools": ["create_project"]}],
+    }
+    with otlp_collector() as (endpoint, spans):
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        with http_server(tmp_path, config, env=env) as url:
+            async with http_client(url, token) as client:
+                await call(client, "create_project", {"name": "Over HTTP"})
+                assert "tool:search_tasks" in await call_error(client, "search_tasks", {})
+            with anyio.fail_after(30):
+                while len([span for span in spans if span["name"].startswith("tools/call")]) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+
+    by_name = {span["name"]: span for span in spans}
+    created, refused = by_name["tools/call create_project"], by_name["tools/call search_tasks"]
+    assert created["attributes"]["enduser.id"] == refused["attributes"]["enduser.id"] == "planner"
+    assert created["attributes"]["task_server.outcome"] == "ok"
+    assert refused["attributes"]["task_server.outcome"] == "refused"
+    beneath = [span for span in spans if span["parent_id"] == created["span_id"]]
+    assert any("db.system" in span["attributes"] for span in beneath)
 
 
 @pytest.mark.parametrize(
