@@ -351,24 +351,15 @@ class Database:
                     conn = await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
                 async with conn.begin():
                     version = await conn.run_sync(schema.upgrade if upgrade else schema.version)
-        except schema.OutdatedError as exc:
-            raise StartupError(
-                f"the database {self.where} was made by a version older than any migration ({exc}); "
-                "start from a new database"
-            ) from exc
-        except schema.NewerError as exc:
-            raise StartupError(
-                f"the database {self.where} was upgraded by a newer mcp-task-server ({exc}); "
-                "run that version, or upgrade this one"
-            ) from exc
+        except schema.SchemaError as exc:
+            raise StartupError(f"the database {self.where} was {exc}; {exc.remedy}") from exc
         except (SQLAlchemyError, OSError) as exc:
             reason = exc.orig if isinstance(exc, DBAPIError) else exc
             raise StartupError(f"cannot open the database {self.where}: {reason}") from exc
         if version.behind and not upgrade:
             raise StartupError(
                 f"the database {self.where} is at schema version {version.current or 'none (it is empty)'} "
-                f"and this server needs {version.head}: run `mcp-task-server migrate` with the same "
-                "settings to upgrade it"
+                f"and this server needs {version.head}: {schema.MIGRATE} to upgrade it"
             )
         if version.behind:
             logger.info("upgraded the database schema from %s to %s", version.current or "none", version.head)

@@ -167,12 +167,8 @@ def _database_checks(conn: Connection, settings: Settings, where: str) -> list[F
 def _schema(conn: Connection, *, sqlite: bool) -> Finding:
     try:
         version = schema.version(conn)
-    except schema.OutdatedError as exc:
-        older = f"made by a version older than any migration ({exc})"
-        return Finding("schema", Level.PROBLEM, older, "start from a new database")
-    except schema.NewerError as exc:
-        newer = f"upgraded by a newer mcp-task-server ({exc})"
-        return Finding("schema", Level.PROBLEM, newer, "run that version, or upgrade this one")
+    except schema.SchemaError as exc:
+        return Finding("schema", Level.PROBLEM, str(exc), exc.remedy)
     if not version.behind:
         return Finding("schema", Level.OK, f"at version {version.head}, this server's")
     at = version.current or "none (the database is empty)"
@@ -183,7 +179,7 @@ def _schema(conn: Connection, *, sqlite: bool) -> Finding:
         "schema",
         Level.PROBLEM,
         f"at version {at}; this server needs {version.head} and refuses to start",
-        "run `mcp-task-server migrate` with the same settings",
+        schema.MIGRATE,
     )
 
 

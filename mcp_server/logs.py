@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 from opentelemetry import trace
 
-FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

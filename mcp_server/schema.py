@@ -18,6 +18,8 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 FIRST = "0001"
+# What to do about a database behind this server's version.
+MIGRATE = "run `mcp-task-server migrate` with the same settings"
 # Taken by an upgrade on PostgreSQL, so that servers starting together upgrade one at a time.
 MIGRATION_LOCK_KEY = 7_243_017_110_399
 # What a database made before migrations existed must have to count as the first migration's:
@@ -57,7 +59,16 @@ def head() -> str:
 def version(conn: Connection) -> Version:
     """The version the database is at; a database made before migrations counts as the first
     migration's when it has that migration's tables, and raises OutdatedError when it is older."""
-    current = MigrationContext.configure(conn).get_current_revision()
+    return _version(conn, _recorded(conn))
+
+
+def _recorded(conn: Connection) -> str | None:
+    """The version Alembic recorded in the database, if any."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def _version(conn: Connection, recorded: str | None) -> Version:
+    current = recorded
     if current is None and inspect(conn).has_table("entity"):
         _check_first_release(conn)
         current = FIRST
@@ -75,20 +86,37 @@ def upgrade(conn: Connection, target: str = "head") -> Version:
         # would cancel it on a large database. lock_timeout stays, so a migration that cannot get
         # its locks fails instead of queueing every server's queries behind it.
         conn.execute(text("SET LOCAL statement_timeout = 0"))
-    before = version(conn)
-    if before.current is not None and MigrationContext.configure(conn).get_current_revision() is None:
+    recorded = _recorded(conn)
+    before = _version(conn, recorded)
+    if before.current is not None and recorded is None:
         command.stamp(_config(conn), FIRST)  # a database from before migrations: record what it is
     if before.behind:
         command.upgrade(_config(conn), target)
     return before
 
 
-class OutdatedError(Exception):
+class SchemaError(Exception):
+    """A schema this server cannot upgrade: the message says what it is, `remedy` what to do."""
+
+    remedy: str
+    what: str
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{self.what} ({detail})")
+
+
+class OutdatedError(SchemaError):
     """The database predates every migration this server has."""
 
+    what = "made by a version older than any migration"
+    remedy = "start from a new database"
 
-class NewerError(Exception):
+
+class NewerError(SchemaError):
     """The database was migrated by a newer server than this one."""
+
+    what = "upgraded by a newer mcp-task-server"
+    remedy = "run that version, or upgrade this one"
 
 
 def _check_first_release(conn: Connection) -> None:

@@ -113,7 +113,7 @@ def _instrument_databases() -> None:
         instrumentor = getattr(importlib.import_module(module), name)()
         if not instrumentor.is_instrumented_by_opentelemetry:
             # The SQLAlchemy instrumentation declares SQLAlchemy < 2.1 and would refuse 2.1; the
-            # events it listens to are unchanged, and tests/test_telemetry.py sees its spans.
+            # events it listens to are unchanged, and tests/test_observability.py sees its spans.
             instrumentor.instrument(skip_dep_check=True)
 
 
