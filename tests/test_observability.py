@@ -18,16 +18,14 @@ from typing import Any
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
-from mcp.client.stdio import stdio_client
-from mcp.types import Implementation
+from mcp import Client
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.db import Database
 from mcp_server.telemetry import wanted_exporters
 from tests.conftest import call, call_error, http_client, http_server
-from tests.test_stdio import BIN, desktop_entry
+from tests.test_stdio import desktop_client, desktop_entry
 
 pytestmark = pytest.mark.anyio
 
@@ -82,17 +80,6 @@ def otlp_collector() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         collector.server_close()
 
 
-def stdio_server(env: dict[str, str], errlog: Any) -> Client:
-    """The server from config.example.json's entry, with `env` over its environment and its
-    stderr in `errlog`."""
-    entry = desktop_entry()
-    params = StdioServerParameters(
-        command=str(BIN / entry["command"]), args=entry["args"], env={**entry["env"], **env}
-    )
-    info = Implementation(name="operator-test", version="1")
-    return Client(stdio_client(params, errlog=errlog), mode="legacy", client_info=info)
-
-
 async def test_with_an_otlp_endpoint_set_each_tool_call_is_a_span_with_its_caller_outcome_and_sql_beneath(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -102,7 +89,7 @@ async def test_with_an_otlp_endpoint_set_each_tool_call_is_a_span_with_its_calle
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_SERVICE_NAME": "tasks-under-test",
         }
-        async with stdio_server(env, errlog) as client:
+        async with desktop_client(env, errlog) as client:
             project = await call(client, "create_project", {"name": "Traced"})
             await call_error(client, "get_task", {"task_id": 999_999})
             # A client's own trace continues through the call.
@@ -210,7 +197,7 @@ async def test_log_records_of_a_tool_call_carry_its_tool_agent_and_request_id(
     stderr = tmp_path / "stderr"
     with stderr.open("w") as errlog:
         env = {"DATABASE_URL": database_url, "LOG_FORMAT": log_format, "LOG_LEVEL": "DEBUG"}
-        async with stdio_server(env, errlog) as client:
+        async with desktop_client(env, errlog) as client:
             project = await call(client, "create_project", {"name": "Logged"})
             trail = await call(client, "get_audit_trail", {"entity_id": project["id"]})
     request_id = trail["items"][0]["request_id"]

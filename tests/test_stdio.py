@@ -6,11 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
 from mcp.types import Implementation
 
 from mcp_server.auth import token_sha256
@@ -27,12 +28,14 @@ def desktop_entry() -> dict[str, Any]:
     return entry
 
 
-def desktop_client(extra_env: dict[str, str]) -> Client:
-    """Start the server from config.example.json's entry, as installed in this environment."""
+def desktop_client(extra_env: dict[str, str], errlog: TextIO = sys.stderr) -> Client:
+    """Start the server from config.example.json's entry, as installed in this environment, with
+    `extra_env` over its environment and its stderr in `errlog`."""
     entry = desktop_entry()
     command = str(BIN / entry["command"])  # a desktop client finds it on PATH or by absolute path
     params = StdioServerParameters(command=command, args=entry["args"], env={**entry["env"], **extra_env})
-    return Client(params, mode="legacy", client_info=Implementation(name="desktop", version="1"))
+    info = Implementation(name="desktop", version="1")
+    return Client(stdio_client(params, errlog=errlog), mode="legacy", client_info=info)
 
 
 async def test_the_desktop_config_starts_a_server_that_serves_and_audits_under_the_configured_id(

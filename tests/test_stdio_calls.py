@@ -19,14 +19,23 @@ from tests.test_faults import StdioPeer, bulk_outcome, seed_many, stdio_server
 pytestmark = pytest.mark.anyio
 
 
-async def answer_line(peer: StdioPeer, request_id: int, name: str, arguments: Any, meta: Any = None) -> str:
-    """The raw frame answering one tools/call, sent under `request_id`."""
+def call_frame(request_id: int | str, name: str, arguments: Any, meta: Any = None) -> bytes:
+    """A raw tools/call request."""
     params: dict[str, Any] = {"name": name, "arguments": arguments}
     if meta is not None:
         params["_meta"] = meta
-    await peer.send_raw(
-        json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}).encode()
-    )
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}).encode()
+
+
+def cancel_frame(request_id: int | str) -> bytes:
+    return json.dumps(
+        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": request_id}}
+    ).encode()
+
+
+async def answer_line(peer: StdioPeer, request_id: int, name: str, arguments: Any, meta: Any = None) -> str:
+    """The raw frame answering one tools/call, sent under `request_id`."""
+    await peer.send_raw(call_frame(request_id, name, arguments, meta))
     with anyio.fail_after(30):
         while True:
             line = (await peer.stdout.receive_until(b"\n", 64 * 1024 * 1024)).decode()
@@ -78,14 +87,7 @@ async def test_direct_answers_are_the_frames_the_sdk_writes_for_the_same_calls(d
 async def test_calls_sent_together_are_each_answered_once_under_their_own_id(database_url: str) -> None:
     async with stdio_server(database_url) as peer:
         for i in range(6):
-            arguments = {"name": f"project {i}"}
-            frame = {
-                "jsonrpc": "2.0",
-                "id": f"p{i}",
-                "method": "tools/call",
-                "params": {"name": "create_project", "arguments": arguments},
-            }
-            await peer.send_raw(json.dumps(frame).encode())
+            await peer.send_raw(call_frame(f"p{i}", "create_project", {"name": f"project {i}"}))
         answers: dict[str, Any] = {}
         with anyio.fail_after(30):
             while len(answers) < 6:
@@ -97,14 +99,7 @@ async def test_calls_sent_together_are_each_answered_once_under_their_own_id(dat
 
 def bulk_frame(request_id: int) -> bytes:
     everything = {"field": "status", "op": "eq", "value": "pending"}
-    arguments = {"status": "blocked", "filter": everything}
-    frame = {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "tools/call",
-        "params": {"name": "bulk_update_status", "arguments": arguments},
-    }
-    return json.dumps(frame).encode()
+    return call_frame(request_id, "bulk_update_status", {"status": "blocked", "filter": everything})
 
 
 async def answers_until(peer: StdioPeer, request_id: int) -> list[dict[str, Any]]:
@@ -123,21 +118,14 @@ async def test_a_cancelled_call_is_never_answered_and_its_changes_roll_back(
     async with stdio_server(database_url) as peer:
         await peer.send_raw(bulk_frame(4242))
         await anyio.sleep(0.3)  # under way: BULK_TASKS tasks take seconds
-        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 4242}}
-        await peer.send_raw(json.dumps(cancel).encode())
+        await peer.send_raw(cancel_frame(4242))
         # A write waits its turn behind the bulk update, so it completes once that is cancelled and
         # rolled back, or, were the cancel ignored, once it had committed.
-        write = {"name": "create_project", "arguments": {"name": "after"}}
-        await peer.send_raw(
-            json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": write}).encode()
-        )
+        await peer.send_raw(call_frame(1, "create_project", {"name": "after"}))
         frames = await answers_until(peer, 1)
         outcome = await bulk_outcome(db)
         await anyio.sleep(0.5)  # time for a late answer to show up before the next one
-        verify = {"name": "verify_audit_log", "arguments": {}}
-        await peer.send_raw(
-            json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": verify}).encode()
-        )
+        await peer.send_raw(call_frame(2, "verify_audit_log", {}))
         frames += await answers_until(peer, 2)
     assert outcome == (0, 0)
     assert [frame["id"] for frame in frames] == [1, 2], "the cancelled call was answered"
@@ -163,14 +151,8 @@ async def test_a_call_cancelled_in_the_same_read_as_it_arrived_never_runs(
     database_url: str, db: Database
 ) -> None:
     async with stdio_server(database_url) as peer:
-        create = {"name": "create_project", "arguments": {"name": "never"}}
-        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": create}
-        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7}}
-        await peer.send_raw((json.dumps(call) + "\n" + json.dumps(cancel)).encode())
-        listing = {"name": "list_projects", "arguments": {}}
-        await peer.send_raw(
-            json.dumps({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": listing}).encode()
-        )
+        await peer.send_raw(call_frame(7, "create_project", {"name": "never"}) + b"\n" + cancel_frame(7))
+        await peer.send_raw(call_frame(8, "list_projects", {}))
         frames = await answers_until(peer, 8)
         await peer.stdin.aclose()
         with anyio.fail_after(10):  # nothing left waiting on the call that never ran
