@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import mcp.types as mcp_types
+from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
 
 from bench.stdio import StdioServer
 from mcp_server.schemas import COUNT_CAP
@@ -51,9 +54,12 @@ class Shape:
     name: str
     filter: dict[str, Any]
     where: str  # the same condition in SQL, over `t`
+    deep: bool = True  # also measure a deep page (see --deep-page)
+    tuned: bool = True  # measured (and its indexes chosen) before issue 12; the others were not
 
 
 def shapes(project: int) -> list[Shape]:
+    other_project = project * 2 // 3 + 7  # another project than the one the tuned shape reads
     return [
         Shape(
             "indexed and",
@@ -84,6 +90,42 @@ def shapes(project: int) -> list[Shape]:
                 ]
             },
             f"t.project_id = {project} AND lower(t.title) LIKE '%deploy%'",
+            deep=False,
+        ),
+        # Shapes the server was not tuned for before issue 12.
+        Shape(
+            "equal on two fields (5% match)",
+            {
+                "and": [
+                    {"field": "status", "op": "eq", "value": "blocked"},
+                    {"field": "priority", "op": "eq", "value": "medium"},
+                ]
+            },
+            "t.status = 'blocked' AND t.priority = 2",
+            tuned=False,
+        ),
+        Shape(
+            "or across two fields",
+            {
+                "or": [
+                    {"field": "status", "op": "eq", "value": "cancelled"},
+                    {"field": "project_id", "op": "eq", "value": other_project},
+                ]
+            },
+            f"(t.status = 'cancelled' OR t.project_id = {other_project})",
+            tuned=False,
+        ),
+        Shape(
+            "contains in another project",
+            {
+                "and": [
+                    {"field": "project_id", "op": "eq", "value": other_project},
+                    {"field": "title", "op": "contains", "value": "backup"},
+                ]
+            },
+            f"t.project_id = {other_project} AND lower(t.title) LIKE '%backup%'",
+            deep=False,
+            tuned=False,
         ),
     ]
 
@@ -175,16 +217,40 @@ class Series:
 
 
 Results = dict[str, dict[str, Series]]  # operation -> contestant -> series
+Wire = dict[str, dict[str, dict[str, float]]]  # operation -> contestant -> bytes, client_parse_ms
+
+
+def client_parse_ms(line: bytes, output_schema: dict[str, Any] | None, repeat: int = 200) -> float:
+    """What the official Python client spends taking in one tools/call response: the JSON-RPC frame,
+    the result model, and (where the tool declares an output schema) the structured content checked
+    against it with a compiled validator, as mcp.ClientSession does. Median of `repeat`, in ms."""
+    validator = None
+    if output_schema is not None:
+        validator = validator_for(output_schema)(output_schema)
+    timings = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        message = mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+        result = mcp_types.CallToolResult.model_validate(message.result, by_name=False)  # type: ignore[union-attr]
+        if validator is not None:
+            best_match(validator.iter_errors(result.structured_content))
+        timings.append(time.perf_counter() - started)
+    return round(statistics.median(timings) * 1000, 3)
 
 
 class Bench:
-    def __init__(self, url: str, calls: int, block: int, deep_page: int, out: Path) -> None:
+    def __init__(
+        self, url: str, calls: int, block: int, deep_page: int, untuned_deep_page: int, out: Path
+    ) -> None:
         self.deep_page = deep_page
+        self.untuned_deep_page = untuned_deep_page
         self.url = url
         self.calls = calls
         self.block = block
         self.out = out
         self.results: Results = {}
+        self.wire: Wire = {}
+        self.output_schemas: dict[str, dict[str, Any] | None] = {}
         self.servers: dict[str, StdioServer] = {}
         self.ours: StdioServer
         self.raw: asyncpg.Connection
@@ -217,6 +283,7 @@ class Bench:
             self.out / "dbhub.stderr.log",
         )  # fmt: skip
         self.raw = await asyncpg.connect(self.url)
+        self.output_schemas = {tool["name"]: tool.get("outputSchema") for tool in await self.ours.tools()}
 
     async def close(self) -> None:
         await self.raw.close()
@@ -237,10 +304,19 @@ class Bench:
         return time.perf_counter() - started
 
     async def alternate(self, operation: str, runners: dict[str, Callable[[], Awaitable[float]]]) -> None:
-        """Warm every contestant, then run them in turn, a block of calls each, until each made `calls`."""
-        for run in runners.values():
+        """Warm every contestant, then run them in turn, a block of calls each, until each made `calls`.
+        The last warm-up response of each server is kept: its size, and what the official client
+        spends taking it in (client_parse_ms)."""
+        for name, run in runners.items():
             for _ in range(5):
                 await run()
+            if name in self.servers:
+                line = self.servers[name].last_response
+                schema = self.output_schemas.get(operation_tool(operation)) if name == "ours" else None
+                self.wire.setdefault(operation, {})[name] = {
+                    "bytes": len(line),
+                    "client_parse_ms": client_parse_ms(line, schema),
+                }
         done = 0
         while done < self.calls:
             n = min(self.block, self.calls - done)
@@ -264,15 +340,16 @@ class Bench:
             await self.alternate(f"search: {shape.name}, page 1", self.search_runners(shape, None, None))
             if shape.name == "or":
                 await self.total(shape)
-            if shape.name == "contains in a project":
+            if not shape.deep:
                 continue
-            token, after = await self.walk_to(shape, self.deep_page)
+            page_no = self.deep_page if shape.tuned else self.untuned_deep_page
+            token, after = await self.walk_to(shape, page_no)
             deep = await self.our_search(shape, token)
             raw_ids = [row["id"] for row in await self.raw.fetch(search_sql(shape.where, after))][:PAGE]
             if [item["id"] for item in deep["items"]] != raw_ids:
-                raise SystemExit(f"{shape.name}: the tool and the SQL disagree on page {self.deep_page}")
+                raise SystemExit(f"{shape.name}: the tool and the SQL disagree on page {page_no}")
             await self.alternate(
-                f"search: {shape.name}, page {self.deep_page}", self.search_runners(shape, token, after)
+                f"search: {shape.name}, page {page_no}", self.search_runners(shape, token, after)
             )
 
     async def total(self, shape: Shape) -> None:
@@ -426,6 +503,11 @@ class Bench:
             self.sample_memory()
 
 
+def operation_tool(operation: str) -> str:
+    """The tool an operation's name starts with ('search: ...' is search_tasks)."""
+    return "search_tasks" if operation.startswith("search:") else operation.split()[0]
+
+
 def machine() -> dict[str, Any]:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -496,7 +578,7 @@ async def fresh_copy(url: str) -> str:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = await fresh_copy(args.postgres)
-    bench = Bench(url, args.calls, args.block, args.deep_page, args.out)
+    bench = Bench(url, args.calls, args.block, args.deep_page, args.untuned_deep_page, args.out)
     await bench.start()
     started = time.perf_counter()
     try:
@@ -521,7 +603,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"projects": projects, "tasks": tasks, "audit_entries": entries},
         "seconds": round(time.perf_counter() - started, 1),
         "operations": {
-            op: {name: series.summary() for name, series in by.items()} for op, by in bench.results.items()
+            op: {name: series.summary() | bench.wire.get(op, {}).get(name, {}) for name, series in by.items()}
+            for op, by in bench.results.items()
         },
         "server_memory_mb": {
             "peak_rss": round(peak_kb / 1024, 1),
@@ -566,6 +649,24 @@ def markdown(results: dict[str, Any]) -> str:
         if "ours_rows_per_s_over_raw" in r:
             notes.append(f"{r['ours_rows_per_s_over_raw']:.2f}× raw")
         lines.append(f"| {op} | {' | '.join(cells)} | {', '.join(notes)} |")
+    lines += [
+        "",
+        "One response of each server (its last warm-up call): bytes on the wire, and the median time "
+        "the official Python client (mcp.ClientSession's steps) takes to parse and check it, in ms.",
+        "",
+        "| operation | ours | server-postgres | dbhub |",
+        "|---|---|---|---|",
+    ]
+    for op, by in results["operations"].items():
+        if "bytes" not in by.get("ours", {}):
+            continue
+        cells = [
+            f"{by[name]['bytes']:,} B, {by[name]['client_parse_ms']:.2f} ms"
+            if "bytes" in by.get(name, {})
+            else "–"
+            for name in ("ours", "server-postgres", "dbhub")
+        ]
+        lines.append(f"| {op} | {' | '.join(cells)} |")
     mem = results["server_memory_mb"]
     lines += ["", f"Server peak RSS over the run: {mem['peak_rss']} MB."]
     return "\n".join(lines) + "\n"
@@ -581,6 +682,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bulk-rounds", type=int, default=3)
     parser.add_argument(
         "--deep-page", type=int, default=1000, help="the page number measured as the deep page"
+    )
+    parser.add_argument(
+        "--untuned-deep-page",
+        type=int,
+        default=250,
+        help="the deep page measured for the shapes the server was not tuned for before",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ class StdioServer:
         self.process = process
         self._next_id = 0
         self.server_info: dict[str, Any] = {}
+        self.last_response = b""  # the last response's line, as it arrived
 
     @classmethod
     async def start(
@@ -87,6 +88,7 @@ class StdioServer:
             message = json.loads(line)
             if message.get("id") != request_id or "method" in message:
                 continue  # a notification, or a request of the server's own (none expected)
+            self.last_response = line
             if "error" in message:
                 raise ToolCallError(f"{self.name}: {message['error']}")
             result: dict[str, Any] = message["result"]

@@ -15,21 +15,23 @@ chain: compare the head that `verify` reports with one recorded elsewhere to cat
 
 from __future__ import annotations
 
-# ruff: noqa: S608  -- the SQL below is constant text built from constants; no value is ever interpolated
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, NotRequired
+from typing import Annotated, Any, NotRequired, cast
 
 from pydantic import Field
-from sqlalchemy import BigInteger, Integer, bindparam, text
+from sqlalchemy import BigInteger, Integer, Row, bindparam, func
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import Select
 from typing_extensions import TypedDict
 
-if TYPE_CHECKING:  # db imports this module
-    from mcp_server.db import Conn
+from mcp_server.models import AUDIT_TABLE, AuditEntry
 
 GENESIS = "0" * 64
-# Every writing transaction on PostgreSQL takes this advisory lock first (see db.py).
+# Every writing transaction on PostgreSQL takes this advisory lock first (see db.Database.session).
 CHAIN_LOCK_KEY = 7_243_017_110_398
 BATCH = 5000
 
@@ -78,42 +80,51 @@ class _Walk:
     hash: str = GENESIS
 
 
-async def verify(conn: Conn) -> ChainReport:
+async def verify(session: AsyncSession) -> ChainReport:
     """Walk the whole chain in order, a batch at a time, and stop at the first mismatch."""
-    unsealed = await conn.row(_UNSEALED)
+    unsealed = (await session.exec(_UNSEALED)).first()
     if unsealed is not None:
         problem: ChainProblem = {
-            "id": unsealed[0],
+            "id": unsealed,
             "problem": "entry is outside the chain (inserted with the seal trigger off)",
         }
         return {"ok": False, "entries_checked": 0, "first_problem": problem}
     walk = _Walk()
-    query = _VERIFY_QUERY["sqlite" if conn.is_sqlite else "postgresql"]
+    query = _VERIFY_QUERY[session.get_bind().dialect.name]
     while True:
-        rows = await conn.rows(query, {"after": walk.seq, "batch": BATCH})
-        for seq, id, prev_hash, entry_hash, computed in rows:
-            mismatch = _check(walk, seq, prev_hash, entry_hash, computed)
+        found = await session.exec(query, params={"after": walk.seq, "batch": BATCH})
+        rows = cast(Sequence[Row[Any]], found.all())  # named rows; SQLModel types them as tuples
+        for row in rows:
+            mismatch = _check(walk, row.seq, row.prev_hash, row.entry_hash, row.computed)
             if mismatch is not None:
-                return _report(walk, {"seq": seq, "id": id, "problem": mismatch})
+                return _report(walk, {"seq": row.seq, "id": row.id, "problem": mismatch})
             walk.checked += 1
-            walk.seq, walk.hash = seq, entry_hash
+            walk.seq, walk.hash = row.seq, row.entry_hash
         if len(rows) < BATCH:
             return _report(walk, None)
 
 
-_UNSEALED = text("SELECT id FROM audit_entry WHERE seq IS NULL ORDER BY id LIMIT 1")
-_AFTER = (bindparam("after", type_=BigInteger), bindparam("batch", type_=Integer))
-_VERIFY_QUERY = {
-    "postgresql": text(
-        "SELECT seq, id, prev_hash, entry_hash, audit_entry_hash(a) AS computed FROM audit_entry a "
-        "WHERE seq > :after ORDER BY seq LIMIT :batch"
-    ).bindparams(*_AFTER),
-    "sqlite": text(
-        "SELECT seq, id, prev_hash, entry_hash, "
-        f"audit_entry_hash(prev_hash, {', '.join(CONTENT)}) AS computed FROM audit_entry "
-        "WHERE seq > :after ORDER BY seq LIMIT :batch"
-    ).bindparams(*_AFTER),
-}
+_UNSEALED = select(AuditEntry.id).where(col(AuditEntry.seq).is_(None)).order_by(col(AuditEntry.id)).limit(1)
+
+
+def _verify_query(dialect: str) -> Select[*tuple[Any, ...]]:
+    """A batch of entries after position `after`, each with the hash the database computes for it
+    now: over the whole row on PostgreSQL, over the stored values on SQLite (see the triggers)."""
+    if dialect == "postgresql":
+        computed = func.audit_entry_hash(AUDIT_TABLE.table_valued())
+    else:
+        computed = func.audit_entry_hash(AUDIT_TABLE.c.prev_hash, *(AUDIT_TABLE.c[name] for name in CONTENT))
+    entry = AUDIT_TABLE.c
+    return (
+        # Five columns: SQLModel's select() is typed for four at most, its Select class for any number.
+        Select(entry.seq, entry.id, entry.prev_hash, entry.entry_hash, computed.label("computed"))
+        .where(col(AuditEntry.seq) > bindparam("after", type_=BigInteger))
+        .order_by(col(AuditEntry.seq))
+        .limit(bindparam("batch", type_=Integer))
+    )
+
+
+_VERIFY_QUERY = {dialect: _verify_query(dialect) for dialect in ("postgresql", "sqlite")}
 
 
 def _check(walk: _Walk, seq: int, prev_hash: str, entry_hash: str, computed: str) -> str | None:

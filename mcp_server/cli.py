@@ -17,12 +17,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 from mcp import Client, StdioServerParameters
+from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
@@ -34,8 +35,7 @@ from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
 from mcp_server.errors import DATABASE_ERRORS, StartupError
-from mcp_server.server import TaskServer, check_tool_names, create_server
-from mcp_server.stdio_calls import DirectCalls
+from mcp_server.server import AppState, check_tool_names, create_server
 
 logger = logging.getLogger("mcp_server")
 T = TypeVar("T")
@@ -196,7 +196,7 @@ def _serve(settings: Settings, *, http: bool) -> int:
     return 0
 
 
-async def _serve_stdio(server: TaskServer) -> None:
+async def _serve_stdio(server: MCPServer[AppState]) -> None:
     """Serve until stdin closes or SIGTERM arrives. Either way the server stops reading requests,
     a call in flight is cancelled and its transaction rolled back, and the connections close."""
     if not stdio.pollable(sys.stdin.fileno()):
@@ -221,7 +221,7 @@ async def _serve_stdio(server: TaskServer) -> None:
 
 
 async def _serve_stdio_lines(
-    server: TaskServer, stdin: stdio.StdinLines, stdout: stdio.StdoutPipe | None
+    server: MCPServer[AppState], stdin: stdio.StdinLines, stdout: stdio.StdoutPipe | None
 ) -> None:
     async with anyio.create_task_group() as group:
 
@@ -232,11 +232,7 @@ async def _serve_stdio_lines(
                     stdin.close()
 
         group.start_soon(stop_on_sigterm)
-        lines: AsyncIterable[str] = stdin
-        # With tracing on, every call goes through the SDK, whose middleware opens its span.
-        if stdout is not None and not telemetry.tracing():
-            lines = DirectCalls(server, stdout.write).lines(stdin)
-        async with stdio_server(stdin=lines, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
+        async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
             await server._lowlevel_server.run(  # run_stdio_async, with our streams
                 read_stream, write_stream, server._lowlevel_server.create_initialization_options()
             )
@@ -308,8 +304,8 @@ def _mint_token(args: argparse.Namespace) -> int:
 async def _verify_audit_log(settings: Settings) -> int:
     db = create_database(settings)
     try:
-        async with db.connect(write=False) as conn:
-            report = await chain.verify(conn)
+        async with db.session(write=False) as session:
+            report = await chain.verify(session)
     except DATABASE_ERRORS as exc:
         raise StartupError(f"cannot read the audit log: {type(exc).__name__}") from exc
     finally:

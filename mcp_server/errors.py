@@ -6,7 +6,6 @@ translated here too, so no SQL, parameter or driver text ever reaches an agent.
 
 from __future__ import annotations
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import exc as sa_exc
 
 
@@ -58,14 +57,8 @@ REFUSED_MESSAGE = (
 )
 
 
-# What a database call can raise: SQLAlchemy's errors, and asyncpg's own where statements run on
-# the driver directly (see db.Conn).
-DATABASE_ERRORS: tuple[type[Exception], ...] = (
-    sa_exc.SQLAlchemyError,
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
+# What a database call can raise: SQLAlchemy wraps the drivers' errors in its own.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sa_exc.SQLAlchemyError, OSError)
 _DISCONNECTED = ("57P01", "57P02", "57P03")  # the server shut the session down (terminate, restart)
 
 
@@ -74,15 +67,13 @@ def is_disconnect(error: BaseException) -> bool:
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
     error = _driver_error(error)
-    if isinstance(
-        error, OSError | ConnectionError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError
-    ):
+    if isinstance(error, OSError | ConnectionError):
         return True
     return getattr(error, "sqlstate", None) in _DISCONNECTED
 
 
 def is_unique_violation(error: BaseException) -> bool:
-    return isinstance(error, sa_exc.IntegrityError | asyncpg.UniqueViolationError) and (
+    return isinstance(error, sa_exc.IntegrityError) and (
         getattr(_driver_error(error), "sqlstate", "23505") == "23505"
     )
 

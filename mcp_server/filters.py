@@ -23,12 +23,12 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
-from sqlalchemy import Column, ColumnElement, and_, bindparam, or_
+from sqlalchemy import ColumnElement, and_, bindparam, or_
 
-from mcp_server.db import one_of
 from mcp_server.errors import InvalidInputError
-from mcp_server.models import ENTITY_TABLE, Priority, TaskStatus
+from mcp_server.models import Priority, Task, TaskStatus
 from mcp_server.schemas import MAX_ID, no_nul
+from mcp_server.sql import one_of
 
 MAX_DEPTH = 4
 MAX_NODES = 50
@@ -139,7 +139,7 @@ _PRIORITY = _adapter(Priority)
 
 class _FieldSpec:
     def __init__(self, column: Any, ops: set[Operator], coerce: _Coerce, expects: str) -> None:
-        self.column: Column[Any] = column
+        self.column: ColumnElement[Any] = column
         self.ops = ops
         self.coerce = coerce
         self.expects = expects
@@ -149,23 +149,20 @@ _EQUALITY = {Operator.EQ, Operator.NE, Operator.IN}
 _TIME = {Operator.BEFORE, Operator.AFTER}
 _ISO = "an ISO 8601 time such as 2026-01-31T09:00:00Z"
 
-# Table columns, not mapped attributes: a filter then compiles into plain Core statements.
-_task = ENTITY_TABLE.c
-
 FIELDS: dict[FilterField, _FieldSpec] = {
-    FilterField.ID: _FieldSpec(_task.id, _EQUALITY, _INT, "an integer id"),
-    FilterField.TITLE: _FieldSpec(_task.title, _EQUALITY | {Operator.CONTAINS}, _TEXT, "text"),
-    FilterField.DESCRIPTION: _FieldSpec(_task.description, {Operator.CONTAINS}, _TEXT, "text"),
+    FilterField.ID: _FieldSpec(Task.id, _EQUALITY, _INT, "an integer id"),
+    FilterField.TITLE: _FieldSpec(Task.title, _EQUALITY | {Operator.CONTAINS}, _TEXT, "text"),
+    FilterField.DESCRIPTION: _FieldSpec(Task.description, {Operator.CONTAINS}, _TEXT, "text"),
     FilterField.STATUS: _FieldSpec(
-        _task.status, _EQUALITY, _STATUS, "one of " + ", ".join(s.value for s in TaskStatus)
+        Task.status, _EQUALITY, _STATUS, "one of " + ", ".join(s.value for s in TaskStatus)
     ),
     FilterField.PRIORITY: _FieldSpec(
-        _task.priority, _EQUALITY, _PRIORITY, "one of " + ", ".join(p.value for p in Priority)
+        Task.priority, _EQUALITY, _PRIORITY, "one of " + ", ".join(p.value for p in Priority)
     ),
-    FilterField.PROJECT_ID: _FieldSpec(_task.project_id, _EQUALITY, _INT, "an integer project id"),
-    FilterField.CREATED_AT: _FieldSpec(_task.created_at, _TIME, _utc_datetime, _ISO),
-    FilterField.UPDATED_AT: _FieldSpec(_task.updated_at, _TIME, _utc_datetime, _ISO),
-    FilterField.DELETED_AT: _FieldSpec(_task.deleted_at, _TIME | {Operator.IS_NULL}, _utc_datetime, _ISO),
+    FilterField.PROJECT_ID: _FieldSpec(Task.project_id, _EQUALITY, _INT, "an integer project id"),
+    FilterField.CREATED_AT: _FieldSpec(Task.created_at, _TIME, _utc_datetime, _ISO),
+    FilterField.UPDATED_AT: _FieldSpec(Task.updated_at, _TIME, _utc_datetime, _ISO),
+    FilterField.DELETED_AT: _FieldSpec(Task.deleted_at, _TIME | {Operator.IS_NULL}, _utc_datetime, _ISO),
 }
 
 

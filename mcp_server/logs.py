@@ -9,46 +9,29 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import NamedTuple
 
 from opentelemetry import trace
 
+from mcp_server.identity import Call
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-
-class Call(NamedTuple):
-    """The tool call a task is running."""
-
-    tool: str
-    agent_id: str
-    request_id: str
-
-
+# The tool call the running task serves, for the formatters: set once per call by the server.
 _current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("mcp_task_server_call", default=None)
 
 
 @contextmanager
 def calling(call: Call) -> Iterator[None]:
-    """Within this block, log records (and audit entries) belong to `call`."""
+    """Within this block, log records carry `call`'s tool, agent and request id."""
     token = _current.set(call)
     try:
         yield
     finally:
         _current.reset(token)
-
-
-def current_call() -> Call | None:
-    return _current.get()
-
-
-def new_request_id() -> str:
-    """128 random bits as 32 hex digits, the form of a uuid4's hex at a fifth of its cost (1 µs)."""
-    return os.urandom(16).hex()
 
 
 class _TextFormatter(logging.Formatter):

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeMeta, Mapped, foreign, relationship, remote
 from sqlalchemy.types import TypeDecorator
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, Relationship, SQLModel
 
 
 class TaskStatus(StrEnum):
@@ -122,6 +122,9 @@ _STATUS_VALUES = ", ".join(f"'{s.value}'" for s in TaskStatus)
 _LIVE_PROJECT = "kind = 'project' AND deleted_at IS NULL"
 
 
+_VERSION = Column("version", Integer, nullable=False, server_default=text("1"))
+
+
 class Entity(SQLModel, table=True):
     __tablename__ = "entity"
     __table_args__ = (
@@ -159,10 +162,12 @@ class Entity(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    # Counts the changes to the row, for optimistic concurrency: an update may name the version it read.
-    version: int = Field(default=1, nullable=False, sa_column_kwargs={"server_default": text("1")})
+    # Counts the changes to the row. The ORM keeps it (version_id_col): every flush of a change
+    # sets it one higher WHERE it still has the value read, so a change made meanwhile by anyone
+    # is a StaleDataError instead of a lost update; an agent may name the version it read, too.
+    version: int = Field(default=1, sa_column=_VERSION)
 
-    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind"}
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind", "version_id_col": _VERSION}
 
 
 _E = TypeVar("_E", bound=type[Entity])
@@ -205,11 +210,11 @@ class Task(Entity, table=True):
     project: ClassVar[Mapped[Project]]  # mapped below; the subclass mapping cannot declare it
 
 
-# Lazy loading would do I/O on attribute access, which async code cannot do: it raises, and every
-# read that returns a task's project eager-loads it. The target is Entity, not Project: a task's
-# project_id only ever names a project (the row loads as a Project all the same), and Project's
-# `kind = 'project'` criterion on the join made PostgreSQL misjudge the join as tiny, then scan
-# and sort every task instead of walking the ordering index.
+# Lazy loading would do I/O on attribute access, which async code cannot do: every relationship
+# raises instead, so a read that forgot to eager-load what it shows fails its test. The target is
+# Entity, not Project: a task's project_id only ever names a project (the row loads as a Project
+# all the same), and Project's `kind = 'project'` criterion on the join made PostgreSQL misjudge
+# the join as tiny, then scan and sort every task instead of walking the ordering index.
 ENTITY_TABLE: Table = Entity.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
 inspect(Task).add_property(
     "project",
@@ -217,7 +222,6 @@ inspect(Task).add_property(
         Entity,
         primaryjoin=foreign(ENTITY_TABLE.c.project_id) == remote(ENTITY_TABLE.c.id),
         lazy="raise",
-        viewonly=True,
     ),
 )
 
@@ -251,6 +255,9 @@ class AuditEntry(SQLModel, table=True):
     new_value: dict[str, Any] | None = Field(default=None, sa_type=JSONValue)
     prev_hash: str | None = Field(default=None, sa_type=String(64))
     entry_hash: str | None = Field(default=None, sa_type=String(64))
+
+    # The task or project it is about, loaded as its own class; none for a refused call.
+    entity: Entity | None = Relationship(sa_relationship=relationship(Entity, lazy="raise"))
 
 
 class IdempotencyRecord(SQLModel, table=True):

@@ -14,12 +14,11 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, literal_column, or_, tuple_
+from sqlalchemy import ColumnElement, and_, bindparam, literal_column, or_, tuple_
+from sqlalchemy.sql import Select
 
-from mcp_server.db import Conn
 from mcp_server.errors import InvalidInputError
 from mcp_server.schemas import MAX_ID
 
@@ -31,6 +30,9 @@ _TOKEN_ERROR = (
 
 @dataclass(frozen=True)
 class SortKey:
+    """A sort key: the attribute `name` of the rows, its `column` in SQL, its direction, and how its
+    value goes into a page token (`dump`, to JSON) and comes back out (`load`)."""
+
     name: str
     column: Any  # a mapped column attribute
     descending: bool
@@ -105,7 +107,10 @@ def order(keys: Sequence[SortKey]) -> list[Any]:
     return [key.column.desc() if key.descending else key.column.asc() for key in keys]
 
 
-def paged(statement: Select[Any], keys: Sequence[SortKey], *, first: bool, limit: int) -> Select[Any]:
+S = TypeVar("S", bound=Select[Any])
+
+
+def paged(statement: S, keys: Sequence[SortKey], *, first: bool, limit: int) -> S:
     """`statement` in key order, `limit` rows and one more (to learn whether more follow), and
     for a later page (not `first`) only the rows after the bound after_ values.
 
@@ -126,41 +131,12 @@ def page_params(keys: Sequence[SortKey], *, page_token: str | None, query: str) 
     return {f"after_{i}": value for i, value in enumerate(values)}
 
 
-def cut(
-    rows: Sequence[Sequence[Any]],
-    positions: Sequence[int],
-    keys: Sequence[SortKey],
-    *,
-    limit: int,
-    query: str,
-) -> Page[Sequence[Any]]:
-    """The page in `rows` (fetched from a `paged` statement), and the token of the next one. `positions`
-    are the columns of the keys' values in a row."""
+def cut(rows: Sequence[T], keys: Sequence[SortKey], *, limit: int, query: str) -> Page[T]:
+    """The page in `rows` (fetched from a `paged` statement: mapped objects or named rows, with an
+    attribute for each key), and the token of the next one."""
     has_more = len(rows) > limit
     page = list(rows[:limit])
-    token = encode_token(keys, [page[-1][i] for i in positions], query) if has_more else None
+    token = None
+    if has_more:
+        token = encode_token(keys, [getattr(page[-1], key.name) for key in keys], query)
     return Page(rows=page, has_more=has_more, next_page_token=token)
-
-
-@lru_cache(maxsize=512)
-def positions(statement: Select[Any], names: tuple[str, ...]) -> tuple[int, ...]:
-    """Where the columns called `names` sit in the rows of `statement`."""
-    columns = [column.key for column in statement.exported_columns]
-    return tuple(columns.index(name) for name in names)
-
-
-async def fetch_page(
-    conn: Conn,
-    statement: Select[Any],
-    keys: Sequence[SortKey],
-    *,
-    params: dict[str, Any],
-    limit: int,
-    page_token: str | None,
-    query: str,
-) -> Page[Sequence[Any]]:
-    """One page of a statement from `paged(..., first=page_token is None)`; `params` holds the
-    values of its filter."""
-    bound = params | page_params(keys, page_token=page_token, query=query)
-    rows = await conn.rows(statement, bound)
-    return cut(rows, positions(statement, tuple(key.name for key in keys)), keys, limit=limit, query=query)

@@ -3,43 +3,34 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
 
-from sqlalchemy import Select, String, bindparam, insert
-from sqlalchemy import select as sql_select
+from sqlalchemy import String, bindparam
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import SelectOfScalar
 
 from mcp_server import audit, paging
-from mcp_server.audit import Actor
-from mcp_server.db import Conn, iso_text
-from mcp_server.errors import DATABASE_ERRORS, ConflictError, NotFoundError, is_unique_violation
+from mcp_server.errors import ConflictError, NotFoundError, is_unique_violation
 from mcp_server.filters import escape_like
-from mcp_server.models import ENTITY_TABLE, AuditAction, EntityKind, UTCDateTime, utcnow
-from mcp_server.schemas import ProjectPage, ProjectPublic
+from mcp_server.identity import Call
+from mcp_server.models import AuditAction, Project, utcnow
+from mcp_server.schemas import ProjectPage, ProjectPublic, iso_time
 
-_entity = ENTITY_TABLE
-_IS_LIVE_PROJECT = (_entity.c.kind == EntityKind.PROJECT.value) & _entity.c.deleted_at.is_(None)
 _KEYS = (
-    paging.SortKey("title", _entity.c.title, False, str, str),
-    paging.SortKey("id", _entity.c.id, False, int, paging.load_id),
+    paging.SortKey("title", Project.title, False, str, str),
+    paging.SortKey("id", Project.id, False, int, paging.load_id),
 )
 
 
-def _project_row(source: Any) -> Select[Any]:
-    """A project as the tools show it: the columns `project_of` unpacks."""
-    return sql_select(
-        *(source.c[name] for name in ("id", "title", "description")),
-        *(iso_text(source.c[name]).label(name) for name in ("created_at", "updated_at")),
-    )
-
-
-def project_of(row: Any) -> ProjectPublic:
-    id, name, description, created, updated = row
+def project_public(project: Project) -> ProjectPublic:
+    assert project.id is not None, "a loaded or flushed project has its id"
     return {
-        "id": id,
-        "name": name,
-        "description": description,
-        "created_at": created,
-        "updated_at": updated,
+        "id": project.id,
+        "name": project.title,
+        "description": project.description,
+        "created_at": iso_time(project.created_at),
+        "updated_at": iso_time(project.updated_at),
     }
 
 
@@ -49,75 +40,58 @@ def not_live(project_id: int) -> NotFoundError:
     )
 
 
-_LIVE = sql_select(_entity.c.id).where(_entity.c.id == bindparam("project_id"), _IS_LIVE_PROJECT)
-
-
-async def load_live(conn: Conn, project_id: int) -> None:
-    """Raise unless the project exists and is not deleted."""
-    if await conn.row(_LIVE, {"project_id": project_id}) is None:
+async def load_live(session: AsyncSession, project_id: int) -> Project:
+    """The project, unless it does not exist or is deleted."""
+    project = await session.get(Project, project_id)
+    if project is None:
         raise not_live(project_id)
+    return project
 
 
-_NAMED = sql_select(_entity.c.id).where(_entity.c.title == bindparam("name", type_=String), _IS_LIVE_PROJECT)
-_CREATE = insert(_entity).values(
-    kind=EntityKind.PROJECT.value,
-    title=bindparam("name", type_=String),
-    description=bindparam("new_description", type_=String),
-    created_at=bindparam("at", type_=UTCDateTime()),
-    updated_at=bindparam("at", type_=UTCDateTime()),
-    version=1,
-)
+_NAMED = select(Project.id).where(Project.title == bindparam("name", type_=String))
 
 
-async def create_project(conn: Conn, actor: Actor, name: str, description: str) -> ProjectPublic:
-    existing = await conn.row(_NAMED, {"name": name})
+async def create_project(session: AsyncSession, call: Call, name: str, description: str) -> ProjectPublic:
+    existing = (await session.exec(_NAMED, params={"name": name})).first()
     if existing is not None:
         raise ConflictError(
-            f"a project named {name!r} already exists (id {existing[0]}); use it or pick another name"
+            f"a project named {name!r} already exists (id {existing}); use it or pick another name"
         )
     now = utcnow()
+    project = Project(title=name, description=description, created_at=now, updated_at=now)
+    session.add(project)
     new = {"name": name, "description": description}
+    session.add(audit.entry(call, AuditAction.CREATED, now, project, None, new))
     try:
-        row = await conn.change_one(
-            _CREATE,
-            audit.entry_of,
-            _project_row,
-            {"name": name, "new_description": description}
-            | audit.entry(actor, AuditAction.CREATED, now, None, new),
-        )
-    except DATABASE_ERRORS as exc:
+        await session.flush()
+    except IntegrityError as exc:
         if not is_unique_violation(exc):
             raise
         # Another caller created the same name between our check and our insert.
         raise ConflictError(f"a project named {name!r} already exists; use it or pick another name") from None
-    assert row is not None, "an INSERT ... VALUES inserts its row"
-    return project_of(row)
+    return project_public(project)
 
 
 @lru_cache(maxsize=64)
-def _list_statement(named: bool, first: bool, limit: int) -> Select[Any]:
-    statement = _project_row(_entity).where(_IS_LIVE_PROJECT)
+def _list_statement(named: bool, first: bool, limit: int) -> SelectOfScalar[Project]:
+    statement = select(Project)
     if named:
-        statement = statement.where(
-            _entity.c.title.icontains(bindparam("name_contains", type_=String), escape="/")
-        )
+        named_like = col(Project.title).icontains(bindparam("name_contains", type_=String), escape="/")
+        statement = statement.where(named_like)
     return paging.paged(statement, _KEYS, first=first, limit=limit)
 
 
 async def list_projects(
-    conn: Conn, *, name_contains: str | None, limit: int, page_token: str | None
+    session: AsyncSession, *, name_contains: str | None, limit: int, page_token: str | None
 ) -> ProjectPage:
     params = {} if not name_contains else {"name_contains": escape_like(name_contains)}
-    page = await paging.fetch_page(
-        conn,
+    query = paging.fingerprint("projects", name_contains)
+    found = await session.exec(
         _list_statement(bool(name_contains), page_token is None, limit),
-        _KEYS,
-        params=params,
-        limit=limit,
-        page_token=page_token,
-        query=paging.fingerprint("projects", name_contains),
+        params=params | paging.page_params(_KEYS, page_token=page_token, query=query),
     )
-    result: ProjectPage = {"items": [project_of(row) for row in page.rows], "has_more": page.has_more}
+    page = paging.cut(found.all(), _KEYS, limit=limit, query=query)
+    result: ProjectPage = {"items": [project_public(p) for p in page.rows], "has_more": page.has_more}
     if (token := page.next_page_token) is not None:
         result["next_page_token"] = token
     return result

@@ -1,8 +1,10 @@
 """The MCP server: tool handlers, thin.
 
-A handler decides who is calling, opens one transaction, calls one data function and returns
-its result. Before it runs, a guard checks that the caller may call the tool; a refusal is
-recorded in the audit log. Expected failures become a `ToolError` that tells the agent what to fix.
+Every tools/call goes through the SDK's dispatcher, on every transport. Before a handler runs,
+`_guarded` decides the call once (who is calling, with which permissions, under which request
+id, from which client) and checks that the caller may call the tool; a refusal is recorded in
+the audit log. A handler opens one session, in one transaction, calls one data function and
+returns its result. Expected failures become a `ToolError` that tells the agent what to fix.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated, Any, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import anyio
 from mcp.server._otel import OpenTelemetryMiddleware  # not exported; the SDK documents dropping it
+from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AwareDatetime, ConfigDict, Field, WithJsonSchema
 from pydantic_core import to_json, to_jsonable_python
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import (
     __version__,
@@ -37,9 +41,8 @@ from mcp_server import (
     tasks,
     telemetry,
 )
-from mcp_server.audit import Actor
 from mcp_server.config import ConfigError, Settings
-from mcp_server.db import Conn, Database, create_database
+from mcp_server.db import Database, create_database
 from mcp_server.errors import (
     DATABASE_ERRORS,
     REFUSED_MESSAGE,
@@ -48,6 +51,7 @@ from mcp_server.errors import (
     translate_database_error,
 )
 from mcp_server.filters import MAX_DEPTH, FilterField, FilterNode
+from mcp_server.identity import Call
 from mcp_server.models import AuditAction, Priority, TaskStatus
 from mcp_server.schemas import (
     COUNT_CAP,
@@ -84,46 +88,34 @@ INSTRUCTIONS = (
 
 @dataclass(frozen=True)
 class AppState:
+    """What the lifespan opened: the settings and the database."""
+
     settings: Settings
     db: Database
 
 
-ToolContext = Context[AppState, Any]
+@dataclass(frozen=True)
+class ToolCall:
+    """What a tool handler is given: the call as the edge decided it, and the server's state."""
 
-
-def _state(ctx: ToolContext) -> AppState:
-    state: AppState = ctx.request_context.lifespan_context
-    return state
-
-
-def _principal(ctx: ToolContext) -> identity.Principal:
-    return identity.principal(ctx, _state(ctx).settings)
-
-
-def _actor(ctx: ToolContext) -> Actor:
-    who = _principal(ctx)
-    call = logs.current_call()  # set by _guarded: the call's logs, span and audit share its request id
-    request_id = call.request_id if call is not None else logs.new_request_id()
-    return Actor(agent_id=who.agent_id, request_id=request_id, client_name=who.client_name)
+    call: Call
+    app: AppState
 
 
 @asynccontextmanager
-async def _connection(
-    ctx: ToolContext, *, write: bool, single_statement: bool = False
-) -> AsyncIterator[Conn]:
-    """The call's connection; every expected failure leaves as a ToolError.
+async def _session(request: ToolCall, *, write: bool) -> AsyncIterator[AsyncSession]:
+    """The call's session, in one transaction; every expected failure leaves as a ToolError.
 
-    A writing connection is one transaction (or, for a call that is one statement, that statement;
-    see db.Conn). A read-only agent is refused here, where every write begins, whatever the tool's
+    A read-only agent is refused here, where every write begins, whatever the tool's
     annotations say. Permission refusals pass through as they are, for the guard to record.
     """
-    if write and _principal(ctx).permissions.read_only:
+    if write and request.call.permissions.read_only:
         raise PermissionDeniedError(
             "write", "you are a read-only agent (permission write is missing); nothing was changed"
         )
     try:
-        async with _state(ctx).db.connect(write=write, single_statement=single_statement) as conn:
-            yield conn
+        async with request.app.db.session(write=write) as session:
+            yield session
     except PermissionDeniedError:
         raise
     except TaskServerError as exc:
@@ -141,29 +133,23 @@ R = TypeVar("R", bound=Mapping[str, Any])
 
 
 async def _write(
-    ctx: ToolContext,
-    tool: str,
+    request: ToolCall,
     key: str | None,
     arguments: dict[str, Any],
-    run: Callable[[Conn, Actor], Awaitable[R]],
-    *,
-    single_statement: bool = False,
+    run: Callable[[AsyncSession], Awaitable[R]],
 ) -> R:
-    """One write; with an idempotency key, a retry gets the first call's result. A write that is one
-    statement (`single_statement`) needs no transaction around it unless the key must be stored too."""
-    actor = _actor(ctx)
-    if key is None:
-        async with _connection(ctx, write=True, single_statement=single_statement) as conn:
-            return await run(conn, actor)
-    async with _connection(ctx, write=True) as conn:
+    """One write, in one transaction; with an idempotency key, a retry gets the first call's result."""
+    async with _session(request, write=True) as session:
+        if key is None:
+            return await run(session)
         return await idempotency.once(
-            conn,
-            agent_id=actor.agent_id,
+            session,
+            agent_id=request.call.agent_id,
             key=key,
-            tool=tool,
+            tool=request.call.tool,
             arguments=arguments,
-            ttl=timedelta(seconds=_state(ctx).settings.idempotency_ttl_seconds),
-            run=lambda: run(conn, actor),
+            ttl=timedelta(seconds=request.app.settings.idempotency_ttl_seconds),
+            run=lambda: run(session),
         )
 
 
@@ -204,10 +190,12 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
 
 # --- tools ------------------------------------------------------------------------------------
+# Each handler's first parameter is the ToolCall that `_guarded` builds; the SDK sees it as the
+# context parameter (context_kwarg, see `_tool`), so it is no argument of the tool.
 
 
 async def search_tasks(
-    ctx: ToolContext,
+    request: ToolCall,
     filter: Filter = None,
     order_by: Annotated[
         list[OrderBy] | None,
@@ -223,9 +211,9 @@ async def search_tasks(
 ) -> TaskPage:
     """Find tasks, a page at a time, newest first unless order_by says otherwise; deleted ones
     only with include_deleted. Next page: next_page_token as page_token, same filter and order_by."""
-    async with _connection(ctx, write=False) as conn:
+    async with _session(request, write=False) as session:
         return await tasks.search_tasks(
-            conn,
+            session,
             filter=filter,
             order_by=order_by or [],
             limit=limit,
@@ -235,14 +223,14 @@ async def search_tasks(
         )
 
 
-async def get_task(ctx: ToolContext, task_id: TaskId) -> TaskPublic:
+async def get_task(request: ToolCall, task_id: TaskId) -> TaskPublic:
     """One task with its project; a deleted one is an error (restore_task brings it back)."""
-    async with _connection(ctx, write=False) as conn:
-        return await tasks.get_task(conn, task_id)
+    async with _session(request, write=False) as session:
+        return await tasks.get_task(session, task_id)
 
 
 async def create_task(
-    ctx: ToolContext,
+    request: ToolCall,
     title: Annotated[Name, Field(description="Short title.")],
     project_id: Annotated[Id, Field(description="A live project's id (list_projects).")],
     description: Annotated[Description, Field(description="Longer text.")] = "",
@@ -255,17 +243,15 @@ async def create_task(
         title=title, project_id=project_id, description=description, status=status, priority=priority
     )
     return await _write(
-        ctx,
-        "create_task",
+        request,
         idempotency_key,
         data.model_dump(),
-        lambda conn, actor: tasks.create_task(conn, actor, data),
-        single_statement=True,
+        lambda session: tasks.create_task(session, request.call, data),
     )
 
 
 async def update_task(
-    ctx: ToolContext,
+    request: ToolCall,
     task_id: TaskId,
     title: Annotated[Name | None, Field(description="New title.")] = None,
     description: Annotated[Description | None, Field(description="New description.")] = None,
@@ -283,45 +269,41 @@ async def update_task(
         title=title, description=description, status=status, priority=priority, project_id=project_id
     )
     return await _write(
-        ctx,
-        "update_task",
+        request,
         idempotency_key,
         {"task_id": task_id, "changes": changes.model_dump(), "expected_version": expected_version},
-        lambda conn, actor: tasks.update_task(
-            conn, actor, task_id, changes, expected_version=expected_version
+        lambda session: tasks.update_task(
+            session, request.call, task_id, changes, expected_version=expected_version
         ),
     )
 
 
 async def soft_delete_task(
-    ctx: ToolContext, task_id: TaskId, idempotency_key: IdempotencyKey = None
+    request: ToolCall, task_id: TaskId, idempotency_key: IdempotencyKey = None
 ) -> TaskWritten:
     """Delete a task: it leaves searches and reads, and restore_task brings it back."""
     return await _write(
-        ctx,
-        "soft_delete_task",
+        request,
         idempotency_key,
         {"task_id": task_id},
-        lambda conn, actor: tasks.soft_delete_task(conn, actor, task_id),
-        single_statement=True,
+        lambda session: tasks.soft_delete_task(session, request.call, task_id),
     )
 
 
 async def restore_task(
-    ctx: ToolContext, task_id: TaskId, idempotency_key: IdempotencyKey = None
+    request: ToolCall, task_id: TaskId, idempotency_key: IdempotencyKey = None
 ) -> TaskWritten:
     """Bring back a deleted task."""
     return await _write(
-        ctx,
-        "restore_task",
+        request,
         idempotency_key,
         {"task_id": task_id},
-        lambda conn, actor: tasks.restore_task(conn, actor, task_id),
+        lambda session: tasks.restore_task(session, request.call, task_id),
     )
 
 
 async def bulk_update_status(
-    ctx: ToolContext,
+    request: ToolCall,
     status: Annotated[TaskStatus, Field(description="The new status.")],
     filter: Annotated[
         Filter, Field(description="As in search_tasks. Give filter or task_ids, not both.")
@@ -340,28 +322,20 @@ async def bulk_update_status(
     """Set the status of every live task a filter or task_ids names, all or none; try dry_run
     first. Lists 500 changed ids at most: get_audit_trail with its request_id lists all."""
     if dry_run:
-        async with _connection(ctx, write=False) as conn:
-            return await tasks.preview_status_change(conn, status, filter=filter, task_ids=task_ids)
-    max_rows = _principal(ctx).permissions.max_bulk_rows
+        async with _session(request, write=False) as session:
+            return await tasks.preview_status_change(session, status, filter=filter, task_ids=task_ids)
     return await _write(
-        ctx,
-        "bulk_update_status",
+        request,
         idempotency_key,
         {"status": status, "filter": filter, "task_ids": task_ids},
-        lambda conn, actor: tasks.bulk_update_status(
-            conn,
-            actor,
-            status,
-            filter=filter,
-            task_ids=task_ids,
-            max_rows=max_rows,
-            progress=ctx.report_progress,  # sent only when the client asked, with a progress token
+        lambda session: tasks.bulk_update_status(
+            session, request.call, status, filter=filter, task_ids=task_ids
         ),
     )
 
 
 async def get_audit_trail(
-    ctx: ToolContext,
+    request: ToolCall,
     entity_id: Annotated[Id | None, Field(description="A task's or project's history.")] = None,
     request_id: Annotated[
         Text | None, Field(max_length=64, description="One call's changes (its result's request_id).")
@@ -377,9 +351,9 @@ async def get_audit_trail(
 ) -> AuditTrail:
     """Who changed what and when, with the values before and after, newest first. `refused`
     entries are calls made without the permission."""
-    async with _connection(ctx, write=False) as conn:
+    async with _session(request, write=False) as session:
         return await audit.get_audit_trail(
-            conn,
+            session,
             entity_id=entity_id,
             request_id=request_id,
             changed_by=changed_by,
@@ -391,39 +365,38 @@ async def get_audit_trail(
         )
 
 
-async def verify_audit_log(ctx: ToolContext) -> chain.ChainReport:
+async def verify_audit_log(request: ToolCall) -> chain.ChainReport:
     """Walk the audit log's hash chain: reports the first entry changed, removed or added behind
     the server's back. Slow on a large log."""
-    async with _connection(ctx, write=False) as conn:
-        return await chain.verify(conn)
+    async with _session(request, write=False) as session:
+        return await chain.verify(session)
 
 
 async def create_project(
-    ctx: ToolContext,
+    request: ToolCall,
     name: Annotated[Name, Field(description="Unique among live projects.")],
     description: Annotated[Description, Field(description="Longer text.")] = "",
     idempotency_key: IdempotencyKey = None,
 ) -> ProjectPublic:
     """Create a project to hold tasks."""
     return await _write(
-        ctx,
-        "create_project",
+        request,
         idempotency_key,
         {"name": name, "description": description},
-        lambda conn, actor: projects.create_project(conn, actor, name, description),
+        lambda session: projects.create_project(session, request.call, name, description),
     )
 
 
 async def list_projects(
-    ctx: ToolContext,
+    request: ToolCall,
     name_contains: Annotated[Name | None, Field(description="Only names containing this.")] = None,
     limit: Limit = 50,
     page_token: PageToken = None,
 ) -> ProjectPage:
     """Live projects by name, a page at a time."""
-    async with _connection(ctx, write=False) as conn:
+    async with _session(request, write=False) as session:
         return await projects.list_projects(
-            conn, name_contains=name_contains, limit=limit, page_token=page_token
+            session, name_contains=name_contains, limit=limit, page_token=page_token
         )
 
 
@@ -458,7 +431,14 @@ TOOL_NAMES = frozenset(fn.__name__ for fn, _, _ in TOOLS)
 def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> Tool:
     description = " ".join((fn.__doc__ or "").split())  # one line: indentation is tokens too
     tool = Tool.from_function(
-        fn, title=title, description=description, annotations=annotations, structured_output=True
+        fn,
+        title=title,
+        description=description,
+        # The SDK hands its Context to this parameter, and it is no argument of the tool; _guarded
+        # turns the Context into the handler's ToolCall.
+        context_kwarg="request",
+        annotations=annotations,
+        structured_output=True,
     )
     # Unknown arguments are an error the agent should see, not something silently dropped.
     loose = tool.fn_metadata.arg_model
@@ -475,8 +455,9 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
     )
     tool.fn_metadata.arg_model = strict
     tool.parameters = compact(strict.model_json_schema(by_alias=True))
-    # The tool returns a model it has validated, and _guarded dumps it once; without the model the
-    # SDK still publishes the output schema but no longer validates and dumps the result again.
+    # The data functions build results that match their TypedDicts, and _guarded dumps each once;
+    # without the model the SDK still publishes the output schema but no longer validates and
+    # dumps the result again.
     tool.fn_metadata.output_model = None
     if tool.fn_metadata.output_schema is not None:
         tool.fn_metadata.output_schema = outline(tool.fn_metadata.output_schema)
@@ -484,42 +465,70 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
     return tool
 
 
-def _result(value: Mapping[str, Any] | BaseModel) -> CallToolResult:
+def _result(value: Mapping[str, Any]) -> CallToolResult:
     """Structured content, and the same JSON as text for clients that read only text: compact,
-    since every character of it is a token the agent pays for. A result the data functions built
-    as a dict is used as it is; the SDK turns its times into text as it sends it."""
-    structured = value.model_dump(mode="json", by_alias=True) if isinstance(value, BaseModel) else dict(value)
+    since every character of it is a token the agent pays for."""
+    structured = dict(value)
     return CallToolResult(
         content=[TextContent(type="text", text=to_json(structured).decode())],
         structured_content=structured,
     )
 
 
-def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+ToolContext = Context[AppState, Any]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _call_of(ctx: ToolContext, tool: str) -> Call:
+    """The call as this server decides it, once: who is calling (the agent a verified token
+    proves over HTTP, the configured one otherwise; never an argument), with which permissions,
+    under a new request id, from the client that named itself so."""
+    token = get_access_token()
+    if isinstance(token, auth.AgentToken):
+        agent_id, permissions = token.client_id, token.permissions
+    else:
+        agent_id, permissions = identity.configured_agent(ctx.request_context.lifespan_context.settings)
+    params = ctx.session.client_params
+    return Call(
+        tool=tool,
+        agent_id=agent_id,
+        permissions=permissions,
+        request_id=identity.new_request_id(),
+        client_name=identity.client_name(params.client_info.name if params is not None else None),
+        progress=ctx.report_progress,  # sent only when the client asked, with a progress token
+    )
+
+
+def _guarded(name: str, fn: Callable[..., Awaitable[Mapping[str, Any]]]) -> Callable[..., Any]:
     """The tool function behind a permission check; a refused call is recorded, then reported.
 
-    The call gets its request id here. Its log records carry it with the agent's identity, and so
-    does the trace span the SDK opened for the call, with the outcome (when tracing is on).
+    The call is decided here (`_call_of`). Its log records carry its request id and the agent's
+    identity, and so does the trace span the SDK opened for it, with the outcome (when tracing
+    is on).
     """
 
-    async def guarded(ctx: ToolContext, **arguments: Any) -> CallToolResult:
-        who = _principal(ctx)
-        call = logs.Call(tool=name, agent_id=who.agent_id, request_id=logs.new_request_id())
+    async def guarded(request: ToolContext, **arguments: Any) -> CallToolResult:
+        call = _call_of(request, name)
+        app: AppState = request.request_context.lifespan_context
         outcome = "error"
         with logs.calling(call):
             try:
-                if who.permissions.tools is not None and name not in who.permissions.tools:
+                if call.permissions.tools is not None and name not in call.permissions.tools:
                     raise PermissionDeniedError(
                         f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
                     )
-                result = _result(await fn(ctx, **arguments))
+                result = _result(await fn(ToolCall(call, app), **arguments))
                 outcome = "ok"
                 return result
             except PermissionDeniedError as exc:
                 outcome = "refused"
-                await _record_refusal(ctx, name, exc.permission, arguments)
-                message = f"permission denied: {exc}. The attempt is recorded in the audit log."
-                raise ToolError(message) from None
+                recorded = await _record_refusal(app, call, exc.permission, arguments)
+                said = (
+                    "The attempt is recorded in the audit log."
+                    if recorded
+                    else ("The attempt could not be recorded in the audit log.")
+                )
+                raise ToolError(f"permission denied: {exc}. {said}") from None
             except anyio.get_cancelled_exc_class():
                 outcome = "cancelled"
                 raise
@@ -529,13 +538,16 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
-async def _record_refusal(ctx: ToolContext, tool: str, permission: str, arguments: dict[str, Any]) -> None:
+async def _record_refusal(app: AppState, call: Call, permission: str, arguments: dict[str, Any]) -> bool:
+    """Record a refused call in a transaction of its own (the call's own rolled back); whether it was."""
     recorded = to_jsonable_python({k: v for k, v in arguments.items() if v is not None}, by_alias=True)
     try:
-        async with _state(ctx).db.connect(write=True) as conn:
-            await audit.record_refusal(conn, _actor(ctx), tool, permission, recorded)
+        async with app.db.session(write=True) as session:
+            audit.record_refusal(session, call, permission, recorded)
     except DATABASE_ERRORS:
-        logger.exception("could not record a refused call to %s", tool)
+        logger.exception("could not record a refused call to %s", call.tool)
+        return False
+    return True
 
 
 def check_tool_names(settings: Settings) -> None:
@@ -551,17 +563,7 @@ def check_tool_names(settings: Settings) -> None:
             )
 
 
-class TaskServer(MCPServer[AppState]):
-    """The MCP server, with what stdio_calls needs to answer tools/call itself: the tools by name,
-    and the state the lifespan opened (None until it has)."""
-
-    def __init__(self, *, tools: list[Tool], **kwargs: Any) -> None:
-        super().__init__(tools=tools, **kwargs)
-        self.direct_tools = {tool.name: tool for tool in tools}
-        self.app_state: AppState | None = None
-
-
-def create_server(settings: Settings) -> TaskServer:
+def create_server(settings: Settings) -> MCPServer[AppState]:
     check_tool_names(settings)
 
     @asynccontextmanager
@@ -570,19 +572,16 @@ def create_server(settings: Settings) -> TaskServer:
         try:
             # The embedded SQLite file belongs to this server: nobody else is there to migrate it.
             await db.open_schema(upgrade=db.is_sqlite)
-            state = AppState(settings=settings, db=db)
-            cast(TaskServer, server).app_state = state
-            yield state
+            yield AppState(settings=settings, db=db)
         finally:
-            cast(TaskServer, server).app_state = None
             await db.dispose()
 
-    server = TaskServer(
+    server = MCPServer(
         name="tasks",
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
-        log_level=settings.log_level,
+        log_level=cast(LogLevel, settings.log_level),
         tools=[
             _tool(fn, title, annotations)
             for fn, title, annotations in TOOLS

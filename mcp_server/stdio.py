@@ -104,9 +104,6 @@ class StdoutPipe:
         self._fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
         os.dup2(2, 1)
         os.set_blocking(self._fd, False)
-        # The SDK's writer and stdio_calls both write frames; a frame larger than the pipe goes
-        # out in parts, and no other frame may land between them.
-        self._lock = anyio.Lock()
 
     def restore(self) -> None:
         with contextlib.suppress(OSError):
@@ -115,13 +112,13 @@ class StdoutPipe:
             os.close(self._fd)
 
     async def write(self, text: str) -> None:
+        """Write a frame whole; the SDK's one writer task writes one frame at a time."""
         data = memoryview(text.encode("utf-8"))
-        async with self._lock:
-            while data:
-                try:
-                    data = data[os.write(self._fd, data) :]
-                except BlockingIOError:
-                    await anyio.wait_writable(self._fd)
+        while data:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self._fd)
 
     async def flush(self) -> None:
         """Every write goes straight to the descriptor; nothing is buffered."""

@@ -1,8 +1,8 @@
 """OpenTelemetry traces: off unless the standard `OTEL_*` settings ask for them.
 
 The spans are the existing instrumentations': the MCP SDK opens one per message (for a tool call,
-`tools/call <name>` with `gen_ai.tool.name`), SQLAlchemy's and asyncpg's open one per statement
-beneath it. This module only switches them on and adds to the tool call's span who called and how
+`tools/call <name>` with `gen_ai.tool.name`), SQLAlchemy's opens one per statement beneath it.
+This module only switches them on and adds to the tool call's span who called and how
 it ended. With tracing off, nothing here costs a call more than a check of the current span.
 
 Tracing is on when `OTEL_TRACES_EXPORTER` names an exporter (`otlp`, `console`) or an OTLP
@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry import trace
 
 from mcp_server.errors import StartupError
-from mcp_server.logs import Call
+from mcp_server.identity import Call
 
 logger = logging.getLogger(__name__)
 
@@ -101,20 +101,16 @@ def _exporter(name: str, env: Mapping[str, str]) -> Any:
 
 
 def _instrument_databases() -> None:
-    """Spans for SQL: SQLAlchemy's instrumentation sees SQLite's statements (and the schema's), and
-    asyncpg's sees PostgreSQL's, which run on the driver without SQLAlchemy (db.Conn)."""
-    for module, name in [
-        ("opentelemetry.instrumentation.sqlalchemy", "SQLAlchemyInstrumentor"),
-        ("opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor"),
-    ]:
-        if importlib.util.find_spec(module) is None:
-            logger.warning("no SQL spans from %s: %s", module, EXTRA_HINT)
-            continue
-        instrumentor = getattr(importlib.import_module(module), name)()
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            # The SQLAlchemy instrumentation declares SQLAlchemy < 2.1 and would refuse 2.1; the
-            # events it listens to are unchanged, and tests/test_observability.py sees its spans.
-            instrumentor.instrument(skip_dep_check=True)
+    """Spans for SQL from SQLAlchemy's instrumentation: every statement goes through SQLAlchemy."""
+    module = "opentelemetry.instrumentation.sqlalchemy"
+    if importlib.util.find_spec(module) is None:
+        logger.warning("no SQL spans from %s: %s", module, EXTRA_HINT)
+        return
+    instrumentor = importlib.import_module(module).SQLAlchemyInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        # The SQLAlchemy instrumentation declares SQLAlchemy < 2.1 and would refuse 2.1; the
+        # events it listens to are unchanged, and tests/test_observability.py sees its spans.
+        instrumentor.instrument(skip_dep_check=True)
 
 
 def describe_call(call: Call, outcome: str) -> None:

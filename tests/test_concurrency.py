@@ -13,7 +13,7 @@ from sqlmodel import col, select
 
 from mcp_server import chain
 from mcp_server.config import Settings
-from mcp_server.db import Database
+from mcp_server.db import INCLUDE_DELETED, Database
 from mcp_server.models import AuditEntry, Task
 from mcp_server.schemas import iso_time
 from tests.conftest import call, connect
@@ -72,10 +72,11 @@ async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
             group.start_soon(agent, f"agent-{n}")
 
     async with db.session(write=False) as session:
-        tasks = {t.id: t for t in (await session.exec(select(Task))).all()}
+        every_task = await session.exec(select(Task), execution_options=INCLUDE_DELETED)
+        tasks = {t.id: t for t in every_task.all()}
         entries = (await session.exec(select(AuditEntry).order_by(col(AuditEntry.seq)))).all()
-    async with db.connect(write=False) as conn:
-        report = await chain.verify(conn)
+    async with db.session(write=False) as session:
+        report = await chain.verify(session)
     assert len(tasks) == 10 + 4 * 5
     # One linear hash chain: positions 1..n with no gap or fork, every link intact.
     assert [entry.seq for entry in entries] == list(range(1, len(entries) + 1))
