@@ -134,11 +134,14 @@ class Entity(SQLModel, table=True):
             "kind <> 'task' OR (status IS NOT NULL AND priority IS NOT NULL AND project_id IS NOT NULL)",
             name="ck_entity_task_fields",
         ),
-        # The orderings search_tasks offers, each ending in id so keyset paging is exact.
+        # The orderings search_tasks offers, each ending in id so keyset paging is exact, and the
+        # equalities agents filter on most, in the default order (newest first): status, status
+        # with priority, a project.
         Index("ix_entity_kind_created", "kind", "created_at", "id"),
         Index("ix_entity_kind_updated", "kind", "updated_at", "id"),
         Index("ix_entity_kind_priority", "kind", "priority", "id"),
         Index("ix_entity_status_created", "status", "created_at", "id"),
+        Index("ix_entity_status_priority_created", "status", "priority", "created_at", "id"),
         Index("ix_entity_project_created", "project_id", "created_at", "id"),
         Index("ix_entity_title", "title"),
         # A project name is unique among live projects only, so a deleted project's name is reusable.
@@ -156,10 +159,10 @@ class Entity(SQLModel, table=True):
     kind: str = Field(default="", sa_type=String(16), nullable=False)
     title: str = Field(sa_type=String(200), nullable=False)
     description: str = Field(default="", sa_type=Text, nullable=False)
-    status: TaskStatus | None = Field(default=None, sa_type=String(16), index=True)
+    status: TaskStatus | None = Field(default=None, sa_type=String(16))
     priority: Priority | None = Field(default=None, sa_type=PriorityType)
     project_id: int | None = Field(default=None, foreign_key="entity.id", sa_type=IdType)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # Counts the changes to the row. The ORM keeps it (version_id_col): every flush of a change

@@ -40,9 +40,12 @@ def not_live(project_id: int) -> NotFoundError:
     )
 
 
+_BY_ID = select(Project).where(col(Project.id) == bindparam("project_id"))
+
+
 async def load_live(session: AsyncSession, project_id: int) -> Project:
     """The project, unless it does not exist or is deleted."""
-    project = await session.get(Project, project_id)
+    project = (await session.exec(_BY_ID, params={"project_id": project_id})).first()
     if project is None:
         raise not_live(project_id)
     return project
