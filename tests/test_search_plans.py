@@ -46,7 +46,28 @@ SHAPES = {
             {"field": "title", "op": "contains", "value": "deploy"},
         ]
     },
+    # The shapes the benchmark did not measure before issue 12.
+    "equal on two fields": {
+        "and": [
+            {"field": "status", "op": "eq", "value": "blocked"},
+            {"field": "priority", "op": "eq", "value": "medium"},
+        ]
+    },
+    "or across two fields": {
+        "or": [
+            {"field": "status", "op": "eq", "value": "cancelled"},
+            {"field": "project_id", "op": "eq", "value": 13},
+        ]
+    },
+    "contains in another project": {
+        "and": [
+            {"field": "project_id", "op": "eq", "value": 13},
+            {"field": "title", "op": "contains", "value": "fix"},
+        ]
+    },
 }
+# The index a shape needs, where one was added for it.
+NEEDS = {"equal on two fields": "ix_entity_status_priority_created"}
 
 
 async def _load(db: Database) -> None:
@@ -118,7 +139,7 @@ async def _plan(db: Database, statement: str, parameters: Any) -> list[str]:
     nodes: list[str] = []
 
     def walk(node: dict[str, Any]) -> None:
-        nodes.append(f"{node['Node Type']} {node.get('Relation Name', '')}".strip())
+        nodes.append(f"{node['Node Type']} {node.get('Relation Name', '')} {node.get('Index Name', '')}".strip())
         for child in node.get("Plans", []):
             walk(child)
 
@@ -154,6 +175,8 @@ async def test_each_search_shape_reads_through_an_index_on_its_first_and_a_later
     for statement, parameters in first + later:
         plan = await _plan(db, statement, parameters)
         assert _uses_an_index_and_never_scans(db, plan), f"{shape}: {plan}"
+        if shape in NEEDS:
+            assert any(NEEDS[shape] in node for node in plan), f"{shape}: {plan}"
 
 
 async def test_the_audit_trail_of_one_task_reads_through_an_index(settings: Settings, db: Database) -> None:
