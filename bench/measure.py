@@ -204,6 +204,7 @@ class Series:
 
     seconds: list[float] = field(default_factory=list)
     rows: int = 0
+    cpu_seconds: float = 0.0  # the server process's CPU time over the timed calls (servers only)
 
     def summary(self) -> dict[str, Any]:
         ms = sorted(s * 1000 for s in self.seconds)
@@ -213,6 +214,8 @@ class Series:
         if self.rows:
             out["rows"] = self.rows
             out["rows_per_s"] = round(self.rows / sum(self.seconds))
+        if self.cpu_seconds:
+            out["server_cpu_ms_per_call"] = round(self.cpu_seconds * 1000 / len(ms), 3)
         return out
 
 
@@ -321,8 +324,13 @@ class Bench:
         while done < self.calls:
             n = min(self.block, self.calls - done)
             for name, run in runners.items():
+                series = self.series(operation, name)
+                server = self.servers.get(name)
+                cpu_before = server.cpu_seconds() if server is not None else 0.0
                 for _ in range(n):
-                    self.series(operation, name).seconds.append(await run())
+                    series.seconds.append(await run())
+                if server is not None:
+                    series.cpu_seconds += server.cpu_seconds() - cpu_before
             done += n
         self.sample_memory()
 
@@ -663,6 +671,23 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [
             f"{by[name]['bytes']:,} B, {by[name]['client_parse_ms']:.2f} ms"
             if "bytes" in by.get(name, {})
+            else "–"
+            for name in ("ours", "server-postgres", "dbhub")
+        ]
+        lines.append(f"| {op} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "The server process's CPU time per call over the timed calls (user and system, from /proc), in ms:",
+        "",
+        "| operation | ours | server-postgres | dbhub |",
+        "|---|---|---|---|",
+    ]
+    for op, by in results["operations"].items():
+        if "server_cpu_ms_per_call" not in by.get("ours", {}):
+            continue
+        cells = [
+            f"{by[name]['server_cpu_ms_per_call']:.2f}"
+            if "server_cpu_ms_per_call" in by.get(name, {})
             else "–"
             for name in ("ours", "server-postgres", "dbhub")
         ]

@@ -106,6 +106,11 @@ class StdioServer:
         tools: list[dict[str, Any]] = (await self.request("tools/list", {}))["tools"]
         return tools
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user and system), from /proc."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def memory_kb(self) -> tuple[int, int]:
         """(current RSS, peak RSS) in KiB, from /proc."""
         fields: dict[str, int] = {}
