@@ -657,44 +657,35 @@ def markdown(results: dict[str, Any]) -> str:
         if "ours_rows_per_s_over_raw" in r:
             notes.append(f"{r['ours_rows_per_s_over_raw']:.2f}× raw")
         lines.append(f"| {op} | {' | '.join(cells)} | {', '.join(notes)} |")
-    lines += [
-        "",
+    lines += _server_table(
+        results,
         "One response of each server (its last warm-up call): bytes on the wire, and the median time "
         "the official Python client (mcp.ClientSession's steps) takes to parse and check it, in ms.",
-        "",
-        "| operation | ours | server-postgres | dbhub |",
-        "|---|---|---|---|",
-    ]
-    for op, by in results["operations"].items():
-        if "bytes" not in by.get("ours", {}):
-            continue
-        cells = [
-            f"{by[name]['bytes']:,} B, {by[name]['client_parse_ms']:.2f} ms"
-            if "bytes" in by.get(name, {})
-            else "–"
-            for name in ("ours", "server-postgres", "dbhub")
-        ]
-        lines.append(f"| {op} | {' | '.join(cells)} |")
-    lines += [
-        "",
-        "The server process's CPU time per call over the timed calls (user and system, from /proc), in ms:",
-        "",
-        "| operation | ours | server-postgres | dbhub |",
-        "|---|---|---|---|",
-    ]
-    for op, by in results["operations"].items():
-        if "server_cpu_ms_per_call" not in by.get("ours", {}):
-            continue
-        cells = [
-            f"{by[name]['server_cpu_ms_per_call']:.2f}"
-            if "server_cpu_ms_per_call" in by.get(name, {})
-            else "–"
-            for name in ("ours", "server-postgres", "dbhub")
-        ]
-        lines.append(f"| {op} | {' | '.join(cells)} |")
+        "bytes",
+        lambda s: f"{s['bytes']:,} B, {s['client_parse_ms']:.2f} ms",
+    )
+    lines += _server_table(
+        results,
+        "The server process's CPU time per call over the timed calls (user and system, from /proc), in ms.",
+        "server_cpu_ms_per_call",
+        lambda s: f"{s['server_cpu_ms_per_call']:.2f}",
+    )
     mem = results["server_memory_mb"]
     lines += ["", f"Server peak RSS over the run: {mem['peak_rss']} MB."]
     return "\n".join(lines) + "\n"
+
+
+def _server_table(
+    results: dict[str, Any], caption: str, key: str, cell: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """A table of one figure (`key`, shown by `cell`) of each server, for the operations ours has it for."""
+    names = ("ours", "server-postgres", "dbhub")
+    lines = ["", caption, "", f"| operation | {' | '.join(names)} |", "|---|---|---|---|"]
+    for op, by in results["operations"].items():
+        if key in by.get("ours", {}):
+            cells = [cell(by[name]) if key in by.get(name, {}) else "–" for name in names]
+            lines.append(f"| {op} | {' | '.join(cells)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from mcp_server import paging
+from mcp_server import chain, paging
 from mcp_server.errors import NotFoundError
 from mcp_server.identity import Call
 from mcp_server.models import (
@@ -86,17 +86,7 @@ def record_refusal(session: AsyncSession, call: Call, permission: str, arguments
 
 # The columns a set-based statement writes, in the order of its SELECT: the content an entry's
 # hash covers, after its position (which the seal assigns).
-_WRITTEN = (
-    "entity_id",
-    "entity_type",
-    "action",
-    "changed_by",
-    "client_name",
-    "changed_at",
-    "request_id",
-    "old_value",
-    "new_value",
-)
+_WRITTEN = chain.CONTENT[1:]
 
 
 def entry_of(changed: FromClause, action: AuditAction) -> Insert:
@@ -181,20 +171,7 @@ _NARROWING: dict[str, tuple[Any, Callable[[Any, Any], ColumnElement[bool]]]] = {
 
 # A page of the trail is read as named rows: about 1 ms less for fifty entries than as AuditEntry
 # objects (bench/profile.py has the same for tasks), and a page only shows them.
-_ENTRY_ROW = tuple(
-    getattr(AuditEntry, name)
-    for name in (
-        "id",
-        "entity_id",
-        "action",
-        "changed_by",
-        "client_name",
-        "changed_at",
-        "request_id",
-        "old_value",
-        "new_value",
-    )
-)
+_ENTRY_ROW = tuple(getattr(AuditEntry, name) for name in AuditEntryPublic.__annotations__)
 
 
 @lru_cache(maxsize=256)
