@@ -1,9 +1,11 @@
 """Task data functions. Each takes the call's session (and the call, when it writes) and never commits.
 
-A task is loaded as a `Task` with its project eager-loaded in the same statement; a change is made
-to the loaded object and flushed with its audit entry, the ORM checking the task's version on the
-way (a change made meanwhile is a conflict, never a lost update). A bulk status change stays
-set-based: three statements whatever the number of tasks.
+One task is loaded as a `Task` with its project eager-loaded in the same statement; a page of
+tasks is read as named rows. A change that reads its task first (update, restore) changes the
+loaded object and flushes it with its audit entry, the ORM checking the task's version on the way
+(a change made meanwhile is a conflict, never a lost update). A change chosen by a condition
+(create in a live project, delete a live task) is one statement with its audit entry
+(db.one_change). A bulk status change is set-based: three statements whatever the number of tasks.
 """
 
 from __future__ import annotations
