@@ -139,7 +139,8 @@ async def _plan(db: Database, statement: str, parameters: Any) -> list[str]:
     nodes: list[str] = []
 
     def walk(node: dict[str, Any]) -> None:
-        nodes.append(f"{node['Node Type']} {node.get('Relation Name', '')} {node.get('Index Name', '')}".strip())
+        names = (node.get("Relation Name", ""), node.get("Index Name", ""))
+        nodes.append(" ".join((node["Node Type"], *names)).strip())
         for child in node.get("Plans", []):
             walk(child)
 
