@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, FromClause, Insert, String, bindparam, insert, literal
+from sqlalchemy import ColumnElement, FromClause, Insert, RowMapping, String, bindparam, insert, literal
 from sqlalchemy import select as sql_select  # a Core SELECT of nine columns, inserted as it is
 from sqlalchemy.orm import QueryableAttribute
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from mcp_server import chain, paging
+from mcp_server import chain, db, paging
 from mcp_server.errors import NotFoundError
 from mcp_server.identity import Call
 from mcp_server.models import (
@@ -31,7 +31,7 @@ from mcp_server.models import (
     utcnow,
 )
 from mcp_server.schemas import AuditEntryPublic, AuditTrail, EntityRef, iso_time
-from mcp_server.sql import json_object
+from mcp_server.sql import iso_text, json_object
 
 MAX_RECORDED_ARGUMENTS = 20_000
 
@@ -153,8 +153,8 @@ def call_params(call: Call, at: datetime) -> dict[str, Any]:
 
 # --- the trail ---------------------------------------------------------------------------------
 
-_TRAIL_KEYS = (
-    paging.SortKey("changed_at", AuditEntry.changed_at, True, iso_time, paging.load_time),
+_TRAIL_KEYS = (  # a row of _ENTRY_ROW holds its time as text already
+    paging.SortKey("changed_at", AuditEntry.changed_at, True, str, paging.load_time),
     paging.SortKey("id", AuditEntry.id, True, int, paging.load_id),
 )
 
@@ -169,9 +169,13 @@ _NARROWING: dict[str, tuple[Any, Callable[[Any, Any], ColumnElement[bool]]]] = {
 }
 
 
-# A page of the trail is read as named rows: about 1 ms less for fifty entries than as AuditEntry
-# objects (bench/profile.py has the same for tasks), and a page only shows them.
-_ENTRY_ROW = tuple(getattr(AuditEntry, name) for name in AuditEntryPublic.__annotations__)
+# A page of the trail is read as named rows, its time as text in the tools' format (sql.iso_text):
+# about 1 ms less for fifty entries than as AuditEntry objects (bench/profile.py has the same for
+# tasks), and a page only shows them.
+_ENTRY_ROW = tuple(
+    iso_text(AuditEntry.changed_at).label(name) if name == "changed_at" else getattr(AuditEntry, name)
+    for name in AuditEntryPublic.__annotations__
+)
 
 
 @lru_cache(maxsize=256)
@@ -192,23 +196,23 @@ def _trail_statement(narrowed_by: tuple[str, ...], first: bool, limit: int) -> S
 _ENTITY = cast(QueryableAttribute[Entity], AuditEntry.entity)  # SQLModel types it as the value
 
 
-def _entry_public(entry: Any, *, with_entity: bool) -> AuditEntryPublic:
+def _entry_public(entry: RowMapping, *, with_entity: bool) -> AuditEntryPublic:
     """A row of _ENTRY_ROW as the trail shows it, read by name; its entity's id only `with_entity`."""
     public: AuditEntryPublic = {
-        "id": entry.id,
-        "action": entry.action,
-        "changed_by": entry.changed_by,
-        "changed_at": iso_time(entry.changed_at),
-        "request_id": entry.request_id,
+        "id": entry["id"],
+        "action": entry["action"],
+        "changed_by": entry["changed_by"],
+        "changed_at": entry["changed_at"],
+        "request_id": entry["request_id"],
     }
-    if with_entity and entry.entity_id is not None:
-        public["entity_id"] = entry.entity_id
-    if entry.client_name is not None:
-        public["client_name"] = entry.client_name
-    if entry.old_value is not None:
-        public["old_value"] = entry.old_value
-    if entry.new_value is not None:
-        public["new_value"] = entry.new_value
+    if with_entity and (entity_id := entry["entity_id"]) is not None:
+        public["entity_id"] = entity_id
+    if (client_name := entry["client_name"]) is not None:
+        public["client_name"] = client_name
+    if (old_value := entry["old_value"]) is not None:
+        public["old_value"] = old_value
+    if (new_value := entry["new_value"]) is not None:
+        public["new_value"] = new_value
     return public
 
 
@@ -241,8 +245,8 @@ async def get_audit_trail(
     query = paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until)
     statement = _trail_statement(tuple(params), page_token is None, limit)
     params |= paging.page_params(_TRAIL_KEYS, page_token=page_token, query=query)
-    entries: Sequence[Any] = (await session.exec(statement, params=params)).all()  # named rows
-    page = paging.cut(entries, _TRAIL_KEYS, limit=limit, query=query)
+    entries = db.named_rows(await session.exec(statement, params=params))
+    page = paging.cut(entries, _TRAIL_KEYS, limit=limit, query=query, value=operator.getitem)
     # In a trail of one entity the header names it; its id in every entry would say it again.
     with_entity = entity_id is None
     result: AuditTrail = {
@@ -250,7 +254,7 @@ async def get_audit_trail(
         "has_more": page.has_more,
     }
     if entity_id is not None:
-        entity = entries[0].Entity if entries else await session.get(Entity, entity_id)
+        entity = entries[0]["Entity"] if entries else await session.get(Entity, entity_id)
         if entity is None:
             raise NotFoundError(f"no task or project has id {entity_id}")
         result = {"entity": _entity_ref(entity), **result}

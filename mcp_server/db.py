@@ -18,7 +18,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy.ext.asyncio
 from pydantic_core import from_json
-from sqlalchemy import FromClause, Insert, Table, Update, bindparam, event, func
+from sqlalchemy import FromClause, Insert, Result, RowMapping, Table, Update, bindparam, event, func
 from sqlalchemy import select as sql_select  # of a table's plain columns
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -88,6 +88,12 @@ def _live_only(statement: Executable) -> Executable:
     their statements, and a statement made anew per call would have its cache key computed anew
     per call too (about 0.1 ms). Statements are immutable, so one is kept by its identity."""
     return statement.options(*_LIVE_ONLY)
+
+
+def named_rows(found: Any) -> Sequence[RowMapping]:
+    """The rows of an executed select, each read by column name. (SQLModel types the rows of a
+    select of several columns as tuples; SQLAlchemy's result maps them by name.)"""
+    return cast(Result[Any], found).mappings().all()
 
 
 E = TypeVar("E", bound=SQLModel)

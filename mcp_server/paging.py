@@ -131,12 +131,20 @@ def page_params(keys: Sequence[SortKey], *, page_token: str | None, query: str) 
     return {f"after_{i}": value for i, value in enumerate(values)}
 
 
-def cut(rows: Sequence[T], keys: Sequence[SortKey], *, limit: int, query: str) -> Page[T]:
-    """The page in `rows` (fetched from a `paged` statement: mapped objects or named rows, with an
-    attribute for each key), and the token of the next one."""
+def cut(
+    rows: Sequence[T],
+    keys: Sequence[SortKey],
+    *,
+    limit: int,
+    query: str,
+    value: Callable[[T, str], Any] = getattr,
+) -> Page[T]:
+    """The page in `rows` (fetched from a `paged` statement) and the token of the next one. A row's
+    value of a key is `value(row, key name)`: an attribute of a mapped object by default; for rows
+    read as mappings, `operator.getitem`."""
     has_more = len(rows) > limit
     page = list(rows[:limit])
     token = None
     if has_more:
-        token = encode_token(keys, [getattr(page[-1], key.name) for key in keys], query)
+        token = encode_token(keys, [value(page[-1], key.name) for key in keys], query)
     return Page(rows=page, has_more=has_more, next_page_token=token)

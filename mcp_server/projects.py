@@ -12,7 +12,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from mcp_server import audit, paging
 from mcp_server.errors import ConflictError, NotFoundError, is_unique_violation
-from mcp_server.filters import escape_like
+from mcp_server.filters import contains, escape_like
 from mcp_server.identity import Call
 from mcp_server.models import AuditAction, Project, utcnow
 from mcp_server.schemas import ProjectPage, ProjectPublic, iso_time
@@ -79,8 +79,7 @@ async def create_project(session: AsyncSession, call: Call, name: str, descripti
 def _list_statement(named: bool, first: bool, limit: int) -> SelectOfScalar[Project]:
     statement = select(Project)
     if named:
-        named_like = col(Project.title).icontains(bindparam("name_contains", type_=String), escape="/")
-        statement = statement.where(named_like)
+        statement = statement.where(contains(Project.title, bindparam("name_contains", type_=String)))
     return paging.paged(statement, _KEYS, first=first, limit=limit)
 
 

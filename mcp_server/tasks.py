@@ -10,12 +10,13 @@ loaded object and flushes it with its audit entry, the ORM checking the task's v
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
 from pydantic_core import to_json
-from sqlalchemy import ColumnElement, String, and_, bindparam, func, insert, literal, update
+from sqlalchemy import ColumnElement, RowMapping, String, and_, bindparam, func, insert, literal, update
 from sqlalchemy import select as sql_select  # the row an INSERT ... SELECT writes
 from sqlalchemy.orm import QueryableAttribute, aliased, joinedload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -53,7 +54,7 @@ from mcp_server.schemas import (
     TaskUpdate,
     iso_time,
 )
-from mcp_server.sql import one_of
+from mcp_server.sql import iso_text, one_of
 
 MAX_CHANGED_IDS = 500
 DEFAULT_ORDER = (OrderBy(field="created_at", direction="desc"),)
@@ -73,25 +74,46 @@ def _with_project(task: Any) -> ORMOption:
 _WITH_PROJECT = _with_project(Task)
 
 # A page of tasks is read as named rows: the task's fields and its project's name, joined in the
-# same statement. Fifty Task objects (and their projects) cost the ORM about 1 ms more to build
-# than fifty rows (bench/profile.py), and a page only shows them.
+# same statement, its times as text in the tools' format (sql.iso_text). Fifty Task objects (and
+# their projects) cost the ORM about 1 ms more to build than fifty rows (bench/profile.py), and a
+# page only shows them.
 _project = aliased(Entity, name="project")
 _TASK_ROW = (
     *(getattr(Task, name) for name in ("id", "title", "description", "status", "priority", "project_id")),
     col(_project.title).label("project_name"),
-    *(getattr(Task, name) for name in ("created_at", "updated_at", "deleted_at", "version")),
+    *(iso_text(getattr(Task, name)).label(name) for name in ("created_at", "updated_at", "deleted_at")),
+    Task.version,
 )
 
 
-def task_public(task: Any, project_name: str) -> TaskPublic:
-    """A task as the tools show it, from a loaded Task or a row of _TASK_ROW: read by name either way."""
+def _page_item(row: RowMapping) -> TaskPublic:
+    """A row of _TASK_ROW as the tools show a task, read by name."""
+    public: TaskPublic = {
+        "id": row["id"],
+        "title": row["title"],
+        "description": row["description"],
+        "status": row["status"],
+        "priority": row["priority"].value,  # plain text: each pass over the result handles it faster
+        "project": {"id": row["project_id"], "name": row["project_name"]},
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "version": row["version"],
+    }
+    if (deleted_at := row["deleted_at"]) is not None:
+        public["deleted_at"] = deleted_at
+    return public
+
+
+def _public(task: Any) -> TaskPublic:
+    """A loaded Task, its project loaded with it, as the tools show it (its fields, which SQLModel
+    types as optional since projects share the table, are all set on a task)."""
     public: TaskPublic = {
         "id": task.id,
         "title": task.title,
         "description": task.description,
         "status": task.status,
         "priority": task.priority,
-        "project": {"id": task.project_id, "name": project_name},
+        "project": {"id": task.project_id, "name": task.project.title},
         "created_at": iso_time(task.created_at),
         "updated_at": iso_time(task.updated_at),
         "version": task.version,
@@ -99,11 +121,6 @@ def task_public(task: Any, project_name: str) -> TaskPublic:
     if task.deleted_at is not None:
         public["deleted_at"] = iso_time(task.deleted_at)
     return public
-
-
-def _public(task: Task) -> TaskPublic:
-    """A loaded Task, its project loaded with it, as the tools show it."""
-    return task_public(task, task.project.title)
 
 
 def snapshot(task: Task) -> dict[str, Any]:
@@ -117,10 +134,11 @@ def snapshot(task: Task) -> dict[str, Any]:
     }
 
 
-# Sortable field -> (column, its value as JSON in a page token, and back to a value to compare with).
+# Sortable field -> (column, its value in a row of _TASK_ROW as JSON in a page token, and back to a
+# value to compare with). A row holds its times as text already.
 _SORTABLE: dict[str, tuple[Any, Any, Any]] = {
-    "created_at": (Task.created_at, iso_time, paging.load_time),
-    "updated_at": (Task.updated_at, iso_time, paging.load_time),
+    "created_at": (Task.created_at, str, paging.load_time),
+    "updated_at": (Task.updated_at, str, paging.load_time),
     "title": (Task.title, str, str),
     "priority": (Task.priority, audit.json_value, Priority),
     "id": (Task.id, int, paging.load_id),
@@ -188,9 +206,9 @@ async def search_tasks(
         params=params | paging.page_params(keys, page_token=page_token, query=query),
         execution_options=options,
     )
-    rows: Sequence[Any] = found.all()  # named rows; SQLModel types them as tuples
-    page = paging.cut(rows, keys, limit=limit, query=query)
-    items = [task_public(row, row.project_name) for row in page.rows]
+    rows = db.named_rows(found)
+    page = paging.cut(rows, keys, limit=limit, query=query, value=operator.getitem)
+    items = [_page_item(row) for row in page.rows]
     result: TaskPage = {"items": items, "has_more": page.has_more}
     if (token := page.next_page_token) is not None:
         result["next_page_token"] = token

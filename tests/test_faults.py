@@ -270,6 +270,9 @@ async def test_postgresql_restarted_between_calls_costs_at_most_one_retryable_er
     settings: Settings, db: Database
 ) -> None:
     postgres_only(db, "there is no database server to restart for SQLite")
+    if os.environ.get("TEST_RESTART_POSTGRES") != "1":
+        # The server may be shared with other databases and users: restart it only when asked.
+        pytest.skip("restarts PostgreSQL; set TEST_RESTART_POSTGRES=1 to run it (.ci/run does, in CI)")
     clusters = Path("/etc/postgresql")
     cluster = sorted(p.name for p in clusters.iterdir())[-1] if clusters.is_dir() else None  # noqa: ASYNC240
     if cluster is None or shutil.which("pg_ctlcluster") is None:

@@ -14,6 +14,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server.db import INCLUDE_DELETED, Database
 from mcp_server.models import AuditAction, AuditEntry, Entity, Priority, Project, Task, TaskStatus, utcnow
+from mcp_server.schemas import iso_time
+from mcp_server.sql import iso_text
 
 pytestmark = pytest.mark.anyio
 
@@ -117,6 +119,24 @@ async def test_times_are_stored_and_read_back_as_timezone_aware_utc(db: Database
         loaded = (await session.exec(select(Project))).one()
     assert loaded.created_at == written and loaded.created_at.tzinfo == UTC
     assert loaded.created_at.hour == 0
+
+
+async def test_the_database_writes_a_time_as_text_exactly_as_the_tools_format_it(db: Database) -> None:
+    tokyo = timezone(timedelta(hours=9))
+    times = [
+        datetime(2026, 3, 1, 9, 30, tzinfo=tokyo),  # no fraction of a second
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1999, 1, 2, 3, 4, 5, 60, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+    ]
+    async with db.session(write=True) as session:
+        for n, written in enumerate(times):
+            session.add(Project(title=f"p{n}", created_at=written, updated_at=written))
+    as_text = select(iso_text(Project.created_at), Project.created_at).order_by(col(Project.title))
+    async with db.session(write=False) as session:
+        rows = (await session.exec(as_text)).all()
+    expected = [iso_time(t) for t in times]
+    assert [text for text, _ in rows] == [iso_time(loaded) for _, loaded in rows] == expected
+    assert rows[0][0] == "2026-03-01T00:30:00.000000Z"
 
 
 async def test_a_naive_datetime_is_refused(db: Database) -> None:
