@@ -6,6 +6,10 @@ trail replays to its row and the hash chain is the one the server's trigger woul
 (checked against the database's own hash function after loading). Task 1001, the first task of
 project 1, has exactly `hot_entries` entries: get_audit_trail's worst realistic case.
 
+The rows are loaded at schema version 0004, the last whose chain was sealed on insert, and then
+migrated to this server's version, as an existing database would be: the log says how long the
+migration took on this much data.
+
 Secondary indexes are dropped for the load and rebuilt after it; the chain and foreign-key
 triggers are off for the session that copies (session_replication_role = replica), which is
 why this needs a superuser. A marker table records what was loaded, so a second run with the
@@ -30,6 +34,7 @@ from typing import Any
 
 import asyncpg
 
+from mcp_server import schema
 from mcp_server.chain import GENESIS, sqlite_entry_hash
 from mcp_server.config import Settings
 from mcp_server.db import create_database
@@ -40,6 +45,8 @@ logger = logging.getLogger("bench.generate")
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 TICK = timedelta(seconds=10)
 LOADER = "bench-loader"
+# The last schema version that sealed each audit entry on insert: the rows below are written as it did.
+LEGACY_REVISION = "0004"
 BURST = 1000
 
 VERBS = ["Fix", "Deploy", "Review", "Write", "Migrate", "Test", "Design", "Refactor", "Document", "Audit"]
@@ -258,7 +265,7 @@ async def load_postgres(url: str, size: Size, *, force: bool) -> None:
     finally:
         await admin.close()
 
-    await _migrate(url)
+    await _migrate(url, LEGACY_REVISION)
 
     started = time.perf_counter()
     h = plan(size)
@@ -296,6 +303,15 @@ async def load_postgres(url: str, size: Size, *, force: bool) -> None:
         )
         if wrong:
             raise SystemExit(f"{wrong} loaded entries do not match the database's hash; the loader is wrong")
+    finally:
+        await conn.close()
+    step = time.perf_counter()
+    await _migrate(url)
+    logger.info(
+        "migrated the loaded data to schema version %s in %.2f s", schema.head(), time.perf_counter() - step
+    )
+    conn = await asyncpg.connect(url)
+    try:
         await conn.execute("CREATE TABLE bench_marker (size text NOT NULL)")
         await conn.execute("INSERT INTO bench_marker VALUES ($1)", size.marker)
     finally:
@@ -303,10 +319,11 @@ async def load_postgres(url: str, size: Size, *, force: bool) -> None:
     logger.info("loaded %s in %.1f s", name, time.perf_counter() - started)
 
 
-async def _migrate(url: str) -> None:
+async def _migrate(url: str, target: str = "head") -> None:
     db = create_database(Settings(database_url=url))
     try:
-        await db.open_schema(upgrade=True)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(lambda sync: schema.upgrade(sync, target))
     finally:
         await db.dispose()
 
@@ -342,9 +359,7 @@ async def load_sqlite(path: str, size: Size, *, force: bool) -> None:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
-    db = create_database(Settings(database_url=f"sqlite:///{path}"))
-    await db.open_schema(upgrade=True)
-    await db.dispose()
+    await _migrate(f"sqlite:///{path}", LEGACY_REVISION)
 
     started = time.perf_counter()
     h = plan(size)
@@ -378,6 +393,15 @@ async def load_sqlite(path: str, size: Size, *, force: bool) -> None:
         for _, sql in indexes + triggers:
             conn.execute(sql)
         conn.execute("ANALYZE")
+    finally:
+        conn.close()
+    step = time.perf_counter()
+    await _migrate(f"sqlite:///{path}")
+    logger.info(
+        "migrated the loaded data to schema version %s in %.2f s", schema.head(), time.perf_counter() - step
+    )
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
         conn.execute("CREATE TABLE bench_marker (size TEXT NOT NULL)")
         conn.execute("INSERT INTO bench_marker VALUES (?)", (size.marker,))
     finally:

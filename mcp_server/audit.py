@@ -85,8 +85,8 @@ def record_refusal(session: AsyncSession, call: Call, permission: str, arguments
 
 
 # The columns a set-based statement writes, in the order of its SELECT: the content an entry's
-# hash covers, after its position (which the seal assigns).
-_WRITTEN = chain.CONTENT[1:]
+# hash covers, after its id and transaction (which the database assigns).
+_WRITTEN = chain.ROW_CONTENT[2:]
 
 
 def entry_of(changed: FromClause, action: AuditAction) -> Insert:

@@ -1,16 +1,28 @@
-"""The audit log's hash chain: sealed by the database on insert, walked by `verify`.
+"""The audit log's hash chain: rows stamped as they are written, sealed after they commit, walked
+by `verify`.
 
-Each entry gets the next `seq`, the previous entry's hash as `prev_hash`, and `entry_hash` =
-SHA-256 over `prev_hash` and its own content. The database does this in a trigger, so every
-insert is sealed whichever code path wrote it, and set-based inserts stay set-based (the
-triggers are created by the first migration, schema_versions/versions/0001). Writers are
-serialized while they link (PostgreSQL: a transaction-level advisory lock, which every writing
-transaction takes first; SQLite: one writer at a time already), so the chain never forks.
+Writing: a trigger stamps each inserted audit row with the transaction that wrote it (`txid`)
+and `row_hash`, a SHA-256 of its content. Writers take no shared lock, so they never wait for
+each other (schema_versions/versions/0005).
 
-Other triggers refuse UPDATE, DELETE and TRUNCATE of audit rows. Someone who can disable the
-triggers (a database superuser) can still edit rows; `verify` then finds the first entry whose
-content, link or position does not match. Deleting the newest entries leaves a shorter valid
-chain: compare the head that `verify` reports with one recorded elsewhere to catch that.
+Sealing: a sealer (`seal`, run in a loop by sealer.py) gives committed rows their position `seq`
+and links each to the one before: `entry_hash` = `link_hash(prev_hash, seq, entry id,
+row_hash)`, one `AuditSeal` row each. It seals in the order it sees rows committed: on
+PostgreSQL, every round takes the rows committed since the last one, ordered by transaction id;
+it never passes a row an unfinished transaction may still write, because its horizon only moves
+up to the oldest transaction still running. On SQLite one writer at a time means ids commit in
+order, so it seals by id. One sealer at a time holds the lease in `AuditChain`'s row; the row is
+also locked for the round, so two sealers can never fork the chain.
+
+Verifying: `verify` walks the chain from the first entry, recomputing each entry's content hash
+in the database, and stops at the first entry whose content, link or position does not match.
+Entries written before version 0005 keep the seal they were given on insert (their own `seq`,
+`prev_hash` and `entry_hash` columns); the chain runs on from the newest of them.
+
+Triggers refuse UPDATE, DELETE and TRUNCATE of audit rows, seals and checkpoints. Someone who can
+switch the triggers off (a superuser) can still edit rows; `verify` then finds it. Rewriting the
+whole chain after an edit, or deleting its newest entries, leaves a chain that is valid in
+itself: signed checkpoints kept outside the database (checkpoints.py) catch that.
 """
 
 from __future__ import annotations
@@ -18,26 +30,49 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Annotated, Any, NotRequired, cast
 
 from pydantic import Field
-from sqlalchemy import BigInteger, Integer, Row, bindparam, func
+from sqlalchemy import BigInteger, Integer, Row, Text, bindparam, exists, func, insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 from typing_extensions import TypedDict
 
-from mcp_server.models import AUDIT_TABLE, AuditEntry
+from mcp_server.checkpoints import Checkpoint, CheckpointKeys
+from mcp_server.models import (
+    AUDIT_TABLE,
+    SEAL_TABLE,
+    AuditChain,
+    AuditCheckpoint,
+    AuditEntry,
+    AuditSeal,
+    utcnow,
+)
 
 GENESIS = "0" * 64
-# Every writing transaction on PostgreSQL takes this advisory lock first (see db.Database.session).
-CHAIN_LOCK_KEY = 7_243_017_110_398
 BATCH = 5000
 
-# The content an entry's hash covers, in order, after the previous entry's hash.
-CONTENT = (
+# The content of an entry sealed before version 0005, in the order its hash covers it, after the
+# previous entry's hash.
+LEGACY_CONTENT = (
     "seq",
+    "entity_id",
+    "entity_type",
+    "action",
+    "changed_by",
+    "client_name",
+    "changed_at",
+    "request_id",
+    "old_value",
+    "new_value",
+)
+# The content `row_hash` covers, in order (SQLite's audit_row_hash takes these arguments).
+ROW_CONTENT = (
+    "id",
+    "txid",
     "entity_id",
     "entity_type",
     "action",
@@ -50,23 +85,117 @@ CONTENT = (
 )
 
 
+def link_hash(prev_hash: str, seq: int, entry_id: int, row_hash: str | None) -> str:
+    """An entry's hash in the chain: its position, its row and its content after the previous hash."""
+    return hashlib.sha256(f"{prev_hash}|{seq}|{entry_id}|{row_hash}".encode()).hexdigest()
+
+
 def sqlite_entry_hash(prev_hash: str, *content: Any) -> str:
-    """The SQLite side of the seal (its trigger calls this as audit_entry_hash, registered on
-    each connection), over the values as SQLite stores them."""
+    """SQLite's hash of an entry sealed before version 0005 (registered on each connection as
+    audit_entry_hash), over the values as SQLite stores them."""
     body = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
 
 
+def sqlite_row_hash(*content: Any) -> str:
+    """SQLite's row hash (registered on each connection as audit_row_hash), over ROW_CONTENT as
+    SQLite stores it."""
+    body = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+# --- sealing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one sealing round did."""
+
+    sealed: int
+    head_seq: int
+    head_hash: str
+    oldest: datetime | None  # when the oldest entry sealed was written
+    more: bool  # it stopped at its batch size with entries left
+
+
+_CHAIN_ROW = select(AuditChain).where(col(AuditChain.id) == 1).with_for_update()
+_XMIN = select(func.pg_snapshot_xmin(func.pg_current_snapshot()).cast(Text).cast(BigInteger))
+_SEALED = exists().where(col(AuditSeal.entry_id) == col(AuditEntry.id))
+_CANDIDATE_COLUMNS = (AUDIT_TABLE.c.id, AUDIT_TABLE.c.txid, AUDIT_TABLE.c.row_hash, AUDIT_TABLE.c.changed_at)
+_CANDIDATES: dict[str, Select[*tuple[Any, ...]]] = {
+    "postgresql": Select(*_CANDIDATE_COLUMNS)
+    .where(
+        AUDIT_TABLE.c.txid >= bindparam("horizon", type_=BigInteger),
+        AUDIT_TABLE.c.row_hash.is_not(None),
+        ~_SEALED,
+    )
+    .order_by(AUDIT_TABLE.c.txid, AUDIT_TABLE.c.id)
+    .limit(bindparam("limit", type_=Integer)),
+    "sqlite": Select(*_CANDIDATE_COLUMNS)
+    .where(AUDIT_TABLE.c.id > bindparam("horizon", type_=BigInteger), AUDIT_TABLE.c.row_hash.is_not(None))
+    .order_by(AUDIT_TABLE.c.id)
+    .limit(bindparam("limit", type_=Integer)),
+}
+_INSERT_SEALS = insert(SEAL_TABLE)
+
+
+async def seal(session: AsyncSession, sealer: str, *, batch: int, lease: timedelta) -> Round | None:
+    """One sealing round, in the caller's writing transaction: take or renew the lease, then seal
+    up to `batch` committed entries in order. None when another sealer's lease is live."""
+    now = utcnow()
+    chain = (await session.exec(_CHAIN_ROW)).one()  # locked until the round commits
+    if chain.sealer not in (None, sealer) and chain.lease_until is not None and chain.lease_until > now:
+        return None
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    # On PostgreSQL, the oldest transaction still running, read before the candidates: every
+    # row of an older transaction was committed (or rolled back) before they are read, so none
+    # can appear below the new horizon later.
+    xmin = (await session.exec(_XMIN)).one() if postgresql else None
+    found = await session.exec(
+        _CANDIDATES["postgresql" if postgresql else "sqlite"],
+        params={"horizon": chain.horizon, "limit": batch + 1},
+    )
+    rows = cast(Sequence[Row[Any]], found.all())
+    left = rows[batch] if len(rows) > batch else None
+    rows = rows[:batch]
+    seals = []
+    seq, head = chain.head_seq, chain.head_hash
+    for row in rows:
+        seq += 1
+        entry_hash = link_hash(head, seq, row.id, row.row_hash)
+        seals.append(
+            {"seq": seq, "entry_id": row.id, "prev_hash": head, "entry_hash": entry_hash, "sealed_at": now}
+        )
+        head = entry_hash
+    if seals:
+        await session.exec(_INSERT_SEALS, params=seals)
+    if xmin is not None:
+        # Stopped at the batch size: the first row left (or the rest of its transaction) comes next.
+        chain.horizon = xmin if left is None else min(xmin, left.txid)
+    elif rows:
+        chain.horizon = rows[-1].id
+    chain.head_seq, chain.head_hash = seq, head
+    chain.sealer, chain.lease_until = sealer, now + lease
+    session.add(chain)
+    oldest = min((row.changed_at for row in rows), default=None)
+    return Round(sealed=len(rows), head_seq=seq, head_hash=head, oldest=oldest, more=left is not None)
+
+
+# --- verifying -------------------------------------------------------------------------------
+
+
 class ChainProblem(TypedDict):
-    seq: NotRequired[Annotated[int, Field(description="Its position; none when outside the chain.")]]
-    id: Annotated[int, Field(description="The audit entry's id.")]
+    seq: NotRequired[int]
+    id: NotRequired[int]
     problem: str
 
 
 class ChainReport(TypedDict):
-    ok: Annotated[bool, Field(description="Every entry matches its hash and links to the one before.")]
+    ok: Annotated[bool, Field(description="Every sealed entry and checkpoint matches.")]
     entries_checked: int
-    head_seq: NotRequired[Annotated[int, Field(description="Position of the newest entry checked.")]]
+    unsealed: Annotated[int, Field(description="Committed, not yet sealed.")]
+    checkpoints_checked: int
+    head_seq: NotRequired[int]
     head_hash: NotRequired[
         Annotated[str, Field(description="Hash of the newest entry: keep it elsewhere to detect a rewrite.")]
     ]
@@ -78,72 +207,179 @@ class _Walk:
     checked: int = 0
     seq: int = 0
     hash: str = GENESIS
+    # Checkpoints by position, each to be met by the walk.
+    expected: dict[int, Checkpoint] = field(default_factory=dict)
+    met: int = 0
 
 
-async def verify(session: AsyncSession) -> ChainReport:
-    """Walk the whole chain in order, a batch at a time, and stop at the first mismatch."""
-    unsealed = (await session.exec(_UNSEALED)).first()
-    if unsealed is not None:
-        problem: ChainProblem = {
-            "id": unsealed,
-            "problem": "entry is outside the chain (inserted with the seal trigger off)",
-        }
-        return {"ok": False, "entries_checked": 0, "first_problem": problem}
+async def verify(
+    session: AsyncSession, keys: CheckpointKeys, external: Sequence[Checkpoint] = ()
+) -> ChainReport:
+    """Walk the whole chain in order, a batch at a time, and stop at the first mismatch. Every
+    checkpoint, those in the database and `external` ones (kept elsewhere), must carry a valid
+    signature by one of `keys` and name a head the chain still holds."""
     walk = _Walk()
-    query = _VERIFY_QUERY[session.get_bind().dialect.name]
-    while True:
-        found = await session.exec(query, params={"after": walk.seq, "batch": BATCH})
-        rows = cast(Sequence[Row[Any]], found.all())  # named rows; SQLModel types them as tuples
-        for row in rows:
-            mismatch = _check(walk, row.seq, row.prev_hash, row.entry_hash, row.computed)
-            if mismatch is not None:
-                return _report(walk, {"seq": row.seq, "id": row.id, "problem": mismatch})
-            walk.checked += 1
-            walk.seq, walk.hash = row.seq, row.entry_hash
-        if len(rows) < BATCH:
-            return _report(walk, None)
-
-
-_UNSEALED = select(AuditEntry.id).where(col(AuditEntry.seq).is_(None)).order_by(col(AuditEntry.id)).limit(1)
-
-
-def _verify_query(dialect: str) -> Select[*tuple[Any, ...]]:
-    """A batch of entries after position `after`, each with the hash the database computes for it
-    now: over the whole row on PostgreSQL, over the stored values on SQLite (see the triggers)."""
-    if dialect == "postgresql":
-        computed = func.audit_entry_hash(AUDIT_TABLE.table_valued())
-    else:
-        computed = func.audit_entry_hash(AUDIT_TABLE.c.prev_hash, *(AUDIT_TABLE.c[name] for name in CONTENT))
-    entry = AUDIT_TABLE.c
-    return (
-        # Five columns: SQLModel's select() is typed for four at most, its Select class for any number.
-        Select(entry.seq, entry.id, entry.prev_hash, entry.entry_hash, computed.label("computed"))
-        .where(col(AuditEntry.seq) > bindparam("after", type_=BigInteger))
-        .order_by(col(AuditEntry.seq))
-        .limit(bindparam("batch", type_=Integer))
-    )
-
-
-_VERIFY_QUERY = {dialect: _verify_query(dialect) for dialect in ("postgresql", "sqlite")}
-
-
-def _check(walk: _Walk, seq: int, prev_hash: str, entry_hash: str, computed: str) -> str | None:
-    if seq != walk.seq + 1:
-        missing = (
-            f"entry {walk.seq + 1} is" if seq == walk.seq + 2 else f"entries {walk.seq + 1} to {seq - 1} are"
+    stored = [Checkpoint.of(row) for row in (await session.exec(_CHECKPOINTS)).all()]
+    # Without a key, a checkpoint proves nothing: anyone could have written it.
+    for checkpoint in [*stored, *external] if keys else []:
+        if (problem := keys.check(checkpoint)) is not None:
+            return _report(walk, {"seq": checkpoint.seq, "problem": problem}, 0)
+        known = walk.expected.setdefault(checkpoint.seq, checkpoint)
+        if known.head_hash != checkpoint.head_hash:
+            problem = "two signed checkpoints name different heads for this position: the chain was rewritten"
+            return _report(walk, {"seq": checkpoint.seq, "problem": problem}, 0)
+    dialect = session.get_bind().dialect.name
+    for query, check in ((_LEGACY_WALK[dialect], _check_legacy), (_SEAL_WALK[dialect], _check_sealed)):
+        while True:
+            found = await session.exec(query, params={"after": walk.seq, "batch": BATCH})
+            rows = cast(Sequence[Row[Any]], found.all())
+            for row in rows:
+                mismatch = _check_position(walk, row) or check(row)
+                if mismatch is not None:
+                    return _report(walk, {"seq": row.seq, "id": row.id, "problem": mismatch}, 0)
+                walk.checked += 1
+                walk.seq, walk.hash = row.seq, row.entry_hash
+                if (expected := walk.expected.get(row.seq)) is not None:
+                    if expected.head_hash != row.entry_hash:
+                        problem = (
+                            "entry differs from the signed checkpoint of its place: the chain was rewritten"
+                        )
+                        return _report(walk, {"seq": row.seq, "id": row.id, "problem": problem}, 0)
+                    walk.met += 1
+            if len(rows) < BATCH:
+                break
+    if beyond := [seq for seq in walk.expected if seq > walk.seq]:
+        problem = (
+            f"the chain ends at {walk.seq}, but a signed checkpoint covers it up to {max(beyond)}: "
+            "its newest entries were removed"
         )
-        return f"{missing} missing: the chain jumps from {walk.seq} to {seq}"
-    if prev_hash != walk.hash:
+        return _report(walk, {"seq": max(beyond), "problem": problem}, 0)
+    chain = (await session.exec(select(AuditChain))).one()
+    outside = (await session.exec(_OUTSIDE[dialect], params={"horizon": chain.horizon})).first()
+    if outside is not None:
+        problem = "entry is outside the chain: written behind the stamp, or passed over by the sealer"
+        return _report(walk, {"id": outside, "problem": problem}, 0)
+    unsealed = (await session.exec(_PENDING[dialect], params={"horizon": chain.horizon})).one()
+    return _report(walk, None, unsealed)
+
+
+_CHECKPOINTS = select(AuditCheckpoint).order_by(col(AuditCheckpoint.seq))
+
+
+def _walks(dialect: str) -> tuple[Any, Any]:
+    """A batch of entries after position `after`: those sealed on insert, each with the hash the
+    database computes for it now; then those sealed after commit, each with the content hash the
+    database computes for it now (none when its row is gone)."""
+    entry, seal = AUDIT_TABLE.c, SEAL_TABLE.c
+    if dialect == "postgresql":
+        legacy_hash = func.audit_entry_hash(AUDIT_TABLE.table_valued())
+        row_hash = func.audit_row_hash(AUDIT_TABLE.table_valued())
+    else:
+        legacy_hash = func.audit_entry_hash(entry.prev_hash, *(entry[name] for name in LEGACY_CONTENT))
+        row_hash = func.audit_row_hash(*(entry[name] for name in ROW_CONTENT))
+    after = bindparam("after", type_=BigInteger)
+    limit = bindparam("batch", type_=Integer)
+    legacy: Select[*tuple[Any, ...]] = (
+        Select(entry.seq, entry.id, entry.prev_hash, entry.entry_hash, legacy_hash.label("computed"))
+        .where(entry.seq > after)
+        .order_by(entry.seq)
+        .limit(limit)
+    )
+    sealed: Select[*tuple[Any, ...]] = (
+        Select(
+            seal.seq,
+            seal.entry_id.label("id"),
+            seal.prev_hash,
+            seal.entry_hash,
+            entry.id.is_not(None).label("present"),
+            row_hash.label("row_hash"),
+        )
+        .select_from(SEAL_TABLE.outerjoin(AUDIT_TABLE, entry.id == seal.entry_id))
+        .where(seal.seq > after)
+        .order_by(seal.seq)
+        .limit(limit)
+    )
+    return legacy, sealed
+
+
+_WALKS = {dialect: _walks(dialect) for dialect in ("postgresql", "sqlite")}
+_LEGACY_WALK = {dialect: walks[0] for dialect, walks in _WALKS.items()}
+_SEAL_WALK = {dialect: walks[1] for dialect, walks in _WALKS.items()}
+_UNSEALED = (col(AuditEntry.seq).is_(None), ~_SEALED)
+# Entries the sealer will never seal: written with the stamp off (no transaction or hash), or
+# below its horizon yet unsealed.
+_PASSED = {
+    "postgresql": col(AuditEntry.txid).is_(None)
+    | col(AuditEntry.row_hash).is_(None)
+    | (col(AuditEntry.txid) < bindparam("horizon", type_=BigInteger)),
+    "sqlite": col(AuditEntry.row_hash).is_(None)
+    | (col(AuditEntry.id) <= bindparam("horizon", type_=BigInteger)),
+}
+_OUTSIDE = {
+    dialect: select(AuditEntry.id).where(*_UNSEALED, below).order_by(col(AuditEntry.id)).limit(1)
+    for dialect, below in _PASSED.items()
+}
+_PENDING = {
+    dialect: select(func.count()).select_from(AuditEntry).where(*_UNSEALED, ~below)
+    for dialect, below in _PASSED.items()
+}
+
+
+def _check_position(walk: _Walk, row: Row[Any]) -> str | None:
+    if row.seq != walk.seq + 1:
+        missing = (
+            f"entry {walk.seq + 1} is"
+            if row.seq == walk.seq + 2
+            else f"entries {walk.seq + 1} to {row.seq - 1} are"
+        )
+        return f"{missing} missing: the chain jumps from {walk.seq} to {row.seq}"
+    if row.prev_hash != walk.hash:
         return "entry does not link to the entry before it (prev_hash differs)"
-    if computed != entry_hash:
+    return None
+
+
+def _check_legacy(row: Row[Any]) -> str | None:
+    if row.computed != row.entry_hash:
         return "entry's content does not match its hash: it was changed after it was written"
     return None
 
 
-def _report(walk: _Walk, problem: ChainProblem | None) -> ChainReport:
-    report: ChainReport = {"ok": problem is None, "entries_checked": walk.checked}
+def _check_sealed(row: Row[Any]) -> str | None:
+    if not row.present:
+        return "entry is missing: its seal remains, its row was deleted"
+    if link_hash(row.prev_hash, row.seq, row.id, row.row_hash) != row.entry_hash:
+        return "entry's content does not match its hash: it was changed after it was written"
+    return None
+
+
+def _report(walk: _Walk, problem: ChainProblem | None, unsealed: int) -> ChainReport:
+    report: ChainReport = {
+        "ok": problem is None,
+        "entries_checked": walk.checked,
+        "unsealed": unsealed,
+        "checkpoints_checked": walk.met,
+    }
     if walk.seq:
         report["head_seq"], report["head_hash"] = walk.seq, walk.hash
     if problem is not None:
         report["first_problem"] = problem
     return report
+
+
+_NEWEST_PENDING = {
+    dialect: select(func.max(AuditEntry.id)).where(*_UNSEALED, ~below) for dialect, below in _PASSED.items()
+}
+
+
+async def newest_unsealed(session: AsyncSession) -> int | None:
+    """The id of the newest entry committed but not sealed yet, if any."""
+    chain = (await session.exec(select(AuditChain))).one()
+    query = _NEWEST_PENDING[session.get_bind().dialect.name]
+    return (await session.exec(query, params={"horizon": chain.horizon})).one()
+
+
+async def unsealed_up_to(session: AsyncSession, entry_id: int) -> int:
+    """How many entries up to `entry_id` are committed but not sealed yet."""
+    chain = (await session.exec(select(AuditChain))).one()
+    query = _PENDING[session.get_bind().dialect.name].where(col(AuditEntry.id) <= entry_id)
+    return (await session.exec(query, params={"horizon": chain.horizon})).one()

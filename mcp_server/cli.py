@@ -30,8 +30,9 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from mcp_server import __version__, chain, doctor, logs, stdio, telemetry
+from mcp_server import __version__, chain, checkpoints, doctor, logs, sealer, stdio, telemetry
 from mcp_server.auth import mint_token, token_sha256
+from mcp_server.checkpoints import Checkpoint, CheckpointKeys, Signer
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
 from mcp_server.db import create_database, grant_app_role
 from mcp_server.errors import DATABASE_ERRORS, StartupError
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "doctor":
             return anyio.run(_doctor, settings, args.json)
         if command == "verify-audit-log":
-            return anyio.run(_verify_audit_log, settings)
+            return anyio.run(_verify_audit_log, settings, args.wait, args.checkpoints, tuple(args.public_key))
+        if command == "keygen":
+            return _keygen(args.path)
         if command == "grant-app-role":
             return anyio.run(_grant_app_role, settings, args.role)
     except ConfigError as exc:
@@ -124,10 +127,35 @@ def _parser() -> argparse.ArgumentParser:
         "log's protections; exit 1 on a problem",
     )
     doctor_command.add_argument("--json", action="store_true", help="print the report as JSON")
-    commands.add_parser(
+    verify = commands.add_parser(
         "verify-audit-log",
-        help="walk the audit log's hash chain; exit 1 at the first entry that does not match",
+        help="walk the audit log's hash chain and check its signed checkpoints; exit 1 at the first problem",
     )
+    verify.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="first wait up to SECONDS until every entry committed so far is sealed (sealing them "
+        "here when no server is sealing); exit 1 if some are not",
+    )
+    verify.add_argument(
+        "--checkpoints",
+        type=Path,
+        metavar="FILE",
+        help="also check the checkpoints kept in FILE (one JSON object a line, as checkpoint_file writes)",
+    )
+    verify.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="a public key checkpoints may be signed with (repeatable); the signing key's is always one",
+    )
+    keygen = commands.add_parser(
+        "keygen", help="write a new Ed25519 key for signing audit checkpoints, and print its public key"
+    )
+    keygen.add_argument("path", type=Path, help="where to write the private key (PEM); it must not exist")
     grant = commands.add_parser(
         "grant-app-role",
         help="PostgreSQL: migrate the schema and grant an existing role what the server needs, and no more",
@@ -301,22 +329,67 @@ def _mint_token(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _verify_audit_log(settings: Settings) -> int:
+async def _verify_audit_log(
+    settings: Settings, wait: float | None, checkpoint_file: Path | None, public_keys: tuple[Path, ...]
+) -> int:
+    keys = CheckpointKeys.load(settings.audit_signing_key_file, settings.audit_public_key_files + public_keys)
+    external = _read_checkpoints(checkpoint_file) if checkpoint_file is not None else []
+    if external and not keys:
+        raise ConfigError(
+            "--checkpoints: give the key they were signed with (audit_signing_key_file or --public-key)"
+        )
     db = create_database(settings)
     try:
+        await db.open_schema(upgrade=False)
+        sealed = True
+        if wait is not None:
+            sealed = await sealer.wait_until_sealed(sealer.Sealer(db, settings, Signer.of(settings)), wait)
         async with db.session(write=False) as session:
-            report = await chain.verify(session)
+            report = await chain.verify(session, keys, external)
     except DATABASE_ERRORS as exc:
         raise StartupError(f"cannot read the audit log: {type(exc).__name__}") from exc
     finally:
         await db.dispose()
     _write(json.dumps(report, indent=2))
     if (problem := report.get("first_problem")) is not None:
-        where = f"seq={problem['seq']} id={problem['id']}" if "seq" in problem else f"id={problem['id']}"
-        sys.stderr.write(f"audit log: entry {where}: {problem['problem']}\n")
+        where = " ".join(f"{key}={problem[key]}" for key in ("seq", "id") if key in problem)
+        sys.stderr.write(f"audit log: at {where}: {problem['problem']}\n")
         return 1
     head = report.get("head_hash", "none (the log is empty)")
-    sys.stderr.write(f"audit log: {report['entries_checked']} entries, chain intact; head {head}\n")
+    sys.stderr.write(
+        f"audit log: {report['entries_checked']} sealed entries, chain intact; head {head}; "
+        f"{report['unsealed']} not sealed yet; {report['checkpoints_checked']} signed checkpoints hold\n"
+    )
+    if not sealed:
+        sys.stderr.write(f"audit log: entries were still unsealed after {wait} s: is a sealer failing?\n")
+        return 1
+    return 0
+
+
+def _read_checkpoints(path: Path) -> list[Checkpoint]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--checkpoints {path}: cannot read it ({exc.strerror})") from None
+    checkpoints = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                checkpoints.append(Checkpoint.from_json(line))
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"--checkpoints {path}: line {number} is not a checkpoint") from None
+    return checkpoints
+
+
+def _keygen(path: Path) -> int:
+    try:
+        signer = checkpoints.generate(path)
+    except FileExistsError:
+        raise ConfigError(f"keygen: {path} exists; choose a new path (a key is never overwritten)") from None
+    except OSError as exc:
+        raise ConfigError(f"keygen: cannot write {path} ({exc.strerror})") from None
+    sys.stderr.write(f"wrote the private key to {path}; set audit_signing_key_file to it. Its public key:\n")
+    _write(checkpoints.public_pem(signer.public))
     return 0
 
 

@@ -30,6 +30,9 @@ ENV_VARS: dict[str, str] = {
     "MCP_IDEMPOTENCY_TTL_SECONDS": "idempotency_ttl_seconds",
     "DB_STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
     "DB_LOCK_TIMEOUT_MS": "lock_timeout_ms",
+    "MCP_AUDIT_SIGNING_KEY_FILE": "audit_signing_key_file",
+    "MCP_CHECKPOINT_FILE": "checkpoint_file",
+    "MCP_SEAL_INTERVAL_MS": "seal_interval_ms",
     "LOG_LEVEL": "log_level",
     "LOG_FORMAT": "log_format",
 }
@@ -111,6 +114,19 @@ class Settings(BaseModel):
     pool_size: int = Field(default=5, ge=1, le=100)
     max_overflow: int = Field(default=10, ge=0, le=100)
     pool_timeout: float = Field(default=30.0, gt=0, le=600)
+    # The audit chain's sealer (sealer.py): how often it looks for committed entries, how many it
+    # seals per transaction, and how long its lease lasts when its process stops renewing it.
+    sealer: bool = True
+    seal_interval_ms: int = Field(default=100, ge=5, le=60_000)
+    seal_batch: int = Field(default=10_000, ge=1, le=100_000)
+    seal_lease_seconds: float = Field(default=10.0, ge=0.5, le=600)
+    # Signed checkpoints of the chain's head (checkpoints.py): the Ed25519 key, how often, and
+    # where copies go besides the database (a file appended to, a command given each on stdin).
+    audit_signing_key_file: Path | None = None
+    audit_public_key_files: tuple[Path, ...] = ()
+    checkpoint_interval_seconds: float = Field(default=60.0, ge=0.1, le=86_400)
+    checkpoint_file: Path | None = None
+    checkpoint_command: tuple[str, ...] = ()
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: Literal["text", "json"] = "text"
 

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy.ext.asyncio
 from pydantic_core import from_json
-from sqlalchemy import FromClause, Insert, Result, RowMapping, Table, Update, bindparam, event, func
+from sqlalchemy import FromClause, Insert, Result, RowMapping, Table, Update, bindparam, event
 from sqlalchemy import select as sql_select  # of a table's plain columns
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -62,9 +62,6 @@ _LIVE_ONLY = (
     with_loader_criteria(Task, col(Task.deleted_at).is_(None)),
     with_loader_criteria(Project, col(Project.deleted_at).is_(None)),
 )
-
-
-_CHAIN_LOCK = select(func.pg_advisory_xact_lock(chain.CHAIN_LOCK_KEY))
 
 
 class TaskSession(Session):
@@ -173,16 +170,14 @@ class Database:
         """One call's session in one transaction: committed when the block ends, rolled back when
         it raises.
 
-        Writers take turns, because each appends to the one audit chain. On SQLite a writing
-        transaction takes the write lock at BEGIN (BEGIN IMMEDIATE), so two writers queue on the
-        busy timeout instead of failing when a reader upgrades to a writer. On PostgreSQL it takes
-        the chain's advisory lock before any row lock, so writers never deadlock over the chain.
+        Writers share no lock: each audit row is stamped in its own transaction and sealed into
+        the chain after it commits (chain.py). On SQLite a writing transaction takes the file's
+        write lock at BEGIN (BEGIN IMMEDIATE), so two writers queue on the busy timeout instead
+        of failing when a reader upgrades to a writer.
         """
         async with (self._writes if write else self._reads)() as session, session.begin():
             if write and self.is_sqlite:
                 await session.connection(execution_options={"sqlite_begin": "BEGIN IMMEDIATE"})
-            elif write:
-                await session.exec(_CHAIN_LOCK)
             yield session
 
     @property
@@ -235,6 +230,10 @@ def create_database(settings: Settings) -> Database:
                 # Per statement, so a pathological filter or a held lock ends the call instead of hanging it.
                 "statement_timeout": str(settings.statement_timeout_ms),
                 "lock_timeout": str(settings.lock_timeout_ms),
+                # While a statement runs, PostgreSQL checks every second that the server is still
+                # connected, and cancels the statement when it is not: a server process that
+                # exits (or is killed) mid-call leaves nothing running and no row locked.
+                "client_connection_check_interval": "1000",
                 # asyncpg keeps every statement prepared; after five runs PostgreSQL would switch to a
                 # generic plan, blind to the values. The data is skewed (a thousand projects among a
                 # million tasks in one table; a task's status varies with its age), and a generic
@@ -268,9 +267,12 @@ def grant_app_role(conn: Connection, role: str) -> None:
     schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
     for statement in (
         f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
-        f"REVOKE ALL ON entity, audit_entry, idempotency_key, alembic_version FROM {quote(role)}",
+        f"REVOKE ALL ON entity, audit_entry, audit_seal, audit_chain, audit_checkpoint, idempotency_key, "
+        f"alembic_version FROM {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
-        f"GRANT SELECT, INSERT ON audit_entry TO {quote(role)}",
+        f"GRANT SELECT, INSERT ON audit_entry, audit_seal, audit_checkpoint TO {quote(role)}",
+        # The sealer moves the chain's head and holds its lease in this table's one row.
+        f"GRANT SELECT, UPDATE ON audit_chain TO {quote(role)}",
         f"GRANT SELECT, INSERT, DELETE ON idempotency_key TO {quote(role)}",
         f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq TO {quote(role)}",
         # The server reads the schema version at start; only `migrate`, as the owner, changes it.
@@ -291,7 +293,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     # off and issue BEGIN from SQLAlchemy's begin event (the recipe in SQLAlchemy's SQLite dialect
     # documentation), IMMEDIATE when the session asks for it.
     @event.listens_for(engine.sync_engine, "connect")
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -300,12 +302,30 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
         dbapi_connection.create_function(
-            "audit_entry_hash", len(chain.CONTENT) + 1, chain.sqlite_entry_hash, deterministic=True
+            "audit_entry_hash", len(chain.LEGACY_CONTENT) + 1, chain.sqlite_entry_hash, deterministic=True
         )
+        dbapi_connection.create_function(
+            "audit_row_hash", len(chain.ROW_CONTENT), chain.sqlite_row_hash, deterministic=True
+        )
+        # The id of the transaction under way, which the audit trigger stamps on each row (see on_begin).
+        transaction = record.info.setdefault("transaction", {"id": 0})
+        dbapi_connection.create_function("audit_txid", 0, lambda: transaction["id"])
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(conn: Connection) -> None:
         conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+        # SQLite has no transaction ids: a transaction is known by when it began, in nanoseconds,
+        # made to increase within this process. Writers take turns, so no two overlap in time.
+        conn.info.setdefault("transaction", {"id": 0})["id"] = _next_transaction_id()
+
+
+_last_transaction_id = 0
+
+
+def _next_transaction_id() -> int:
+    global _last_transaction_id
+    _last_transaction_id = max(time.time_ns(), _last_transaction_id + 1)
+    return _last_transaction_id
 
 
 def _switch_to_wal(cursor: Any) -> None:

@@ -27,11 +27,19 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from mcp_server import schema, telemetry
 from mcp_server.config import Settings
 
-# The triggers migration 0001 puts on audit_entry: sealing each entry into the hash chain, and
-# refusing changes to a sealed one.
+# The audit log's tables, and the triggers migrations 0001 and 0005 put on them: stamping each
+# entry with its transaction and content hash, and refusing changes to entries, seals and
+# checkpoints.
+AUDIT_TABLES = ("audit_entry", "audit_seal", "audit_checkpoint")
 AUDIT_TRIGGERS = {
-    "postgresql": ("audit_entry_seal", "audit_entry_append_only", "audit_entry_no_truncate"),
-    "sqlite": ("audit_entry_seal", "audit_entry_no_update", "audit_entry_no_delete"),
+    "postgresql": tuple(
+        ["audit_entry_stamp"]
+        + [f"{table}_{kind}" for table in AUDIT_TABLES for kind in ("append_only", "no_truncate")]
+    ),
+    "sqlite": tuple(
+        ["audit_entry_stamp"]
+        + [f"{table}_no_{kind}" for table in AUDIT_TABLES for kind in ("update", "delete")]
+    ),
 }
 APP_ROLE_ADVICE = (
     "connect as a role made for the server: create one, run `mcp-task-server grant-app-role ROLE` "
@@ -206,14 +214,17 @@ def _audit_protections(conn: Connection) -> list[Finding]:
         # 'O' and 'A' fire in a normal session; 'D' is disabled and 'R' fires only on a replica.
         rows = conn.execute(
             text(
-                "SELECT tgname, tgenabled IN ('O', 'A') FROM pg_trigger "
-                "WHERE tgrelid = 'audit_entry'::regclass AND NOT tgisinternal"
+                "SELECT tgname, tgenabled IN ('O', 'A') FROM pg_trigger WHERE NOT tgisinternal AND "
+                "tgrelid IN ('audit_entry'::regclass, 'audit_seal'::regclass, 'audit_checkpoint'::regclass)"
             )
         ).all()
     else:
         # A SQLite trigger cannot be disabled, only dropped.
         rows = conn.execute(
-            text("SELECT name, 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_entry'")
+            text(
+                "SELECT name, 1 FROM sqlite_master WHERE type = 'trigger' "
+                "AND tbl_name IN ('audit_entry', 'audit_seal', 'audit_checkpoint')"
+            )
         ).all()
     present = {name: bool(enabled) for name, enabled in rows}
     missing = [name for name in expected if name not in present]
@@ -226,9 +237,9 @@ def _audit_protections(conn: Connection) -> list[Finding]:
             if names
         ]
         repair = (
-            "re-create them from migration 0001 (mcp_server/schema_versions/versions/0001_first_release.py)"
+            "re-create them from migrations 0001 and 0005 (mcp_server/schema_versions/versions/)"
             if missing
-            else "re-enable them (ALTER TABLE audit_entry ENABLE TRIGGER name)"
+            else "re-enable them (ALTER TABLE table ENABLE TRIGGER name)"
         )
         unprotected = "entries can be changed or removed: " + "; ".join(gaps)
         advice = f"check the log with `mcp-task-server verify-audit-log`, then {repair}"
@@ -243,14 +254,20 @@ def _audit_protections(conn: Connection) -> list[Finding]:
 
 def _role(conn: Connection) -> Finding:
     """Whether the role the server connects as could get around the triggers."""
-    role, superuser, owner, update, delete, truncate = conn.execute(
+    role, superuser, owner = conn.execute(
         text(
-            "SELECT current_user, rolsuper, pg_has_role(current_user, c.relowner, 'MEMBER'), "
-            "has_table_privilege('audit_entry', 'UPDATE'), has_table_privilege('audit_entry', 'DELETE'), "
-            "has_table_privilege('audit_entry', 'TRUNCATE') "
+            "SELECT current_user, rolsuper, pg_has_role(current_user, c.relowner, 'MEMBER') "
             "FROM pg_roles r, pg_class c WHERE r.rolname = current_user AND c.oid = 'audit_entry'::regclass"
         )
     ).one()
+    held = conn.execute(
+        text(
+            "SELECT t.name, p.privilege FROM unnest(CAST(:tables AS text[])) AS t(name), "
+            "unnest(ARRAY['UPDATE', 'DELETE', 'TRUNCATE']) AS p(privilege) "
+            "WHERE has_table_privilege(t.name, p.privilege)"
+        ),
+        {"tables": list(AUDIT_TABLES)},
+    ).all()
     if superuser or owner:
         what = "a superuser" if superuser else "the audit log's owner"
         return Finding(
@@ -259,12 +276,12 @@ def _role(conn: Connection) -> Finding:
             f"the server connects as {role}, {what}, which may disable or drop the audit log's triggers",
             APP_ROLE_ADVICE,
         )
-    granted = [name for name, has in (("UPDATE", update), ("DELETE", delete), ("TRUNCATE", truncate)) if has]
-    if granted:
+    if held:
+        granted = ", ".join(f"{privilege} on {table}" for table, privilege in held)
         return Finding(
             "database role",
             Level.WARNING,
-            f"the server's role {role} holds {', '.join(granted)} on audit_entry; only the triggers stop it",
+            f"the server's role {role} holds {granted}; only the triggers stop it",
             f"run `mcp-task-server grant-app-role {role}` as the owner",
         )
     return Finding("database role", Level.OK, f"{role} may only read and append to the audit log")

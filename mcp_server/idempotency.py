@@ -1,8 +1,9 @@
 """Idempotency keys: a retried write returns its first result instead of writing again.
 
 The record is written in the same transaction as the change, so a call either committed its
-change and its record, or neither. Writers take turns (see `Database.session`), so two retries
-arriving together run one after the other: the second finds the first's record.
+change and its record, or neither. A call claims its key first, by inserting the record: two
+retries arriving together then meet on the key's primary key, where the second waits until the
+first commits (and replays its result) or rolls back (and claims the key itself).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from pydantic_core import to_jsonable_python
+from sqlalchemy import bindparam, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, delete
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server.errors import ConflictError
-from mcp_server.models import IdempotencyRecord, utcnow
+from mcp_server.models import IdempotencyRecord, JSONValue, utcnow
 
 R = TypeVar("R", bound=Mapping[str, Any])
 
@@ -45,8 +48,23 @@ async def once(
     """
     now = utcnow()
     call = fingerprint(tool, arguments)
-    record = await session.get(IdempotencyRecord, (agent_id, key))
-    if record is not None and record.expires_at > now:
+    # Expired records go here rather than in a background job, so they never outlive their use
+    # (an expired record of this very key among them).
+    await session.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.expires_at) <= now))
+    claim = {
+        "agent_id": agent_id,
+        "key": key,
+        "tool": tool,
+        "fingerprint": call,
+        "result": {},  # replaced before the transaction commits
+        "created_at": now,
+        "expires_at": now + ttl,
+    }
+    claimed = (await session.exec(_CLAIM[session.get_bind().dialect.name], params=claim)).first()
+    if claimed is None:
+        # Another call holds the key and committed: what it stored is now visible.
+        record = await session.get(IdempotencyRecord, (agent_id, key), populate_existing=True)
+        assert record is not None, "a key held by a committed call has its record"
         if record.fingerprint != call:
             raise ConflictError(
                 f"idempotency key {key!r} was already used at {record.created_at.isoformat()} for a "
@@ -55,19 +73,27 @@ async def once(
             )
         stored: R = record.result  # type: ignore[assignment]  # the JSON of an R
         return stored
-    # Expired records go here rather than in a background job, so they never outlive their use
-    # (an expired record of this very key among them: the session forgets it as it deletes it).
-    await session.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.expires_at) <= now))
     result = await run()
-    session.add(
-        IdempotencyRecord(
-            agent_id=agent_id,
-            key=key,
-            tool=tool,
-            fingerprint=call,
-            result=to_jsonable_python(result),
-            created_at=now,
-            expires_at=now + ttl,
-        )
+    await session.exec(
+        _STORE, params={"held_by": agent_id, "held_key": key, "result": to_jsonable_python(result)}
     )
     return result
+
+
+def _claim(dialect_insert: Any) -> Any:
+    return (
+        dialect_insert(IdempotencyRecord)
+        .on_conflict_do_nothing(index_elements=["agent_id", "key"])
+        .returning(col(IdempotencyRecord.key))
+    )
+
+
+_CLAIM = {"postgresql": _claim(postgresql.insert), "sqlite": _claim(sqlite.insert)}
+_STORE = (
+    update(IdempotencyRecord)
+    .where(
+        col(IdempotencyRecord.agent_id) == bindparam("held_by"),
+        col(IdempotencyRecord.key) == bindparam("held_key"),
+    )
+    .values(result=bindparam("result", type_=JSONValue))
+)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     inspect,
     text,
 )
@@ -230,10 +231,13 @@ inspect(Task).add_property(
 
 
 class AuditEntry(SQLModel, table=True):
-    """One change (or one refused call). Append-only, and sealed into a hash chain by the database.
+    """One change (or one refused call). Append-only; sealed into a hash chain after it commits.
 
-    `seq`, `prev_hash` and `entry_hash` are set by a trigger on insert (see chain.py), whatever
-    the application passes; the triggers refuse every UPDATE and DELETE of a sealed entry.
+    On insert a trigger stamps `txid` (the writing transaction) and `row_hash` (its content's
+    hash), whatever the application passes; the sealer later gives it a position in `AuditSeal`
+    (see chain.py). `seq`, `prev_hash` and `entry_hash` hold the seal of entries written before
+    schema version 0005, which sealed each entry as it was inserted. Triggers refuse every UPDATE
+    and DELETE of a stamped entry.
     """
 
     __tablename__ = "audit_entry"
@@ -243,6 +247,7 @@ class AuditEntry(SQLModel, table=True):
         Index("ix_audit_request", "request_id"),
         Index("ix_audit_changed", "changed_at", "id"),
         Index("uq_audit_seq", "seq", unique=True),
+        Index("ix_audit_txid", "txid", "id"),
     )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=IdType)
@@ -258,9 +263,55 @@ class AuditEntry(SQLModel, table=True):
     new_value: dict[str, Any] | None = Field(default=None, sa_type=JSONValue)
     prev_hash: str | None = Field(default=None, sa_type=String(64))
     entry_hash: str | None = Field(default=None, sa_type=String(64))
+    txid: int | None = Field(default=None, sa_type=BigInteger)
+    row_hash: str | None = Field(default=None, sa_type=String(64))
 
     # The task or project it is about, loaded as its own class; none for a refused call.
     entity: Entity | None = Relationship(sa_relationship=relationship(Entity, lazy="raise"))
+
+
+class AuditSeal(SQLModel, table=True):
+    """An audit entry's place in the chain, given by the sealer after the entry committed:
+    `entry_hash` = chain.link_hash(prev_hash, seq, entry_id, the entry's row_hash). Append-only."""
+
+    __tablename__ = "audit_seal"
+    __table_args__ = (UniqueConstraint("entry_id", name="uq_audit_seal_entry"),)
+
+    seq: int = Field(primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False})
+    entry_id: int = Field(foreign_key="audit_entry.id", sa_type=IdType, nullable=False)
+    prev_hash: str = Field(sa_type=String(64), nullable=False)
+    entry_hash: str = Field(sa_type=String(64), nullable=False)
+    sealed_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class AuditChain(SQLModel, table=True):
+    """The chain's one row: its head, the sealer's horizon, and which sealer holds the lease.
+
+    The horizon: every entry below it is sealed; on PostgreSQL a transaction id (entries are
+    stamped with their writer's), on SQLite an entry id (one writer at a time, so ids commit in
+    order)."""
+
+    __tablename__ = "audit_chain"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_audit_chain_one_row"),)
+
+    id: int = Field(primary_key=True, sa_type=SmallInteger, sa_column_kwargs={"autoincrement": False})
+    head_seq: int = Field(sa_type=BigInteger, nullable=False)
+    head_hash: str = Field(sa_type=String(64), nullable=False)
+    horizon: int = Field(sa_type=BigInteger, nullable=False)
+    sealer: str | None = Field(default=None, sa_type=String(200))
+    lease_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed statement of the chain's head at `seq`, written by the sealer. Append-only."""
+
+    __tablename__ = "audit_checkpoint"
+
+    seq: int = Field(primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False})
+    head_hash: str = Field(sa_type=String(64), nullable=False)
+    signed_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    key_id: str = Field(sa_type=String(64), nullable=False)
+    signature: str = Field(sa_type=String(200), nullable=False)
 
 
 class IdempotencyRecord(SQLModel, table=True):
@@ -280,3 +331,6 @@ class IdempotencyRecord(SQLModel, table=True):
 
 # The tables behind the models, for statements that select plain columns (SQLModel does not declare them).
 AUDIT_TABLE: Table = AuditEntry.__table__  # type: ignore[attr-defined]
+SEAL_TABLE: Table = AuditSeal.__table__  # type: ignore[attr-defined]
+CHAIN_TABLE: Table = AuditChain.__table__  # type: ignore[attr-defined]
+CHECKPOINT_TABLE: Table = AuditCheckpoint.__table__  # type: ignore[attr-defined]

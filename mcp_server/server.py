@@ -9,6 +9,8 @@ returns its result. Expected failures become a `ToolError` that tells the agent 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -41,6 +43,7 @@ from mcp_server import (
     tasks,
     telemetry,
 )
+from mcp_server.checkpoints import CheckpointKeys, Signer
 from mcp_server.config import ConfigError, Settings
 from mcp_server.db import Database, create_database
 from mcp_server.errors import (
@@ -73,6 +76,7 @@ from mcp_server.schemas import (
     compact,
     outline,
 )
+from mcp_server.sealer import SEALER_TASK, Sealer
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +92,11 @@ INSTRUCTIONS = (
 
 @dataclass(frozen=True)
 class AppState:
-    """What the lifespan opened: the settings and the database."""
+    """What the lifespan opened: the settings, the database, and the keys of audit checkpoints."""
 
     settings: Settings
     db: Database
+    keys: CheckpointKeys
 
 
 @dataclass(frozen=True)
@@ -366,10 +371,10 @@ async def get_audit_trail(
 
 
 async def verify_audit_log(request: ToolCall) -> chain.ChainReport:
-    """Walk the audit log's hash chain: reports the first entry changed, removed or added behind
-    the server's back. Slow on a large log."""
+    """Check the audit chain and checkpoints: the first entry changed, removed or added outside
+    the server. Slow."""
     async with _session(request, write=False) as session:
-        return await chain.verify(session)
+        return await chain.verify(session, request.app.keys)
 
 
 async def create_project(
@@ -568,12 +573,29 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
 
     @asynccontextmanager
     async def lifespan(server: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        signer = (
+            None if settings.audit_signing_key_file is None else Signer.load(settings.audit_signing_key_file)
+        )
+        keys = CheckpointKeys.load(settings.audit_signing_key_file, settings.audit_public_key_files)
         db = create_database(settings)
+        sealing: Sealer | None = None
+        task: asyncio.Task[None] | None = None
         try:
             # The embedded SQLite file belongs to this server: nobody else is there to migrate it.
             await db.open_schema(upgrade=db.is_sqlite)
-            yield AppState(settings=settings, db=db)
+            if settings.sealer:
+                sealing = Sealer(db, settings, signer)
+                task = asyncio.create_task(sealing.run(), name=SEALER_TASK)
+            yield AppState(settings=settings, db=db, keys=keys)
         finally:
+            if sealing is not None and task is not None:
+                # Even when the server is being cancelled: let the round under way finish (it is
+                # short) and hand the lease on, so another server's sealer need not wait it out.
+                sealing.stop()
+                with anyio.move_on_after(10, shield=True), contextlib.suppress(*DATABASE_ERRORS):
+                    await task
+                    await sealing.release()
+                task.cancel()
             await db.dispose()
 
     server = MCPServer(

@@ -224,11 +224,15 @@ async def get_task(session: AsyncSession, task_id: int) -> TaskPublic:
 
 
 _BY_ID = select(Task).options(_WITH_PROJECT).where(col(Task.id) == bindparam("task_id"))
+# A task about to be changed from what it is now: its row stays locked until the call commits, so
+# two calls changing one task take turns instead of one failing on the other's new version.
+_BY_ID_TO_CHANGE = _BY_ID.with_for_update(of=Task)
 
 
-async def _find(session: AsyncSession, task_id: int) -> Task:
-    """The task, deleted or not, with its project."""
-    found = await session.exec(_BY_ID, params={"task_id": task_id}, execution_options=INCLUDE_DELETED)
+async def _find(session: AsyncSession, task_id: int, *, to_change: bool = False) -> Task:
+    """The task, deleted or not, with its project; locked until the call ends `to_change` it."""
+    statement = _BY_ID_TO_CHANGE if to_change else _BY_ID
+    found = await session.exec(statement, params={"task_id": task_id}, execution_options=INCLUDE_DELETED)
     task = found.first()
     if task is None:
         raise NotFoundError(
@@ -333,7 +337,7 @@ async def soft_delete_task(session: AsyncSession, call: Call, task_id: int) -> T
 
 
 async def restore_task(session: AsyncSession, call: Call, task_id: int) -> TaskPublic:
-    task = await _find(session, task_id)
+    task = await _find(session, task_id, to_change=True)
     if task.deleted_at is None:
         raise ConflictError(f"task {task_id} is not deleted; nothing to restore")
     now = utcnow()
@@ -356,7 +360,7 @@ async def update_task(
         raise InvalidInputError(
             "give at least one field to change: title, description, status, priority, project_id"
         )
-    task = _live(await _find(session, task_id))
+    task = _live(await _find(session, task_id, to_change=True))
     if expected_version is not None and task.version != expected_version:
         raise ConflictError(
             f"task {task_id} is at version {task.version}, not {expected_version}: it changed after you "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -24,8 +25,11 @@ from mcp.types import CallToolResult, Implementation, TextContent
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from mcp_server.chain import GENESIS
+from mcp_server.checkpoints import Signer
 from mcp_server.config import Settings
 from mcp_server.db import Database, create_database, sql_log
+from mcp_server.sealer import SEALER_TASK, Sealer, wait_until_sealed
 from mcp_server.server import create_server
 
 AGENT = "test-agent"
@@ -81,9 +85,22 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     async with db.engine.begin() as conn:
         # The audit log refuses TRUNCATE; a superuser in replica mode skips triggers, as a test reset may.
         await conn.execute(text("SET LOCAL session_replication_role = replica"))
-        await conn.execute(text("TRUNCATE audit_entry, entity, idempotency_key RESTART IDENTITY CASCADE"))
+        await conn.execute(
+            text(
+                "TRUNCATE audit_entry, audit_seal, audit_checkpoint, entity, idempotency_key "
+                "RESTART IDENTITY CASCADE"
+            )
+        )
+        await conn.execute(
+            text(
+                "UPDATE audit_chain SET head_seq = 0, head_hash = :genesis, sealer = NULL, "
+                "lease_until = NULL, horizon = pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+            ),
+            {"genesis": GENESIS},
+        )
         # A test that played the superuser may have switched the audit triggers off.
-        await conn.execute(text("ALTER TABLE audit_entry ENABLE TRIGGER USER"))
+        for table in ("audit_entry", "audit_seal", "audit_checkpoint"):
+            await conn.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER USER"))
     await db.dispose()
     yield POSTGRES_URL
 
@@ -167,13 +184,16 @@ def error_text(result: CallToolResult) -> str:
 
 @contextmanager
 def statements_sent() -> Iterator[list[tuple[str, Any]]]:
-    """Every statement sent to a database driver in the block, with its parameters, as the server
-    logs them at DEBUG (`mcp_server.db.sql_log`)."""
+    """Every statement sent to a database driver for a tool call in the block, with its
+    parameters, as the server logs them at DEBUG (`mcp_server.db.sql_log`); not the statements of
+    the audit sealer, which runs beside the calls in its own task."""
     sent: list[tuple[str, Any]] = []
 
     class Catch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            sent.append((record.getMessage(), getattr(record, "parameters", None)))
+            task = asyncio.current_task()
+            if task is None or task.get_name() != SEALER_TASK:
+                sent.append((record.getMessage(), getattr(record, "parameters", None)))
 
     catch, level = Catch(), sql_log.level
     sql_log.addHandler(catch)
@@ -271,3 +291,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if FUZZ_TALLY:
         figures = ", ".join(f"{name}: {count}" for name, count in FUZZ_TALLY.items())
         terminalreporter.write_line(f"generated bad input: {figures}")
+
+
+async def seal_all(settings: Settings, db: Database) -> None:
+    """Seal every audit entry committed so far, as the sealer of a running server would."""
+    sealer = Sealer(db, settings, Signer.of(settings))
+    assert await wait_until_sealed(sealer, 30), "entries were left unsealed"

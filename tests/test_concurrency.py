@@ -9,14 +9,15 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from mcp_server import chain
+from mcp_server.checkpoints import CheckpointKeys
 from mcp_server.config import Settings
 from mcp_server.db import INCLUDE_DELETED, Database
-from mcp_server.models import AuditEntry, Task
+from mcp_server.models import AuditEntry, AuditSeal, Task
 from mcp_server.schemas import iso_time
-from tests.conftest import call, connect
+from tests.conftest import call, connect, seal_all
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
@@ -71,16 +72,22 @@ async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
         for n in range(4):
             group.start_soon(agent, f"agent-{n}")
 
+    await seal_all(settings, db)
     async with db.session(write=False) as session:
         every_task = await session.exec(select(Task), execution_options=INCLUDE_DELETED)
         tasks = {t.id: t for t in every_task.all()}
-        entries = (await session.exec(select(AuditEntry).order_by(col(AuditEntry.seq)))).all()
+        in_chain = select(AuditEntry, AuditSeal).join(
+            AuditSeal, col(AuditSeal.entry_id) == col(AuditEntry.id)
+        )
+        sealed = (await session.exec(in_chain.order_by(col(AuditSeal.seq)))).all()
+        written = (await session.exec(select(func.count()).select_from(AuditEntry))).one()
     async with db.session(write=False) as session:
-        report = await chain.verify(session)
+        report = await chain.verify(session, CheckpointKeys([]))
     assert len(tasks) == 10 + 4 * 5
-    # One linear hash chain: positions 1..n with no gap or fork, every link intact.
-    assert [entry.seq for entry in entries] == list(range(1, len(entries) + 1))
-    assert report["ok"] and report["entries_checked"] == len(entries)
+    # One linear hash chain holding every entry: positions 1..n with no gap or fork, every link intact.
+    assert [seal.seq for _, seal in sealed] == list(range(1, written + 1))
+    assert report["ok"] and report["entries_checked"] == written and report["unsealed"] == 0
+    entries = [entry for entry, _ in sealed]
     chains: dict[int | None, list[AuditEntry]] = defaultdict(list)
     for entry in entries:
         chains[entry.entity_id].append(entry)

@@ -236,12 +236,19 @@ async def test_a_connection_killed_in_the_middle_of_a_bulk_update_changes_nothin
 async def test_an_exhausted_pool_means_a_bounded_wait_then_busy_retry_never_a_hang(
     settings: Settings, db: Database
 ) -> None:
-    one_connection = settings.model_copy(update={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.5})
+    # The sealer stays off: the one connection under test is the calls'.
+    one_connection = settings.model_copy(
+        update={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.5, "sealer": False}
+    )
     held, release = anyio.Event(), anyio.Event()
     results: list[Any] = []
 
     async def another_writer() -> None:
-        async with db.session(write=True):  # holds SQLite's write lock / PostgreSQL's chain lock
+        async with db.session(write=True) as session:  # holds SQLite's write lock
+            if not db.is_sqlite:  # PostgreSQL: the project's row, which a new task's key must share
+                await session.exec(
+                    text("SELECT id FROM entity WHERE id = :id FOR UPDATE"), params={"id": project}
+                )
             held.set()
             await release.wait()
 

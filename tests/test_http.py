@@ -16,8 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import text
 
 from mcp_server.auth import mint_token, token_sha256
+from mcp_server.checkpoints import generate
+from mcp_server.config import Settings
 from mcp_server.db import Database
-from tests.conftest import call, call_error, http_client, http_server, initialize_message
+from tests.conftest import call, call_error, http_client, http_server, initialize_message, seal_all
 
 pytestmark = pytest.mark.anyio
 
@@ -46,7 +48,7 @@ async def post(url: str, token: str | None, **kwargs: Any) -> httpx2.Response:
 
 async def audit_rows(db: Database) -> list[tuple[Any, ...]]:
     async with db.engine.connect() as conn:
-        query = "SELECT changed_by, client_name, action FROM audit_entry ORDER BY seq"
+        query = "SELECT changed_by, client_name, action FROM audit_entry ORDER BY id"
         return [tuple(row) for row in (await conn.execute(text(query))).all()]
 
 
@@ -170,10 +172,20 @@ async def test_jwts_signed_by_an_identity_providers_key_are_verified(
 async def test_two_stateless_server_processes_share_one_database_without_lost_or_misattributed_changes(
     database_url: str, tmp_path: Path, db: Database
 ) -> None:
-    tokens = {f"agent-{n}": mint_token() for n in range(4)}
+    """16 agents on PostgreSQL (4 on SQLite, which has one writer at a time) spread over two
+    server processes: no call fails, every change has exactly its audit entries, and both
+    processes' sealers (one at a time) seal them all into one chain with signed checkpoints."""
+    agents = 4 if db.is_sqlite else 16
+    tokens = {f"agent-{n}": mint_token() for n in range(agents)}
+    key = tmp_path / "audit-key.pem"
+    generate(key)
+    checkpoints = tmp_path / "checkpoints.jsonl"
     config = {
         "database_url": database_url,
         "agents": [{"id": agent, "token_sha256": token_sha256(token)} for agent, token in tokens.items()],
+        "audit_signing_key_file": str(key),
+        "checkpoint_interval_seconds": 0.2,
+        "checkpoint_file": str(checkpoints),
     }
     with (
         http_server(tmp_path, config, extra_args=["--stateless"]) as first,
@@ -202,6 +214,7 @@ async def test_two_stateless_server_processes_share_one_database_without_lost_or
             for n, (name, token) in enumerate(tokens.items()):
                 group.start_soon(agent, n, name, token)
 
+        await seal_all(Settings(database_url=database_url), db)  # the servers' sealers seal them
         async with http_client(second, tokens["agent-1"]) as reader:
             report = await call(reader, "verify_audit_log", {})
 
@@ -211,11 +224,11 @@ async def test_two_stateless_server_processes_share_one_database_without_lost_or
             await conn.execute(
                 text(
                     "SELECT entity_id, changed_by, action FROM audit_entry "
-                    "WHERE entity_id IS NOT NULL ORDER BY seq"
+                    "WHERE entity_id IS NOT NULL ORDER BY id"
                 )
             )
         ).all()
-    assert len(tasks) == 4 * 6 and all(status == "blocked" for _, _, status in tasks)
+    assert len(tasks) == agents * 6 and all(status == "blocked" for _, _, status in tasks)
     owner = {task_id: name for name, ids in created.items() for task_id in ids}
     assert {title.split()[0] for _, title, _ in tasks} == set(tokens)
     for entity_id, changed_by, action in entries:
@@ -224,4 +237,7 @@ async def test_two_stateless_server_processes_share_one_database_without_lost_or
     per_task = {task_id: [a for e, _, a in entries if e == task_id] for task_id in owner}
     # created, set in_progress, then blocked by its agent's bulk update: each exactly once.
     assert all(actions == ["created", "updated", "updated"] for actions in per_task.values())
-    assert report["ok"] and report["entries_checked"] == len(entries)
+    assert report["ok"] and report["entries_checked"] == len(entries) and report["unsealed"] == 0
+    assert report["checkpoints_checked"] >= 1, report
+    kept = [json.loads(line) for line in checkpoints.read_text().splitlines()]
+    assert kept and max(c["seq"] for c in kept) <= report["head_seq"]

@@ -30,7 +30,7 @@ async def entity_rows(db: Database) -> list[tuple[Any, ...]]:
 async def refusals(db: Database) -> list[tuple[Any, ...]]:
     async with db.engine.connect() as conn:
         rows = await conn.execute(
-            text("SELECT changed_by, new_value FROM audit_entry WHERE action = 'refused' ORDER BY seq")
+            text("SELECT changed_by, new_value FROM audit_entry WHERE action = 'refused' ORDER BY id")
         )
         recorded = [(by, json.loads(value) if isinstance(value, str) else value) for by, value in rows.all()]
     return [(by, value["tool"], value["missing_permission"]) for by, value in recorded]
