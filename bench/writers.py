@@ -93,28 +93,33 @@ CREATE = {
 
 
 async def bulk(url: str, server: StdioServer, projects: list[int], rounds: int) -> dict[str, Any]:
-    """Flip every live task of `projects` between two statuses, each way in turn."""
+    """Flip every live task of `projects` between two statuses; every timed run changes them all.
+    Raw SQL on our tables and our server change the same rows, so each flips them back."""
     conn = await asyncpg.connect(url)
     results: dict[str, list[float]] = {name: [] for name in [*BULK, "our server"]}
     statuses = ["cancelled", "pending"]
-    current = "pending"
+    tables = {"plain raw SQL": "plain", "raw SQL on our tables": "ours", "our server": "ours"}
+    status = {"plain": statuses[0], "ours": statuses[0]}
     try:
         for sql in BULK.values():  # from the loaded mix to one status: not timed
             await conn.execute(sql, statuses[0], projects, datetime.now(UTC), "warm")
-        await server.call("bulk_update_status", _bulk_arguments(statuses[0], projects))
-        current = statuses[0]
         for _ in range(rounds):
-            current = statuses[1 - statuses.index(current)]
-            for name, sql in BULK.items():
+            for name in results:
+                table = tables[name]
+                status[table] = statuses[1 - statuses.index(status[table])]
                 started = time.perf_counter()
-                async with conn.transaction():
-                    outcome = await conn.execute(sql, current, projects, datetime.now(UTC), uuid.uuid4().hex)
-                elapsed = time.perf_counter() - started
-                results[name].append(int(outcome.split()[-1]) / elapsed)
-            started = time.perf_counter()
-            _, result = await server.call("bulk_update_status", _bulk_arguments(current, projects))
-            elapsed = time.perf_counter() - started
-            results["our server"].append(int(result["structuredContent"]["changed_count"]) / elapsed)
+                if name == "our server":
+                    _, result = await server.call(
+                        "bulk_update_status", _bulk_arguments(status[table], projects)
+                    )
+                    changed = int(result["structuredContent"]["changed_count"])
+                else:
+                    async with conn.transaction():
+                        outcome = await conn.execute(
+                            BULK[name], status[table], projects, datetime.now(UTC), uuid.uuid4().hex
+                        )
+                    changed = int(outcome.split()[-1])
+                results[name].append(changed / (time.perf_counter() - started))
             logger.info("bulk round: %s", {k: round(v[-1]) for k, v in results.items()})
     finally:
         await conn.close()
@@ -182,13 +187,14 @@ async def start_servers(url: str, count: int, logs: Path) -> list[StdioServer]:
     servers = []
     for n in range(count):
         env = {"DATABASE_URL": url, "MCP_AGENT_ID": f"bench-agent-{n}", "LOG_LEVEL": "WARNING"}
+        env["DB_STATEMENT_TIMEOUT_MS"] = "300000"  # a bulk change of 100,000 tasks is measured, not cut off
         command = [sys.executable, "-m", "mcp_server"]
         servers.append(await StdioServer.start(f"ours-{n}", command, env, logs / f"server-{n}.log"))
     return servers
 
 
-async def seal_delays(url: str, since: datetime) -> dict[str, Any]:
-    """The delay from each entry's change to its seal, for entries written since `since`."""
+async def seal_delays(url: str, since: datetime, until: datetime) -> dict[str, Any]:
+    """The delay from each entry's change to its seal, for entries written from `since` to `until`."""
     conn = await asyncpg.connect(url)
     try:
         row = await conn.fetchrow(
@@ -196,13 +202,15 @@ async def seal_delays(url: str, since: datetime) -> dict[str, Any]:
             "percentile_cont(0.5) WITHIN GROUP (ORDER BY s.sealed_at - e.changed_at) AS p50, "
             "percentile_cont(0.99) WITHIN GROUP (ORDER BY s.sealed_at - e.changed_at) AS p99, "
             "max(s.sealed_at - e.changed_at) AS max "
-            "FROM audit_seal s JOIN audit_entry e ON e.id = s.entry_id WHERE e.changed_at >= $1",
+            "FROM audit_seal s JOIN audit_entry e ON e.id = s.entry_id WHERE e.changed_at BETWEEN $1 AND $2",
             since,
+            until,
         )
         unsealed = await conn.fetchval(
-            "SELECT count(*) FROM audit_entry e WHERE e.changed_at >= $1 AND e.seq IS NULL "
+            "SELECT count(*) FROM audit_entry e WHERE e.changed_at BETWEEN $1 AND $2 AND e.seq IS NULL "
             "AND NOT EXISTS (SELECT FROM audit_seal s WHERE s.entry_id = e.id)",
             since,
+            until,
         )
     finally:
         await conn.close()
@@ -228,6 +236,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         projects = list(range(1, args.bulk_projects + 1))
         results["bulk"] = await bulk(args.postgres, servers[0], projects, args.bulk_rounds)
+        writers_started = datetime.now(UTC)
         for writers in args.writers:
             row: dict[str, Any] = {}
             for name in CREATE:
@@ -238,7 +247,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["writers"][str(writers)] = row
             logger.info("%d writers: %s", writers, row)
         await asyncio.sleep(2)  # the sealer's last round
-        results["seal delay"] = await seal_delays(args.postgres, started_at)
+        ended = datetime.now(UTC)
+        results["seal delay"] = {
+            "bulk changes": await seal_delays(args.postgres, started_at, writers_started),
+            "concurrent creates": await seal_delays(args.postgres, writers_started, ended),
+        }
     finally:
         for server in servers:
             await server.close()

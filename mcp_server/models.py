@@ -247,7 +247,13 @@ class AuditEntry(SQLModel, table=True):
         Index("ix_audit_request", "request_id"),
         Index("ix_audit_changed", "changed_at", "id"),
         Index("uq_audit_seq", "seq", unique=True),
-        Index("ix_audit_txid", "txid", "id"),
+        Index(
+            "ix_audit_txid",
+            "txid",
+            "id",
+            postgresql_where=text("txid IS NOT NULL"),
+            sqlite_where=text("txid IS NOT NULL"),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=IdType)
