@@ -245,7 +245,7 @@ def _audit_protections(conn: Connection) -> list[Finding]:
         advice = f"check the log with `mcp-task-server verify-audit-log`, then {repair}"
         findings.append(Finding("audit log", Level.PROBLEM, unprotected, advice))
     else:
-        sealed = f"append-only and sealed: triggers {', '.join(expected)} in place"
+        sealed = f"append-only and stamped: triggers {', '.join(expected)} in place"
         findings.append(Finding("audit log", Level.OK, sealed))
     if postgres:
         findings.append(_role(conn))
