@@ -8,7 +8,8 @@ each other (schema_versions/versions/0005).
 Sealing: a sealer (`seal`, run in a loop by sealer.py) gives committed rows their position `seq`
 and links each to the one before: `entry_hash` = `link_hash(prev_hash, seq, entry id,
 row_hash)`, one `AuditSeal` row each. It seals in the order it sees rows committed: on
-PostgreSQL, every round takes the rows committed since the last one, ordered by transaction id;
+PostgreSQL, every round takes the rows committed since the last one, ordered by id (drawn while
+the row an entry records is locked, so the entries of one task keep the order of its changes);
 it never passes a row an unfinished transaction may still write, because its horizon only moves
 up to the oldest transaction still running. On SQLite one writer at a time means ids commit in
 order, so it seals by id. One sealer at a time holds the lease in `AuditChain`'s row; the row is
@@ -132,7 +133,10 @@ _CANDIDATES: dict[str, Select[*tuple[Any, ...]]] = {
         AUDIT_TABLE.c.row_hash.is_not(None),
         ~_SEALED,
     )
-    .order_by(AUDIT_TABLE.c.txid, AUDIT_TABLE.c.id)
+    # By id, not transaction: an entry's id is drawn while the row it records is locked, so the
+    # entries of one task come in the order its changes committed (a transaction that began
+    # first may take the row's lock last).
+    .order_by(AUDIT_TABLE.c.id)
     .limit(bindparam("limit", type_=Integer)),
     "sqlite": Select(*_CANDIDATE_COLUMNS)
     .where(AUDIT_TABLE.c.id > bindparam("horizon", type_=BigInteger), AUDIT_TABLE.c.row_hash.is_not(None))
@@ -193,9 +197,10 @@ async def seal(session: AsyncSession, sealer: str, *, batch: int, lease: timedel
             for values in zip(*seals.values(), strict=True)
         ]
         await session.exec(_INSERT_SEALS["sqlite"], params=each)
-    if xmin is not None:
-        # Stopped at the batch size: the first row left (or the rest of its transaction) comes next.
-        chain.horizon = xmin if left is None else min(xmin, left.txid)
+    if xmin is not None and left is None:
+        # Everything committed past the horizon is sealed. (Stopped at the batch size, the
+        # horizon stays: the rows left may belong to any transaction past it.)
+        chain.horizon = xmin
     elif rows:
         chain.horizon = rows[-1].id
     chain.head_seq, chain.head_hash = seq, head
