@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
+import anyio
 import sqlalchemy.ext.asyncio
 from pydantic_core import from_json
 from sqlalchemy import FromClause, Insert, Result, RowMapping, Table, Update, bindparam, event
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 sql_log = logging.getLogger("mcp_server.sql")
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# The longest a cancelled call's session waits to roll back and return its connection; past it
+# the connection is left to the pool, which discards it.
+CLEANUP_SECONDS = 5
 APPLICATION_NAME = "mcp-task-server"
 
 # Execution options of a statement that must see soft-deleted tasks and projects too.
@@ -168,17 +172,40 @@ class Database:
     @asynccontextmanager
     async def session(self, *, write: bool) -> AsyncIterator[AsyncSession]:
         """One call's session in one transaction: committed when the block ends, rolled back when
-        it raises.
+        it raises or is cancelled.
+
+        Cancellation: on PostgreSQL, asyncpg answers a cancelled wait with a cancel request, so
+        the statement stops on the server; the rollback then runs shielded, on the way out. A
+        commit runs shielded too: once begun it completes, so a call is either cancelled and
+        rolled back or committed, never committed while reported cancelled. On SQLite a statement
+        already running in the driver's thread runs to its end before the rollback.
 
         Writers share no lock: each audit row is stamped in its own transaction and sealed into
         the chain after it commits (chain.py). On SQLite a writing transaction takes the file's
         write lock at BEGIN (BEGIN IMMEDIATE), so two writers queue on the busy timeout instead
         of failing when a reader upgrades to a writer.
         """
-        async with (self._writes if write else self._reads)() as session, session.begin():
+        session = (self._writes if write else self._reads)()
+        transaction = session.begin()
+        try:
+            await transaction
             if write and self.is_sqlite:
                 await session.connection(execution_options={"sqlite_begin": "BEGIN IMMEDIATE"})
             yield session
+        except BaseException:
+            # Also when the call was cancelled: roll back on the way out, not in the pool's clean-up.
+            with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
+                if transaction.is_active:
+                    await transaction.rollback()
+            raise
+        else:
+            # A commit that has begun completes, so its outcome is known: a cancellation that
+            # arrives during it is too late, and the call stands.
+            with anyio.CancelScope(shield=True):
+                await transaction.commit()
+        finally:
+            with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
+                await session.close()
 
     @property
     def where(self) -> str:

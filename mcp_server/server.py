@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,8 +44,9 @@ from mcp_server import (
     tasks,
     telemetry,
 )
+from mcp_server.cancels import CancelSessionless, SessionlessCalls
 from mcp_server.checkpoints import CheckpointKeys, Signer
-from mcp_server.config import ConfigError, Settings
+from mcp_server.config import ConfigError, Permissions, Settings
 from mcp_server.db import Database, create_database
 from mcp_server.errors import (
     DATABASE_ERRORS,
@@ -97,6 +99,7 @@ class AppState:
     settings: Settings
     db: Database
     keys: CheckpointKeys
+    sessionless: SessionlessCalls
 
 
 @dataclass(frozen=True)
@@ -484,15 +487,19 @@ ToolContext = Context[AppState, Any]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-def _call_of(ctx: ToolContext, tool: str) -> Call:
-    """The call as this server decides it, once: who is calling (the agent a verified token
-    proves over HTTP, the configured one otherwise; never an argument), with which permissions,
-    under a new request id, from the client that named itself so."""
+def _agent_of(settings: Settings) -> tuple[str, Permissions]:
+    """Who is calling: the agent a verified token proves over HTTP, the configured one otherwise;
+    never an argument."""
     token = get_access_token()
     if isinstance(token, auth.AgentToken):
-        agent_id, permissions = token.client_id, token.permissions
-    else:
-        agent_id, permissions = identity.configured_agent(ctx.request_context.lifespan_context.settings)
+        return token.client_id, token.permissions
+    return identity.configured_agent(settings)
+
+
+def _call_of(ctx: ToolContext, tool: str) -> Call:
+    """The call as this server decides it, once: who is calling (`_agent_of`), with which
+    permissions, under a new request id, from the client that named itself so."""
+    agent_id, permissions = _agent_of(ctx.request_context.lifespan_context.settings)
     params = ctx.session.client_params
     return Call(
         tool=tool,
@@ -502,6 +509,20 @@ def _call_of(ctx: ToolContext, tool: str) -> Call:
         client_name=identity.client_name(params.client_info.name if params is not None else None),
         progress=ctx.report_progress,  # sent only when the client asked, with a progress token
     )
+
+
+CANCELLED_MESSAGE = "the call was cancelled by its client before it finished; nothing was changed"
+# A commit, once begun, completes (db.Database.session), so a call cancelled is one not committed.
+CANCELLED_LOG = "the call was cancelled before it committed; its transaction was rolled back"
+
+
+def _cancellable(request: ToolContext, app: AppState, call: Call) -> ContextManager[anyio.CancelScope | None]:
+    """Where a `notifications/cancelled` cannot reach the call through the SDK (stateless HTTP,
+    handshake era: cancels.py), the scope it cancels instead; elsewhere nothing."""
+    context = request.request_context
+    if not app.settings.http_stateless or context.request is None or context.request_id is None:
+        return contextlib.nullcontext()
+    return app.sessionless.running(call.agent_id, context.request_id)
 
 
 def _guarded(name: str, fn: Callable[..., Awaitable[Mapping[str, Any]]]) -> Callable[..., Any]:
@@ -522,7 +543,13 @@ def _guarded(name: str, fn: Callable[..., Awaitable[Mapping[str, Any]]]) -> Call
                     raise PermissionDeniedError(
                         f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
                     )
-                result = _result(await fn(ToolCall(call, app), **arguments))
+                with _cancellable(request, app, call) as cancelled:
+                    value = await fn(ToolCall(call, app), **arguments)
+                if cancelled is not None and cancelled.cancelled_caught:
+                    outcome = "cancelled"
+                    logger.info(CANCELLED_LOG)
+                    raise ToolError(CANCELLED_MESSAGE)
+                result = _result(value)
                 outcome = "ok"
                 return result
             except PermissionDeniedError as exc:
@@ -536,6 +563,7 @@ def _guarded(name: str, fn: Callable[..., Awaitable[Mapping[str, Any]]]) -> Call
                 raise ToolError(f"permission denied: {exc}. {said}") from None
             except anyio.get_cancelled_exc_class():
                 outcome = "cancelled"
+                logger.info(CANCELLED_LOG)
                 raise
             finally:
                 telemetry.describe_call(call, outcome)
@@ -570,13 +598,12 @@ def check_tool_names(settings: Settings) -> None:
 
 def create_server(settings: Settings) -> MCPServer[AppState]:
     check_tool_names(settings)
+    sessionless = SessionlessCalls()
 
     @asynccontextmanager
     async def lifespan(server: MCPServer[AppState]) -> AsyncIterator[AppState]:
-        signer = (
-            None if settings.audit_signing_key_file is None else Signer.load(settings.audit_signing_key_file)
-        )
-        keys = CheckpointKeys.load(settings.audit_signing_key_file, settings.audit_public_key_files)
+        signer = Signer.of(settings)
+        keys = CheckpointKeys.load(signer, settings.audit_public_key_files)
         db = create_database(settings)
         sealing: Sealer | None = None
         task: asyncio.Task[None] | None = None
@@ -586,7 +613,7 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
             if settings.sealer:
                 sealing = Sealer(db, settings, signer)
                 task = asyncio.create_task(sealing.run(), name=SEALER_TASK)
-            yield AppState(settings=settings, db=db, keys=keys)
+            yield AppState(settings=settings, db=db, keys=keys, sessionless=sessionless)
         finally:
             if sealing is not None and task is not None:
                 # Even when the server is being cancelled: let the round under way finish (it is
@@ -620,4 +647,6 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes
         # nowhere; it would still cost each call about 40 µs.
         server.middleware[:] = [m for m in server.middleware if not isinstance(m, OpenTelemetryMiddleware)]
+    if settings.http_stateless:
+        server.middleware.append(CancelSessionless(sessionless, lambda: _agent_of(settings)[0]))
     return server

@@ -280,7 +280,9 @@ async def http_client(
     url: str, token: str, *, era: str = "legacy", client_name: str = "http-test-client"
 ) -> AsyncIterator[Client]:
     """The SDK's client over streamable HTTP, sending `token` as its bearer token."""
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+    headers = {"Authorization": f"Bearer {token}"}
+    # The SDK's own client's timeouts: a response stream stays open as long as the call runs.
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http:
         transport = streamable_http_client(url, http_client=http)
         info = Implementation(name=client_name, version="1")
         async with Client(transport, mode=era, client_info=info) as client:  # type: ignore[arg-type]

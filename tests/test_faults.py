@@ -60,11 +60,11 @@ class StdioPeer:
 
 
 @asynccontextmanager
-async def stdio_server(database_url: str) -> AsyncIterator[StdioPeer]:
+async def stdio_server(database_url: str, log: Path | None = None) -> AsyncIterator[StdioPeer]:
+    """`mcp-task-server serve` on stdio, its log written to `log` (or shown, with DEBUG set)."""
     env = {**os.environ, "DATABASE_URL": database_url, "MCP_AGENT_ID": "raw-agent"}
-    process = await anyio.open_process(
-        [sys.executable, "-m", "mcp_server", "serve"], env=env, stderr=None if os.environ.get("DEBUG") else -3
-    )
+    stderr: Any = log.open("w") if log is not None else None if os.environ.get("DEBUG") else -3
+    process = await anyio.open_process([sys.executable, "-m", "mcp_server", "serve"], env=env, stderr=stderr)
     try:
         peer = StdioPeer(process)
         await peer.initialize()
@@ -73,6 +73,8 @@ async def stdio_server(database_url: str) -> AsyncIterator[StdioPeer]:
         if process.returncode is None:
             process.kill()
             await process.wait()
+        if log is not None:
+            stderr.close()
 
 
 MALFORMED = [
