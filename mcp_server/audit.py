@@ -86,7 +86,7 @@ def record_refusal(session: AsyncSession, call: Call, permission: str, arguments
 
 # The columns a set-based statement writes, in the order of its SELECT: the content an entry's
 # hash covers, after its id and transaction (which the database assigns).
-_WRITTEN = chain.ROW_CONTENT[2:]
+_WRITTEN = chain.CONTENT
 
 
 def entry_of(changed: FromClause, action: AuditAction) -> Insert:

@@ -59,10 +59,8 @@ from mcp_server.models import (
 GENESIS = "0" * 64
 BATCH = 5000
 
-# The content of an entry sealed before version 0005, in the order its hash covers it, after the
-# previous entry's hash.
-LEGACY_CONTENT = (
-    "seq",
+# What an audit row says, as the writer gives it; both hashes cover these columns, in this order.
+CONTENT = (
     "entity_id",
     "entity_type",
     "action",
@@ -73,20 +71,11 @@ LEGACY_CONTENT = (
     "old_value",
     "new_value",
 )
-# The content `row_hash` covers, in order (SQLite's audit_row_hash takes these arguments).
-ROW_CONTENT = (
-    "id",
-    "txid",
-    "entity_id",
-    "entity_type",
-    "action",
-    "changed_by",
-    "client_name",
-    "changed_at",
-    "request_id",
-    "old_value",
-    "new_value",
-)
+# An entry sealed before version 0005: its position, then its content, after the previous hash.
+LEGACY_CONTENT = ("seq", *CONTENT)
+# What `row_hash` covers: the row's id and writing transaction, then its content (SQLite's
+# audit_row_hash takes these arguments).
+ROW_CONTENT = ("id", "txid", *CONTENT)
 
 
 def link_hash(prev_hash: str, seq: int, entry_id: int, row_hash: str | None) -> str:

@@ -15,11 +15,12 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -80,12 +81,7 @@ class Signer:
 
     @classmethod
     def load(cls, path: Path) -> Signer:
-        try:
-            private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise StartupError(
-                f"audit_signing_key_file {path}: not a readable PEM private key ({exc})"
-            ) from None
+        private = _load_key(path, "audit_signing_key_file", "private", _private_key)
         if not isinstance(private, Ed25519PrivateKey):
             raise StartupError(f"audit_signing_key_file {path}: the key must be Ed25519")
         return cls(private)
@@ -106,15 +102,11 @@ class CheckpointKeys:
         self._keys = {key_id(key): key for key in keys}
 
     @classmethod
-    def load(cls, signing_key: Path | None, public_keys: tuple[Path, ...] = ()) -> CheckpointKeys:
-        keys = [] if signing_key is None else [Signer.load(signing_key).public]
+    def load(cls, signer: Signer | None, public_keys: tuple[Path, ...] = ()) -> CheckpointKeys:
+        """The signer's own key and the public keys in `public_keys`."""
+        keys = [] if signer is None else [signer.public]
         for path in public_keys:
-            try:
-                public = serialization.load_pem_public_key(path.read_bytes())
-            except (OSError, ValueError, TypeError) as exc:
-                raise StartupError(
-                    f"audit public key {path}: not a readable PEM public key ({exc})"
-                ) from None
+            public = _load_key(path, "audit public key", "public", serialization.load_pem_public_key)
             if not isinstance(public, Ed25519PublicKey):
                 raise StartupError(f"audit public key {path}: the key must be Ed25519")
             keys.append(public)
@@ -135,6 +127,25 @@ class CheckpointKeys:
         except (InvalidSignature, ValueError):
             return "checkpoint's signature does not verify: it was forged or altered"
         return None
+
+
+def _private_key(pem: bytes) -> Any:
+    return serialization.load_pem_private_key(pem, password=None)
+
+
+def _load_key(path: Path, setting: str, kind: str, loader: Callable[[bytes], Any]) -> Any:
+    """The key in the PEM file at `path`, or a StartupError that names `setting` and the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{setting} {path}: cannot be read ({exc.strerror or 'no access'})") from None
+    try:
+        return loader(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise StartupError(
+            f"{setting} {path}: not a PEM {kind} key without a password; "
+            "`mcp-task-server keygen PATH` writes a signing key and prints its public key"
+        ) from None
 
 
 def generate(path: Path) -> Signer:

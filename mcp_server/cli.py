@@ -332,7 +332,8 @@ def _mint_token(args: argparse.Namespace) -> int:
 async def _verify_audit_log(
     settings: Settings, wait: float | None, checkpoint_file: Path | None, public_keys: tuple[Path, ...]
 ) -> int:
-    keys = CheckpointKeys.load(settings.audit_signing_key_file, settings.audit_public_key_files + public_keys)
+    signer = Signer.of(settings)
+    keys = CheckpointKeys.load(signer, settings.audit_public_key_files + public_keys)
     external = _read_checkpoints(checkpoint_file) if checkpoint_file is not None else []
     if external and not keys:
         raise ConfigError(
@@ -343,7 +344,7 @@ async def _verify_audit_log(
         await db.open_schema(upgrade=False)
         sealed = True
         if wait is not None:
-            sealed = await sealer.wait_until_sealed(sealer.Sealer(db, settings, Signer.of(settings)), wait)
+            sealed = await sealer.wait_until_sealed(sealer.Sealer(db, settings, signer), wait)
         async with db.session(write=False) as session:
             report = await chain.verify(session, keys, external)
     except DATABASE_ERRORS as exc:

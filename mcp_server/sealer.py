@@ -129,11 +129,7 @@ class Sealer:
             round_ = await chain.seal(session, self.name, batch=self.settings.seal_batch, lease=self.lease)
             if round_ is None:
                 return False  # another sealer's lease is live
-            if (
-                self.signer is not None
-                and round_.head_seq > state.checkpoint_seq
-                and self._checkpoint_due(state)
-            ):
+            if self.signer is not None and due and round_.head_seq > state.checkpoint_seq:
                 at = utcnow()
                 checkpoint = self.signer.sign(round_.head_seq, round_.head_hash, iso_time(at))
                 session.add(

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import anyio
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import text
 
 from mcp_server import checkpoints
 from mcp_server.config import Settings
 from mcp_server.db import Database
+from mcp_server.errors import StartupError
 from mcp_server.schemas import iso_time
 from mcp_server.sealer import Sealer
 from tests.conftest import call, connect, seal_all
@@ -140,3 +143,32 @@ async def test_a_sealer_killed_mid_round_loses_nothing_and_the_next_one_resumes(
     async with connect(settings, "auto") as client:
         report = await call(client, "verify_audit_log")
     assert report["ok"] and report["entries_checked"] == 60008 and report["unsealed"] == 0
+
+
+def rsa_pem() -> bytes:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot be read (No such file or directory)"),
+        (b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n", "not a PEM private key"),
+        (rsa_pem(), "the key must be Ed25519"),
+    ],
+    ids=["missing", "garbled", "rsa"],
+)
+async def test_a_bad_signing_key_file_is_named_with_what_is_wrong_and_no_library_text(
+    tmp_path: Path, content: bytes | None, problem: str
+) -> None:
+    path = tmp_path / "audit-key.pem"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(StartupError) as refused:
+        checkpoints.Signer.load(path)
+    assert str(refused.value).startswith(f"audit_signing_key_file {path}: ")
+    assert problem in str(refused.value)
+    assert "cryptography" not in str(refused.value) and "Could not deserialize" not in str(refused.value)
