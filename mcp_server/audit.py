@@ -123,22 +123,30 @@ def status_changes(matching: ColumnElement[bool]) -> Any:
     On PostgreSQL the SELECT locks the rows it reads (FOR UPDATE), so the old status recorded is
     the one the following UPDATE overwrites, even with concurrent writers.
     """
-    source = (
-        sql_select(
-            col(Task.id),
-            literal(EntityKind.TASK.value),
-            literal(AuditAction.UPDATED.value),
-            bindparam("audit_changed_by", type_=String),
-            bindparam("audit_client_name", type_=String),
-            bindparam("at", type_=UTCDateTime()),
-            bindparam("audit_request_id", type_=String),
-            json_object(literal("status"), Task.status),
-            json_object(literal("status"), bindparam("target_status", type_=String)),
-        )
-        .where(matching)
-        .with_for_update()
-    )
+    source = sql_select(*_status_entry(col(Task.id), Task.status)).where(matching).with_for_update()
     return insert(AuditEntry).from_select(list(_WRITTEN), source)
+
+
+def status_changed(changed: FromClause) -> Insert:
+    """One entry per row of `changed`, a task's `id` and the `old_status` it had, with the new
+    status bound as target_status; who, when and which call bound as in `status_changes`."""
+    source = sql_select(*_status_entry(changed.c.id, changed.c.old_status))
+    return insert(AuditEntry).from_select(list(_WRITTEN), source)
+
+
+def _status_entry(task_id: Any, old_status: Any) -> tuple[Any, ...]:
+    """The values of a status change's entry, in the order of _WRITTEN."""
+    return (
+        task_id,
+        literal(EntityKind.TASK.value),
+        literal(AuditAction.UPDATED.value),
+        bindparam("audit_changed_by", type_=String),
+        bindparam("audit_client_name", type_=String),
+        bindparam("at", type_=UTCDateTime()),
+        bindparam("audit_request_id", type_=String),
+        json_object(literal("status"), old_status),
+        json_object(literal("status"), bindparam("target_status", type_=String)),
+    )
 
 
 def call_params(call: Call, at: datetime) -> dict[str, Any]:

@@ -5,7 +5,8 @@ tasks is read as named rows. A change that reads its task first (update, restore
 loaded object and flushes it with its audit entry, the ORM checking the task's version on the way
 (a change made meanwhile is a conflict, never a lost update). A change chosen by a condition
 (create in a live project, delete a live task) is one statement with its audit entry
-(db.one_change). A bulk status change is set-based: three statements whatever the number of tasks.
+(db.one_change). A bulk status change is set-based: one statement on PostgreSQL, three on SQLite,
+whatever the number of tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
 from pydantic_core import to_json
-from sqlalchemy import ColumnElement, RowMapping, String, and_, bindparam, func, insert, literal, update
+from sqlalchemy import (
+    ColumnElement,
+    RowMapping,
+    String,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    update,
+)
 from sqlalchemy import select as sql_select  # the row an INSERT ... SELECT writes
 from sqlalchemy.orm import QueryableAttribute, aliased, joinedload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -388,58 +399,74 @@ async def bulk_update_status(
     filter: FilterTree | None,
     task_ids: Sequence[int] | None,
 ) -> BulkUpdateResult:
-    """Set `status` on every live matching task, set-based: one INSERT ... SELECT writes the audit
-    entries of exactly the tasks that change, then one UPDATE changes the tasks those entries name.
+    """Set `status` on every live matching task, set-based, with one audit entry per task changed.
 
-    More than the caller's max_bulk_rows changing tasks refuses the whole call (the caller rolls
-    back). The call's progress hears of each of the three steps as it ends; the first, the audit
-    entries, takes the longest.
+    On PostgreSQL this is one statement, as a plain application would write it: lock the tasks
+    that change, update them, insert their entries, and return the first ids with the count. On
+    SQLite, which has no data-modifying CTE, three (`_bulk_in_steps`). More than the caller's
+    max_bulk_rows changing tasks refuses the whole call (the caller rolls back). The call's
+    progress hears of the start and of each step as it ends.
     """
     shape, params = await _target(session, status, filter=filter, task_ids=task_ids)
-    now = utcnow()
+    params |= audit.call_params(call, utcnow())
+    statements = _bulk_statements(shape)
+    if session.get_bind().dialect.name == "postgresql":
+        await call.progress(0, 1, "changing the tasks and writing their audit entries")
+        # The statement says itself that only live tasks change.
+        found = await session.exec(statements.combined, params=params, execution_options=INCLUDE_DELETED)
+        rows = db.named_rows(found)
+        changed = rows[0]["changed_count"] if rows else 0
+        _check_bulk_rows(call, changed)
+        ids = [row["entity_id"] for row in rows]
+        await call.progress(1, 1, f"{changed:,} tasks changed and audited; committing")
+    else:
+        changed, ids = await _bulk_in_steps(session, call, statements, params)
+    return {
+        "status": status,
+        "dry_run": False,
+        "changed_count": changed,
+        "changed_ids": ids[:MAX_CHANGED_IDS],
+        "changed_ids_truncated": len(ids) > MAX_CHANGED_IDS,
+        "request_id": call.request_id,
+    }
+
+
+async def _bulk_in_steps(
+    session: AsyncSession, call: Call, statements: _BulkStatements, params: dict[str, Any]
+) -> tuple[int, list[int]]:
+    """SQLite's bulk change, which has no data-modifying CTE: the audit entries, then the tasks
+    they name, then the ids; safe in steps since a writer holds the file's lock throughout. How
+    many tasks changed, and the first ids."""
     await call.progress(0, BULK_STEPS, "finding the tasks to change and writing their audit entries")
-    written = await session.exec(
-        _bulk_statements(shape).record,
-        params=params | audit.call_params(call, now),
-        execution_options=db.RAW,
+    written = await session.exec(statements.record, params=params, execution_options=db.RAW)
+    _check_bulk_rows(call, written.rowcount)
+    await call.progress(1, BULK_STEPS, f"{written.rowcount:,} audit entries written; updating the tasks")
+    updated = await session.exec(
+        _BULK_UPDATE, params=params, execution_options={"synchronize_session": False}
     )
-    count = written.rowcount
+    await call.progress(2, BULK_STEPS, f"{updated.rowcount:,} tasks updated; listing their ids")
+    ids = (await session.exec(_CHANGED_IDS, params=params)).all()
+    await call.progress(BULK_STEPS, BULK_STEPS, "done; committing")
+    return updated.rowcount, [id for id in ids if id is not None]
+
+
+def _check_bulk_rows(call: Call, count: int) -> None:
+    """More than the caller's max_bulk_rows changing tasks refuses the whole call (the caller rolls back)."""
     if (max_rows := call.permissions.max_bulk_rows) is not None and count > max_rows:
         raise PermissionDeniedError(
             "max_bulk_rows",
             f"this call would change {count} tasks, and you may change at most {max_rows} in one bulk "
             "update (permission max_bulk_rows); nothing was changed. Narrow the filter or split the work",
         )
-    await call.progress(1, BULK_STEPS, f"{count:,} audit entries written; updating the tasks")
-    this_call = {"request_id": call.request_id}
-    updated = await session.exec(
-        _BULK_UPDATE,
-        params=this_call | {"new_status": status.value, "at": now},
-        execution_options={"synchronize_session": False},
-    )
-    changed = updated.rowcount
-    await call.progress(2, BULK_STEPS, f"{changed:,} tasks updated; listing their ids")
-    ids = (await session.exec(_CHANGED_IDS, params=this_call)).all()
-    await call.progress(BULK_STEPS, BULK_STEPS, "done; committing")
-    return {
-        "status": status,
-        "dry_run": False,
-        "changed_count": changed,
-        "changed_ids": [id for id in ids[:MAX_CHANGED_IDS] if id is not None],
-        "changed_ids_truncated": len(ids) > MAX_CHANGED_IDS,
-        "request_id": call.request_id,
-    }
 
 
-_THIS_CALL = select(AuditEntry.entity_id).where(AuditEntry.request_id == bindparam("request_id"))
+_THIS_CALL = select(AuditEntry.entity_id).where(AuditEntry.request_id == bindparam("audit_request_id"))
+# What a status change sets, besides the version.
+_NEW_VALUES = {"status": bindparam("target_status", type_=String), "updated_at": bindparam("at")}
 _BULK_UPDATE = (
     update(Task)
     .where(col(Task.id).in_(_THIS_CALL.scalar_subquery()))
-    .values(
-        status=bindparam("new_status", type_=String),
-        updated_at=bindparam("at"),
-        version=Task.version + 1,
-    )
+    .values(**_NEW_VALUES, version=Task.version + 1)
 )
 _CHANGED_IDS = _THIS_CALL.order_by(col(AuditEntry.entity_id)).limit(MAX_CHANGED_IDS + 1)
 
@@ -463,7 +490,8 @@ async def preview_status_change(
 
 
 class _BulkStatements(NamedTuple):
-    record: Any  # the audit entries of the tasks that change, locking them
+    combined: Any  # PostgreSQL: lock, change and record in one statement; the first ids, the count
+    record: Any  # SQLite: the audit entries of the tasks that change
     counting: SelectOfScalar[int]  # how many would change
     first_ids: SelectOfScalar[int] | SelectOfScalar[None]  # the first MAX_CHANGED_IDS of them
 
@@ -478,7 +506,23 @@ def _bulk_statements(shape: Shape | None) -> _BulkStatements:
         col(Task.deleted_at).is_(None),
         col(Task.status) != bindparam("target_status", type_=String),
     )
+    entity = ENTITY_TABLE
+    old = sql_select(col(Task.id), col(Task.status)).where(changing).with_for_update().cte("old")
+    changed = (
+        update(entity)
+        .where(entity.c.id == old.c.id)
+        .values(**_NEW_VALUES, version=entity.c.version + 1)
+        .returning(entity.c.id, old.c.status.label("old_status"))
+        .cte("changed")
+    )
+    written = audit.status_changed(changed).returning(col(AuditEntry.entity_id)).cte("written")
+    combined = (
+        sql_select(written.c.entity_id, func.count().over().label("changed_count"))
+        .order_by(written.c.entity_id)
+        .limit(MAX_CHANGED_IDS + 1)
+    )
     return _BulkStatements(
+        combined=combined,
         record=audit.status_changes(changing),
         counting=select(func.count()).select_from(Task).where(changing),
         first_ids=select(Task.id).where(changing).order_by(col(Task.id)).limit(MAX_CHANGED_IDS),
