@@ -186,12 +186,14 @@ async def seal(session: AsyncSession, sealer: str, *, batch: int, lease: timedel
             for values in zip(*seals.values(), strict=True)
         ]
         await session.exec(_INSERT_SEALS["sqlite"], params=each)
-    if xmin is not None and left is None:
-        # Everything committed past the horizon is sealed. (Stopped at the batch size, the
-        # horizon stays: the rows left may belong to any transaction past it.)
-        chain.horizon = xmin
+    if postgresql:
+        # The horizon is a transaction id. Everything committed past it is sealed unless the round
+        # stopped at the batch size; then it stays, since the rows left may belong to any
+        # transaction past it.
+        if left is None:
+            chain.horizon = xmin
     elif rows:
-        chain.horizon = rows[-1].id
+        chain.horizon = rows[-1].id  # on SQLite an entry id: with one writer, ids commit in order
     chain.head_seq, chain.head_hash = seq, head
     chain.sealer, chain.lease_until = sealer, now + lease
     session.add(chain)
