@@ -108,8 +108,7 @@ class StdioServer:
 
     def cpu_seconds(self) -> float:
         """The server process's CPU time so far (user and system), from /proc."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def memory_kb(self) -> tuple[int, int]:
         """(current RSS, peak RSS) in KiB, from /proc."""
@@ -128,3 +127,9 @@ class StdioServer:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """Process `pid`'s CPU time so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -4,30 +4,42 @@ PostgreSQL database in one run, and the sealer's delay.
 - plain raw SQL: asyncpg on a plain task table and a plain audit table (no triggers, no chain);
 - raw SQL on our tables: the same statements on `entity` and `audit_entry`, with their triggers;
 - our server: the tools over stdio, one server process per concurrent agent (stateless servers
-  on one database, as it scales out), each agent sending its next call when the last returns.
+  on one database, as it scales out), each agent sending its next call when the last returns;
+  and the concurrent creators once more over streamable HTTP, one stateless server process
+  serving every agent, each with its own token (the 2026-07-28 era of the SDK's client).
 
-The plain tables are copies of the loaded tasks, with the same indexes, made by this script.
-Afterwards it reads each sealed entry's delay (sealed_at - changed_at) from the database.
+The plain tables are copies of the loaded tasks and of the audit history (5,000,000 entries on the
+full data), with the indexes a plain application would give them, made by this script. The call
+servers run without their sealers; one more server process, which gets no calls, does all the
+sealing, so its CPU time is the sealer's (its statements' time on PostgreSQL is not in it).
+Afterwards the script reads each sealed entry's delay (sealed_at - changed_at) from the database.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
-from bench.stdio import StdioServer
+from bench.stdio import StdioServer, cpu_seconds
+from mcp_server.auth import mint_token, token_sha256
 
 logger = logging.getLogger("bench.writers")
 
@@ -45,11 +57,16 @@ PLAIN_SCHEMA = [
     """CREATE TABLE plain_audit (id bigserial PRIMARY KEY, entity_id bigint, entity_type varchar(16),
         action varchar(16) NOT NULL, changed_by varchar(200) NOT NULL, client_name varchar(200),
         changed_at timestamptz NOT NULL, request_id varchar(64) NOT NULL, old_value jsonb, new_value jsonb)""",
+    # The same history as ours: inserting into a table of millions of rows is not inserting into an empty one.
+    """INSERT INTO plain_audit SELECT id, entity_id, entity_type, action, changed_by, client_name, changed_at,
+        request_id, old_value, new_value FROM audit_entry""",
+    "SELECT setval('plain_audit_id_seq', (SELECT coalesce(max(id), 1) FROM plain_audit))",
     "CREATE INDEX ON plain_audit (entity_id, changed_at, id)",
     "CREATE INDEX ON plain_audit (changed_by, changed_at)",
     "CREATE INDEX ON plain_audit (request_id)",
     "CREATE INDEX ON plain_audit (changed_at, id)",
     "VACUUM ANALYZE plain_task",
+    "VACUUM ANALYZE plain_audit",
 ]
 DROP_PLAIN = "DROP TABLE IF EXISTS plain_audit, plain_task"
 
@@ -126,6 +143,13 @@ async def bulk(url: str, server: StdioServer, projects: list[int], rounds: int) 
     return {name: _rates(rates) for name, rates in results.items()}
 
 
+def _stdio_create(server: StdioServer, project: int) -> Create:
+    async def create(n: int) -> object:
+        return await server.call("create_task", {"title": f"agent {n}", "project_id": project})
+
+    return create
+
+
 def _bulk_arguments(status: str, projects: list[int]) -> dict[str, Any]:
     return {"status": status, "filter": {"field": "project_id", "op": "in", "value": projects}}
 
@@ -159,38 +183,101 @@ async def raw_writers(url: str, name: str, writers: int, seconds: float, project
     return done / (time.perf_counter() - started)
 
 
-async def server_writers(servers: list[StdioServer], seconds: float, project: int) -> tuple[float, float]:
-    """create_task calls per second by one agent per server process, and server CPU ms per call."""
+Create = Callable[[int], Awaitable[object]]  # agent n creates one task
+
+
+async def server_writers(agents: list[Create], pids: list[int], seconds: float) -> dict[str, float]:
+    """create_task calls per second by `agents`, each calling again when its last call returns, and
+    the CPU time per call of the server processes `pids` and of the sealer."""
     done = 0
     deadline = time.perf_counter() + seconds
-    cpu_before = sum(_cpu_seconds(server) for server in servers)
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
 
-    async def agent(server: StdioServer, n: int) -> None:
+    async def agent(create: Create, n: int) -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            await server.call("create_task", {"title": f"agent {n}", "project_id": project})
+            await create(n)
             done += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(agent(server, n) for n, server in enumerate(servers)))
+    await asyncio.gather(*(agent(create, n) for n, create in enumerate(agents)))
     elapsed = time.perf_counter() - started
-    cpu = sum(_cpu_seconds(server) for server in servers) - cpu_before
-    return done / elapsed, cpu * 1000 / max(done, 1)
+    cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+    return {"calls_per_s": done / elapsed, "cpu_ms_per_call": cpu * 1000 / max(done, 1)}
 
 
-def _cpu_seconds(server: StdioServer) -> float:
-    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+def _config(url: str, logs: Path, name: str, **settings: Any) -> Path:
+    path = logs / f"{name}.json"
+    config = {"database_url": url, "log_level": "WARNING", "statement_timeout_ms": 300_000} | settings
+    path.write_text(json.dumps(config))  # a bulk change of 100,000 tasks is measured, not cut off
+    return path
 
 
 async def start_servers(url: str, count: int, logs: Path) -> list[StdioServer]:
+    """`count` stdio servers without sealers, and one more, last, that only seals."""
     servers = []
-    for n in range(count):
-        env = {"DATABASE_URL": url, "MCP_AGENT_ID": f"bench-agent-{n}", "LOG_LEVEL": "WARNING"}
-        env["DB_STATEMENT_TIMEOUT_MS"] = "300000"  # a bulk change of 100,000 tasks is measured, not cut off
-        command = [sys.executable, "-m", "mcp_server"]
-        servers.append(await StdioServer.start(f"ours-{n}", command, env, logs / f"server-{n}.log"))
+    for n in range(count + 1):
+        sealing = n == count
+        name = "sealer" if sealing else f"ours-{n}"
+        config = _config(url, logs, name, agent_id=f"bench-agent-{n}", sealer=sealing)
+        command = [sys.executable, "-m", "mcp_server", "--config", str(config)]
+        servers.append(await StdioServer.start(name, command, {}, logs / f"{name}.log"))
     return servers
+
+
+async def http_writers(url: str, agents: int, seconds: float, project: int, logs: Path) -> dict[str, float]:
+    """`agents` creators over streamable HTTP against one stateless server process."""
+    tokens = {f"http-agent-{n}": mint_token() for n in range(agents)}
+    entries = [{"id": agent, "token_sha256": token_sha256(token)} for agent, token in tokens.items()]
+    port = _free_port()
+    config = _config(url, logs, "http", agents=entries, sealer=False)
+    command = [sys.executable, "-m", "mcp_server", "--config", str(config), "serve", "--transport", "http"]
+    with (logs / "http.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *command, "--port", str(port), "--stateless", stdout=log, stderr=log
+        )
+    endpoint = f"http://127.0.0.1:{port}/mcp"
+    try:
+        await _listening(port)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = []
+            for token in tokens.values():
+                http = await stack.enter_async_context(
+                    httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
+                )
+                transport = streamable_http_client(endpoint, http_client=http)
+                clients.append(await stack.enter_async_context(Client(transport, mode="auto")))
+
+            async def create(n: int) -> object:
+                result = await clients[n].call_tool(
+                    "create_task", {"title": f"http {n}", "project_id": project}
+                )
+                if result.is_error:
+                    raise RuntimeError(f"create_task over HTTP failed: {result.content}")
+                return result
+
+            return await server_writers([create] * agents, [process.pid], seconds)
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _listening(port: int) -> None:
+    for _ in range(300):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)  # polling for the server to start listening
+            continue
+        writer.close()
+        return
+    raise RuntimeError("the HTTP server did not start listening within 30 s")
 
 
 async def seal_delays(url: str, since: datetime, until: datetime) -> dict[str, Any]:
@@ -232,18 +319,29 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix="bench-writers-"))
     started_at = datetime.now(UTC)
     results: dict[str, Any] = {"started": started_at.isoformat(), "writers": {}}
-    servers = await start_servers(args.postgres, max(args.writers), logs)
+    *servers, sealer = await start_servers(args.postgres, max(args.writers), logs)
     try:
         projects = list(range(1, args.bulk_projects + 1))
+        sealer_cpu = sealer.cpu_seconds()
         results["bulk"] = await bulk(args.postgres, servers[0], projects, args.bulk_rounds)
+        results["sealer CPU s during the bulk changes"] = round(sealer.cpu_seconds() - sealer_cpu, 2)
         writers_started = datetime.now(UTC)
         for writers in args.writers:
             row: dict[str, Any] = {}
             for name in CREATE:
                 row[name] = round(await raw_writers(args.postgres, name, writers, args.seconds, project))
-            rate, cpu_ms = await server_writers(servers[:writers], args.seconds, project)
-            row["our server"] = round(rate)
-            row["our server CPU ms per call"] = round(cpu_ms, 2)
+            sealer_cpu = sealer.cpu_seconds()
+            stdio_agents = [_stdio_create(server, project) for server in servers[:writers]]
+            over_stdio = await server_writers(stdio_agents, [s.pid for s in servers[:writers]], args.seconds)
+            row["our server, stdio"] = round(over_stdio["calls_per_s"])
+            row["server CPU ms per call, stdio"] = round(over_stdio["cpu_ms_per_call"], 2)
+            row["sealer CPU ms per call, stdio"] = round(
+                (sealer.cpu_seconds() - sealer_cpu) * 1000 / max(over_stdio["calls_per_s"] * args.seconds, 1),
+                2,
+            )
+            over_http = await http_writers(args.postgres, writers, args.seconds, project, logs)
+            row["our server, HTTP"] = round(over_http["calls_per_s"])
+            row["server CPU ms per call, HTTP"] = round(over_http["cpu_ms_per_call"], 2)
             results["writers"][str(writers)] = row
             logger.info("%d writers: %s", writers, row)
         await asyncio.sleep(2)  # the sealer's last round
@@ -253,7 +351,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "concurrent creates": await seal_delays(args.postgres, writers_started, ended),
         }
     finally:
-        for server in servers:
+        for server in [*servers, sealer]:
             await server.close()
         cleanup = await asyncpg.connect(args.postgres)
         try:
