@@ -222,7 +222,7 @@ async def test_a_connection_killed_in_the_middle_of_a_bulk_update_changes_nothin
                             text(
                                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                 "WHERE datname = current_database() AND state = 'active' "
-                                "AND query LIKE 'INSERT INTO audit_entry%'"
+                                "AND pid <> pg_backend_pid() AND query LIKE '%INSERT INTO audit_entry%'"
                             )
                         )
                     ).scalar_one()
