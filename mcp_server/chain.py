@@ -186,10 +186,10 @@ async def seal(session: AsyncSession, sealer: str, *, batch: int, lease: timedel
             for values in zip(*seals.values(), strict=True)
         ]
         await session.exec(_INSERT_SEALS["sqlite"], params=each)
-    if postgresql:
-        # The horizon is a transaction id. Everything committed past it is sealed unless the round
-        # stopped at the batch size; then it stays, since the rows left may belong to any
-        # transaction past it.
+    if xmin is not None:
+        # PostgreSQL's horizon is a transaction id. Everything committed past it is sealed
+        # unless the round stopped at the batch size; then it stays, since the rows left may
+        # belong to any transaction past it.
         if left is None:
             chain.horizon = xmin
     elif rows:
