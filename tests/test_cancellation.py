@@ -75,10 +75,13 @@ class Served:
         assert not result.is_error, result.content
         return dict(result.structured_content)
 
-    async def call_ended(self) -> None:
-        """Wait until the server logs that the cancelled call ended."""
+    async def logged(self, *parts: str) -> None:
+        """Wait until the server logs a line that holds every one of `parts`."""
         with anyio.fail_after(15):
-            while ENDED not in await anyio.Path(self.log).read_text():  # noqa: ASYNC110
+            while not any(  # noqa: ASYNC110
+                all(part in line for part in parts)
+                for line in (await anyio.Path(self.log).read_text()).splitlines()
+            ):
                 await anyio.sleep(0.05)  # another process writes the file: nothing to wait on but it
 
 
@@ -87,12 +90,13 @@ async def served(transport: str, database_url: str, tmp_path: Path) -> AsyncIter
     """A server process of the kind `transport` names, and a client of it."""
     if transport == "stdio":
         log = tmp_path / "stdio.log"
-        async with stdio_server(database_url, log) as peer:
+        async with stdio_server(database_url, log, LOG_LEVEL="DEBUG") as peer:
             yield Served(transport, peer, log)
         return
     token = mint_token()
     config = {
         "database_url": database_url,
+        "log_level": "DEBUG",  # each statement, with the call that sent it
         "agents": [{"id": "canceller", "token_sha256": token_sha256(token)}],
     }
     mode, era = transport.split("-")
@@ -184,8 +188,8 @@ async def test_a_cancelled_call_stops_its_statement_commits_nothing_and_the_next
     async with served(transport, database_url, tmp_path) as server, anyio.create_task_group() as group:
         async with holding_a_lock(db) as release:
             cancel = await server.start_change(group)
-            if db.is_sqlite:
-                await anyio.sleep(0.5)  # SQLite shows no one waiting: give the call time to begin
+            if db.is_sqlite:  # the call has asked for the write lock, which the test holds
+                await server.logged("BEGIN IMMEDIATE", "tool=bulk_update_status")
             else:
                 await wait_for_server_sessions(
                     db,
@@ -196,7 +200,7 @@ async def test_a_cancelled_call_stops_its_statement_commits_nothing_and_the_next
             if not db.is_sqlite:
                 # The lock is still held: only a cancelled statement can have gone away.
                 await wait_for_server_sessions(db, lambda sessions: not sessions, "the statement to stop")
-            await server.call_ended()
+            await server.logged(ENDED)
             await release()
         with anyio.fail_after(20):
             done = await server.next_change()

@@ -60,9 +60,10 @@ class StdioPeer:
 
 
 @asynccontextmanager
-async def stdio_server(database_url: str, log: Path | None = None) -> AsyncIterator[StdioPeer]:
-    """`mcp-task-server serve` on stdio, its log written to `log` (or shown, with DEBUG set)."""
-    env = {**os.environ, "DATABASE_URL": database_url, "MCP_AGENT_ID": "raw-agent"}
+async def stdio_server(database_url: str, log: Path | None = None, **env: str) -> AsyncIterator[StdioPeer]:
+    """`mcp-task-server serve` on stdio with `env` added to its environment, its log written to
+    `log` (or shown, with DEBUG set)."""
+    env = {**os.environ, "DATABASE_URL": database_url, "MCP_AGENT_ID": "raw-agent", **env}
     stderr: Any = log.open("w") if log is not None else None if os.environ.get("DEBUG") else -3
     process = await anyio.open_process([sys.executable, "-m", "mcp_server", "serve"], env=env, stderr=stderr)
     try:
