@@ -1,15 +1,19 @@
-"""What the ORM costs per call, step by step, in-process on the loaded PostgreSQL data.
+"""What each layer of a call costs, in-process on the loaded PostgreSQL data.
 
-For a search page of 50 tasks and for create_task, the same work is timed at each layer, from the
-statements the ORM sends run by hand on asyncpg up to the result serialized as the tool sends it:
-the difference between two lines is what that layer adds. The protocol (stdio, the SDK's
-dispatcher) is not in here; bench.measure times whole calls.
+For a search page of 50 tasks and for create_task, the same work is done at each layer, from the
+statements the session sends, run by hand on asyncpg, up to the result as the SDK sends it: the
+difference between two lines is what that layer adds. Each line is the CPU time of this process
+per call (the least of three blocks of calls, so a busy neighbour shows less) and the median wall
+time. The protocol (stdio, the SDK's dispatcher) is not in here: `bench.measure` times whole calls
+and the server's CPU per call, and in a server process the same layers cost more than in this
+tight loop, where their code stays in the CPU's caches.
+
+    python -m bench.profile --postgres URL   # a copy of the loaded data: create_task writes
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import statistics
@@ -19,14 +23,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import uvloop
+from mcp.server.runner import _dump_result  # the SDK's own steps, to time them as it runs them
+from mcp.types import JSONRPCResponse
+from mcp_types.methods import serialize_server_result
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, select
 
-from mcp_server import filters, identity, server, tasks
+from mcp_server import db, filters, identity, server, tasks
 from mcp_server.config import Settings
-from mcp_server.db import create_database
 from mcp_server.filters import AllOf
 from mcp_server.identity import Call
+from mcp_server.models import Task
 from mcp_server.schemas import TaskCreate
 
 logger = logging.getLogger("bench.profile")
@@ -37,17 +46,24 @@ SEARCH_FILTER = {
         {"field": "priority", "op": "eq", "value": "medium"},
     ]
 }
+NEWEST_FIRST = (("created_at", True),)
+PAGE = 50
+PROTOCOL_VERSION = "2025-11-25"
 
 
-async def median_ms(run: Callable[[], Awaitable[Any]], repeat: int) -> float:
+async def cost(run: Callable[[], Awaitable[Any]], repeat: int) -> dict[str, float]:
+    """CPU ms per call (least of three blocks) and median wall ms."""
     for _ in range(20):
         await run()
-    timings = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        await run()
-        timings.append(time.perf_counter() - started)
-    return round(statistics.median(timings) * 1000, 3)
+    cpu, wall = [], []
+    for _ in range(3):
+        started_cpu = time.process_time()
+        for _ in range(repeat):
+            started = time.perf_counter()
+            await run()
+            wall.append(time.perf_counter() - started)
+        cpu.append((time.process_time() - started_cpu) / repeat)
+    return {"cpu_ms": round(min(cpu) * 1000, 3), "wall_ms": round(statistics.median(wall) * 1000, 3)}
 
 
 def sent_statements(engine: AsyncEngine) -> list[tuple[str, Any]]:
@@ -61,58 +77,84 @@ def sent_statements(engine: AsyncEngine) -> list[tuple[str, Any]]:
     return sent
 
 
-async def profile(url: str, repeat: int) -> dict[str, dict[str, float]]:
+async def profile(url: str, repeat: int) -> dict[str, dict[str, dict[str, float]]]:
     settings = Settings(database_url=url, agent_id="bench-profile")
-    db = create_database(settings)
-    await db.open_schema(upgrade=False)
+    database = db.create_database(settings)
+    await database.open_schema(upgrade=False)
     raw = await asyncpg.connect(url)
-    sent = sent_statements(db.engine)
+    # The server's connections plan each statement for its values (db.create_database).
+    await raw.execute("SET plan_cache_mode = force_custom_plan; SET random_page_cost = 1.1")
+    sent = sent_statements(database.engine)
     call = Call(
-        tool="search_tasks",
+        tool="create_task",
         agent_id="bench-profile",
         permissions=identity.UNRESTRICTED,
         request_id=identity.new_request_id(),
     )
     filter = AllOf.model_validate(SEARCH_FILTER)
     shape, params = filters.parse(filter)
+    statement = tasks._search_statement(shape, NEWEST_FIRST, True, PAGE)
+    reads = database.engine.execution_options(isolation_level="AUTOCOMMIT")
     try:
 
         async def search() -> Any:
-            async with db.session(write=False) as session:
+            async with database.session(write=False) as session:
                 return await tasks.search_tasks(
                     session,
                     filter=filter,
                     order_by=[],
-                    limit=50,
+                    limit=PAGE,
                     page_token=None,
                     include_deleted=False,
                     include_total=False,
                 )
 
-        async def search_loaded() -> list[Any]:
-            statement = tasks._search_statement(shape, (("created_at", True),), True, 50)
-            async with db.session(write=False) as session:
-                return list((await session.exec(statement, params=params)).all())
-
         sent.clear()
         page = await search()
         [(sql, parameters)] = sent
-        loaded = await search_loaded()
 
-        async def build() -> None:
-            [tasks.task_public(task) for task in loaded]
+        async def core() -> Any:
+            # The statement as the session sends it (with the soft-delete criteria), without the ORM.
+            async with reads.connect() as conn:
+                return (await conn.execute(db._live_only(statement), params)).mappings().all()
+
+        async def session_rows() -> Any:
+            async with database.session(write=False) as session:
+                return db.named_rows(await session.exec(statement, params=params))
+
+        objects = (
+            select(Task)
+            .options(tasks._WITH_PROJECT)
+            .where(*tasks._matching(shape))
+            .order_by(col(Task.created_at).desc(), col(Task.id).desc())
+            .limit(PAGE + 1)
+        )
+
+        async def session_objects() -> Any:
+            async with database.session(write=False) as session:
+                return [tasks._public(task) for task in (await session.exec(objects, params=params)).all()]
+
+        result = server._result(page)
+
+        async def sdk_serializes() -> None:
+            dumped = serialize_server_result("tools/call", PROTOCOL_VERSION, _dump_result(result))
+            JSONRPCResponse(jsonrpc="2.0", id=1, result=dumped).model_dump_json(
+                by_alias=True, exclude_unset=True
+            )
 
         async def serialize() -> None:
             server._result(page)
 
         search_steps = {
-            "raw asyncpg, the ORM's statement": await median_ms(lambda: raw.fetch(sql, *parameters), repeat),
-            "ORM: session, statement, 51 Task objects with their projects": await median_ms(
-                search_loaded, repeat
+            "raw asyncpg, the session's statement": await cost(lambda: raw.fetch(sql, *parameters), repeat),
+            "SQLAlchemy Core: the statement on a connection, rows by name": await cost(core, repeat),
+            "ORM session: the statement, rows by name": await cost(session_rows, repeat),
+            "the data function: session, statement, page built": await cost(search, repeat),
+            "instead: 51 Task objects with their projects, then built": await cost(session_objects, repeat),
+            "the result: structured and the same JSON as text (server._result)": await cost(
+                serialize, repeat
             ),
-            "results built from the objects (task_public)": await median_ms(build, repeat),
-            "the data function, all of the above": await median_ms(search, repeat),
-            "serialized as the tool sends it (structured + text)": await median_ms(serialize, repeat),
+            "the SDK's passes over it: dump, check, dump, JSON-RPC frame": await cost(sdk_serializes, repeat),
         }
         project = await raw.fetchval(
             "SELECT min(id) FROM entity WHERE kind = 'project' AND deleted_at IS NULL"
@@ -120,7 +162,7 @@ async def profile(url: str, repeat: int) -> dict[str, dict[str, float]]:
         data = TaskCreate(title="profiled task", project_id=project)
 
         async def create() -> Any:
-            async with db.session(write=True) as session:
+            async with database.session(write=True) as session:
                 return await tasks.create_task(session, call, data)
 
         sent.clear()
@@ -133,15 +175,13 @@ async def profile(url: str, repeat: int) -> dict[str, dict[str, float]]:
                     await raw.fetch(sql, *parameters)
 
         create_steps = {
-            "raw asyncpg, the ORM's statements in one transaction": await median_ms(create_by_hand, repeat),
-            "ORM: session, the lock, the project, flushed task and audit entry, commit": await median_ms(
-                create, repeat
-            ),
+            "raw asyncpg, the session's statements in one transaction": await cost(create_by_hand, repeat),
+            "ORM session: the change, its audit entry and the task, committed": await cost(create, repeat),
         }
     finally:
         await raw.close()
-        await db.dispose()
-    return {"search_tasks, page of 50 (equal on two fields)": search_steps, "create_task": create_steps}
+        await database.dispose()
+    return {f"search_tasks, page of {PAGE} (equal on two fields)": search_steps, "create_task": create_steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,10 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--postgres", required=True, metavar="URL", help="a copy of the loaded data (it writes)"
     )
-    parser.add_argument("--repeat", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=500, help="calls per block; three blocks per line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    result = asyncio.run(profile(args.postgres, args.repeat))
+    result = uvloop.run(profile(args.postgres, args.repeat))
     sys.stderr.write(json.dumps(result, indent=2) + "\n")
 
 
