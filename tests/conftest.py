@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -35,8 +36,18 @@ from mcp_server.server import create_server
 AGENT = "test-agent"
 # Figures from the generated bad-input suite, printed at the end of the run.
 FUZZ_TALLY: Counter[str] = Counter()
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/mcp_server_test")
+# The PostgreSQL server the tests use is TEST_POSTGRES_URL's; its database name is only the stem of
+# this run's own databases, made with a name no other run shares and dropped when the run ends. A
+# developer's server may hold other databases and other users: the tests touch none of them.
+_SERVER_URL = make_url(
+    os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/mcp_server_test")
+)
+RUN_DATABASE = f"{_SERVER_URL.database}_{os.getpid()}_{secrets.token_hex(3)}"
+POSTGRES_URL = _SERVER_URL.set(database=RUN_DATABASE).render_as_string(hide_password=False)
+# A login role for tests that play the server's application role: this run's too, dropped at the end.
+APP_ROLE = f"{RUN_DATABASE}_app"
 _postgres_checked: str | None = None
+_made_databases: set[str] = set()
 
 
 @pytest.fixture(scope="session")
@@ -46,26 +57,47 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def _admin() -> asyncpg.Connection:
+    url = _SERVER_URL
+    return await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, password=url.password, database="postgres"
+    )
+
+
 async def _postgres_problem(url_text: str = POSTGRES_URL) -> str | None:
-    """None when the database is reachable (created afresh, empty), else why not."""
-    url = make_url(url_text)
+    """None when PostgreSQL is reachable and this run's database `url_text` names is made afresh
+    (empty), else why not."""
+    name = make_url(url_text).database
+    assert name is not None and name.startswith(RUN_DATABASE), (
+        "the tests make and drop only their own databases"
+    )
     try:
-        admin = await asyncpg.connect(
-            host=url.host,
-            port=url.port or 5432,
-            user=url.username,
-            password=url.password,
-            database="postgres",
-        )
+        admin = await _admin()
     except (OSError, asyncpg.PostgresError) as exc:
-        return f"PostgreSQL at {url.host}:{url.port} is unreachable: {exc}"
+        return f"PostgreSQL at {_SERVER_URL.host}:{_SERVER_URL.port} is unreachable: {exc}"
     try:
-        # A fresh database per run: its schema is always this checkout's, whatever ran before.
-        await admin.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{url.database}"')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # this run's, made earlier
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        _made_databases.add(name)
     finally:
         await admin.close()
     return None
+
+
+async def _drop_made_databases() -> None:
+    admin = await _admin()
+    try:
+        for name in sorted(_made_databases):
+            # Only this run's, by their unique names; FORCE ends what a test left connected to them.
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'DROP ROLE IF EXISTS "{APP_ROLE}"')  # its grants went with the databases
+    finally:
+        await admin.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _made_databases:
+        asyncio.run(_drop_made_databases())
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -110,8 +142,9 @@ async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> 
     """A database with no schema at all, made for the one test."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'empty.db'}"
-    url = make_url(POSTGRES_URL)
-    url_text = url.set(database=f"{url.database}_empty").render_as_string(hide_password=False)
+    url_text = (
+        make_url(POSTGRES_URL).set(database=f"{RUN_DATABASE}_empty").render_as_string(hide_password=False)
+    )
     if problem := await _postgres_problem(url_text):
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true requires PostgreSQL: {problem}")

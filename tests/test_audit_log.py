@@ -18,12 +18,10 @@ from sqlalchemy.exc import DBAPIError
 
 from mcp_server.config import Settings
 from mcp_server.db import Database, create_database
-from tests.conftest import call, call_error, connect, seal_all, snapshot
+from tests.conftest import APP_ROLE, call, call_error, connect, seal_all, snapshot
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
-
-APP_ROLE = "mcp_app_test"
 
 
 async def some_history(settings: Settings, era: str = "auto") -> list[int]:
