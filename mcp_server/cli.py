@@ -25,16 +25,16 @@ import anyio
 from mcp import Client, StdioServerParameters
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
-from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from mcp_server import __version__, chain, checkpoints, doctor, logs, sealer, stdio, telemetry
+from mcp_server import http as http_transport
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.checkpoints import Checkpoint, CheckpointKeys, Signer
 from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
-from mcp_server.db import create_database, grant_app_role
+from mcp_server.db import create_database, grant_app_role, sqlite_file
 from mcp_server.errors import DATABASE_ERRORS, StartupError
 from mcp_server.server import AppState, check_tool_names, create_server
 
@@ -43,6 +43,14 @@ T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C where no clean stop is set up: stop without a traceback
+        sys.stderr.write("mcp-task-server: interrupted\n")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
@@ -197,21 +205,8 @@ def _serve(settings: Settings, *, http: bool) -> int:
             return 0
         # Fail with one clear line, before uvicorn would report it as a failed startup traceback.
         anyio.run(_open_database, settings)
-        security = None
-        if settings.allowed_hosts:
-            security = TransportSecuritySettings(
-                enable_dns_rebinding_protection=True,
-                allowed_hosts=list(settings.allowed_hosts),
-                allowed_origins=list(settings.allowed_origins),
-            )
-        server.run(
-            "streamable-http",
-            host=settings.http_host,
-            port=settings.http_port,
-            stateless_http=settings.http_stateless,
-            max_request_body_size=settings.http_max_body_bytes,
-            transport_security=security,
-        )
+        if not http_transport.serve(server, settings):
+            return 1
     except StartupError as exc:
         logger.error("%s", exc)
         return 1
@@ -253,13 +248,14 @@ async def _serve_stdio_lines(
 ) -> None:
     async with anyio.create_task_group() as group:
 
-        async def stop_on_sigterm() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-                async for _ in signals:
-                    logger.info("SIGTERM: stopping; a call in progress is rolled back")
+        async def stop_on_signal() -> None:
+            # SIGINT is Ctrl-C in a terminal: the same clean stop as a service manager's SIGTERM.
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for received in signals:
+                    logger.info("%s: stopping; a call in progress is rolled back", received.name)
                     stdin.close()
 
-        group.start_soon(stop_on_sigterm)
+        group.start_soon(stop_on_signal)
         async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
             await server._lowlevel_server.run(  # run_stdio_async, with our streams
                 read_stream, write_stream, server._lowlevel_server.create_initialization_options()
@@ -339,6 +335,8 @@ async def _verify_audit_log(
         raise ConfigError(
             "--checkpoints: give the key they were signed with (audit_signing_key_file or --public-key)"
         )
+    if (path := sqlite_file(settings)) is not None and not path.exists():
+        raise StartupError(f"there is no database at {path}, so there is no audit log to verify")
     db = create_database(settings)
     try:
         await db.open_schema(upgrade=False)
@@ -417,7 +415,9 @@ def _server_parameters(config: Path | None) -> StdioServerParameters:
     args = ["-m", "mcp_server"]
     if config is not None:
         args += ["--config", str(config.resolve())]
-    return StdioServerParameters(command=sys.executable, args=[*args, "serve"], env=dict(os.environ))
+    # The command prints what the server answers; the server's INFO lines would say it again.
+    env = {"LOG_LEVEL": "WARNING"} | dict(os.environ)
+    return StdioServerParameters(command=sys.executable, args=[*args, "serve"], env=env)
 
 
 def _client(server: StdioServerParameters) -> Client:

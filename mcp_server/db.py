@@ -30,7 +30,7 @@ import sqlalchemy.ext.asyncio
 from pydantic_core import from_json
 from sqlalchemy import FromClause, Insert, Result, RowMapping, Table, Update, bindparam, event
 from sqlalchemy import select as sql_select  # of a table's plain columns
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, aliased, with_loader_criteria
@@ -276,11 +276,28 @@ def create_database(settings: Settings) -> Database:
     # Looked up at call time: OpenTelemetry's SQLAlchemy instrumentation wraps it (telemetry.py).
     engine = sqlalchemy.ext.asyncio.create_async_engine(url, **kwargs)
     _log_statements(engine)
+    if (path := _sqlite_path(url)) is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot make the folder {path.parent} for the SQLite database ({exc.strerror}); "
+                "set DATABASE_URL to a file in a folder this user can write"
+            ) from None
     if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         _configure_sqlite(engine)
     return Database(engine)
+
+
+def sqlite_file(settings: Settings) -> Path | None:
+    """The file of the settings' SQLite database; None for PostgreSQL or an in-memory database."""
+    return _sqlite_path(make_url(settings.async_database_url))
+
+
+def _sqlite_path(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database).expanduser()
 
 
 def grant_app_role(conn: Connection, role: str) -> None:

@@ -40,6 +40,14 @@ Id = Annotated[int, Field(ge=1, le=MAX_ID), WithJsonSchema({"type": "integer"})]
 RowVersion = Annotated[int, Field(ge=1, le=MAX_VERSION), WithJsonSchema({"type": "integer"})]
 
 
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+# A time an agent gives: ISO 8601, in UTC unless it says its offset, as in search filters.
+UTCTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
 class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -26,14 +26,15 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import AwareDatetime, ConfigDict, Field, WithJsonSchema
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import to_json, to_jsonable_python
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import (
     __version__,
+    arguments,
     audit,
     auth,
     chain,
@@ -75,10 +76,12 @@ from mcp_server.schemas import (
     TaskUpdate,
     TaskWritten,
     Text,
+    UTCTime,
     compact,
     outline,
 )
 from mcp_server.sealer import SEALER_TASK, Sealer
+from mcp_server.visibility import ToolsTheyMayCall
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +355,8 @@ async def get_audit_trail(
         Text | None, Field(max_length=identity.MAX_LENGTH, description="An agent's entries.")
     ] = None,
     action: Annotated[AuditAction | None, Field(description="Entries of this kind.")] = None,
-    since: Annotated[AwareDatetime | None, Field(description="From this time on.")] = None,
-    until: Annotated[AwareDatetime | None, Field(description="Before this time.")] = None,
+    since: Annotated[UTCTime | None, Field(description="From this time on.")] = None,
+    until: Annotated[UTCTime | None, Field(description="Before this time.")] = None,
     limit: Limit = 50,
     page_token: PageToken = None,
 ) -> AuditTrail:
@@ -461,16 +464,40 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> T
             },
         ),
     )
-    tool.fn_metadata.arg_model = strict
     tool.parameters = compact(strict.model_json_schema(by_alias=True))
+    # The SDK passes the arguments on as they came, and _guarded checks them against the tool's
+    # own model, so that a mistake is told in the agent's terms (arguments.explain), not pydantic's.
+    checked = FuncMetadata(arg_model=strict)
+    tool.fn_metadata.arg_model = _AsSent
     # The data functions build results that match their TypedDicts, and _guarded dumps each once;
     # without the model the SDK still publishes the output schema but no longer validates and
     # dumps the result again.
     tool.fn_metadata.output_model = None
     if tool.fn_metadata.output_schema is not None:
         tool.fn_metadata.output_schema = outline(tool.fn_metadata.output_schema)
-    tool.fn = _guarded(tool.name, tool.fn)
+    tool.fn = _guarded(tool.name, tool.fn, checked)
     return tool
+
+
+class _AsSent(ArgModelBase):
+    """A tool call's arguments as the client sent them, for `_guarded` to check: the SDK checks
+    none of them and hands them over as one argument, `arguments`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def model_dump_one_level(self) -> dict[str, Any]:
+        return {"arguments": dict(self.model_extra or {})}
+
+
+def _check(tool: str, checked: FuncMetadata, sent: dict[str, Any]) -> dict[str, Any]:
+    """The arguments `sent` to `tool`, checked and converted by the tool's own model (a JSON
+    string where an object or list belongs is read as JSON first, as the SDK does); a ToolError
+    in the agent's terms when they do not fit."""
+    try:
+        return checked.validate_arguments(sent)
+    except ValidationError as exc:
+        names = [field.alias or name for name, field in checked.arg_model.model_fields.items()]
+        raise ToolError(arguments.explain(tool, names, exc)) from None
 
 
 def _result(value: Mapping[str, Any]) -> CallToolResult:
@@ -487,10 +514,13 @@ ToolContext = Context[AppState, Any]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-def _agent_of(settings: Settings) -> tuple[str, Permissions]:
+def _agent_of(settings: Settings, http_request: Any = None) -> tuple[str, Permissions]:
     """Who is calling: the agent a verified token proves over HTTP, the configured one otherwise;
-    never an argument."""
+    never an argument. A middleware, which runs outside the handler's context, passes the HTTP
+    request that carried the message, on which the SDK's authentication left the verified user."""
     token = get_access_token()
+    if token is None and http_request is not None:
+        token = getattr(http_request.scope.get("user"), "access_token", None)
     if isinstance(token, auth.AgentToken):
         return token.client_id, token.permissions
     return identity.configured_agent(settings)
@@ -525,20 +555,24 @@ def _cancellable(request: ToolContext, app: AppState, call: Call) -> ContextMana
     return app.sessionless.running(call.agent_id, context.request_id)
 
 
-def _guarded(name: str, fn: Callable[..., Awaitable[Mapping[str, Any]]]) -> Callable[..., Any]:
-    """The tool function behind a permission check; a refused call is recorded, then reported.
+def _guarded(
+    name: str, fn: Callable[..., Awaitable[Mapping[str, Any]]], checked: FuncMetadata
+) -> Callable[..., Any]:
+    """The tool function behind its arguments' check (`_check`) and a permission check; a refused
+    call is recorded, then reported.
 
     The call is decided here (`_call_of`). Its log records carry its request id and the agent's
     identity, and so does the trace span the SDK opened for it, with the outcome (when tracing
     is on).
     """
 
-    async def guarded(request: ToolContext, **arguments: Any) -> CallToolResult:
+    async def guarded(request: ToolContext, arguments: dict[str, Any]) -> CallToolResult:
         call = _call_of(request, name)
         app: AppState = request.request_context.lifespan_context
         outcome = "error"
         with logs.calling(call):
             try:
+                arguments = _check(name, checked, arguments)
                 if call.permissions.tools is not None and name not in call.permissions.tools:
                     raise PermissionDeniedError(
                         f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
@@ -649,4 +683,6 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         server.middleware[:] = [m for m in server.middleware if not isinstance(m, OpenTelemetryMiddleware)]
     if settings.http_stateless:
         server.middleware.append(CancelSessionless(sessionless, lambda: _agent_of(settings)[0]))
+    writing = frozenset(fn.__name__ for fn, _, annotations in TOOLS if not annotations.read_only_hint)
+    server.middleware.append(ToolsTheyMayCall(lambda ctx: _agent_of(settings, ctx.request)[1], writing))
     return server

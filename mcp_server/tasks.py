@@ -342,7 +342,10 @@ async def soft_delete_task(session: AsyncSession, call: Call, task_id: int) -> T
     params = {"task_id": task_id} | audit.entry_params(call, now, {"deleted_at": None}, {"deleted_at": now})
     task = await db.run_one_change(session, _DELETED, params)
     if task is None:
-        _live(await _find(session, task_id))  # says why: missing, or deleted already
+        found = await _find(session, task_id)  # missing: says so
+        if found.deleted_at is not None:
+            # Deleted already: the tool is idempotent, so a repeat changes nothing and says how it is.
+            return _public(found)
         raise ConflictError(f"task {task_id} changed while it was being deleted; nothing was changed, retry")
     return _public(task)
 
@@ -350,7 +353,7 @@ async def soft_delete_task(session: AsyncSession, call: Call, task_id: int) -> T
 async def restore_task(session: AsyncSession, call: Call, task_id: int) -> TaskPublic:
     task = await _find(session, task_id, to_change=True)
     if task.deleted_at is None:
-        raise ConflictError(f"task {task_id} is not deleted; nothing to restore")
+        return _public(task)  # live already: a repeat, which changes nothing
     now = utcnow()
     old = {"deleted_at": task.deleted_at}
     task.deleted_at, task.updated_at = None, now

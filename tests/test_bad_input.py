@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from mcp import Client
 
+from mcp_server import arguments
 from mcp_server.db import Database
 from tests.conftest import call, call_error, snapshot, statements_sent
 from tests.test_tools import make_project, make_task
@@ -23,7 +25,14 @@ LEAKS = (
     "[SQL",
     "Traceback",
     "postgresql://",
+    # pydantic's own words: the agent should read what to send, not how the server checks it
+    "validation error",
+    "Arguments",
+    "pydantic",
+    "discriminator",
+    "type=",
 )
+STATUS_PENDING = {"field": "status", "op": "eq", "value": "pending"}
 
 
 def nest(depth: int) -> dict[str, Any]:
@@ -77,7 +86,27 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("bulk_update_status", {"status": "finished", "task_ids": [1]}, "in_progress"),
     ("bulk_update_status", {"status": "completed", "task_ids": list(range(1, 1002))}, "at most 1000"),
     ("get_audit_trail", {"entity_id": 424242}, "no task or project"),
-    ("get_audit_trail", {"entity_id": 1, "since": "2026-01-01T00:00:00"}, "timezone"),
+    ("get_audit_trail", {"entity_id": 1, "since": "yesterday"}, "since"),
+    # The mistakes language models make most with a filter: each names the argument and shows the shape.
+    (
+        "search_tasks",
+        {"filter": "status=pending"},
+        'filter must be a filter object, not a string ("status=pending")',
+    ),
+    ("search_tasks", {"filter": [STATUS_PENDING]}, "filter must be a filter object, not a list"),
+    (
+        "search_tasks",
+        {"filter": {"status": "pending"}},
+        "filter is not a filter condition (it lacks field and op",
+    ),
+    (
+        "bulk_update_status",
+        {"status": "completed", "filter": {"and": [{"field": "status", "value": "x"}]}},
+        "filter.and[0] is not a filter condition (it lacks op)",
+    ),
+    ("search_tasks", {"filter": {"and": STATUS_PENDING}}, "filter.and must be a list, not an object"),
+    ("search_tasks", {"order_by": "title"}, 'order_by must be a list, not a string ("title"), for example'),
+    ("create_task", {"title": "t"}, "project_id is missing and required"),
     ("list_projects", {"limit": 500}, "less than or equal to 100"),
     ("no_such_tool", {}, "no_such_tool"),
 ]
@@ -111,3 +140,29 @@ async def test_search_query_count_does_not_grow_with_page_size(client: Client) -
         assert {t["project"]["name"] for t in page["items"]} <= {f"p{i}" for i in range(5)}
         counts[limit] = sum(sql.lstrip().upper().startswith("SELECT") for sql, _ in statements)
     assert counts[1] == counts[100] == 2  # the page with its projects joined in, and the total
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        "status=pending",
+        [STATUS_PENDING],
+        {"status": "pending"},
+        {"or": STATUS_PENDING},
+        {"and": [{"op": "eq"}]},
+    ],
+)
+async def test_a_filter_of_the_wrong_shape_is_answered_with_the_shape_of_a_right_one(
+    client: Client, wrong: Any
+) -> None:
+    message = await call_error(client, "search_tasks", {"filter": wrong})
+    assert message.count(arguments.FILTER_EXAMPLE) >= 1 and '{"and": [' in message, message
+    assert "filter" in message.split("A filter is")[0], message
+
+
+async def test_a_filter_sent_as_a_json_string_is_read_as_json(client: Client) -> None:
+    """Some clients send an object argument as a JSON string (Claude Desktop among them)."""
+    project_id = await make_project(client)
+    await make_task(client, project_id, "pending one")
+    page = await call(client, "search_tasks", {"filter": json.dumps(STATUS_PENDING)})
+    assert [task["title"] for task in page["items"]] == ["pending one"]

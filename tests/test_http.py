@@ -20,6 +20,7 @@ from mcp_server.checkpoints import generate
 from mcp_server.config import Settings
 from mcp_server.db import Database
 from tests.conftest import call, call_error, http_client, http_server, initialize_message, seal_all
+from tests.test_permissions import READING_TOOLS
 
 pytestmark = pytest.mark.anyio
 
@@ -110,6 +111,7 @@ async def test_http_admits_only_valid_tokens_and_records_the_identity_each_prove
         entities = await entity_rows(db)
         for token in (viewer, signed(SECRET, sub="reader", scope="tasks.read")):
             async with http_client(url, token) as client:
+                assert {tool.name for tool in (await client.list_tools()).tools} == READING_TOOLS
                 assert (await call(client, "search_tasks", {}))["items"]
                 message = await call_error(
                     client, "create_task", {"title": "no", "project_id": project["id"]}
@@ -241,3 +243,61 @@ async def test_two_stateless_server_processes_share_one_database_without_lost_or
     assert report["checkpoints_checked"] >= 1, report
     kept = [json.loads(line) for line in checkpoints.read_text().splitlines()]
     assert kept and max(c["seq"] for c in kept) <= report["head_seq"]
+
+
+async def test_a_browser_client_gets_cors_before_and_after_authentication(
+    database_url: str, tmp_path: Path
+) -> None:
+    token = mint_token()
+    origin = "https://app.example.com"
+    config = {
+        "database_url": database_url,
+        "agents": [{"id": "browser", "token_sha256": token_sha256(token)}],
+        "allowed_origins": [origin],
+    }
+    with http_server(tmp_path, config) as url:
+        async with httpx2.AsyncClient() as raw:
+            # The preflight carries no token: it is answered before authentication.
+            preflight = await raw.options(
+                url,
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type, mcp-protocol-version",
+                },
+            )
+            assert preflight.status_code == 200, preflight.text
+            assert preflight.headers["access-control-allow-origin"] == origin
+            assert "POST" in preflight.headers["access-control-allow-methods"]
+            assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+            # A request without a token: 401, readable by the page, with WWW-Authenticate exposed.
+            refused = await raw.post(url, headers={**MCP_HEADERS, "Origin": origin}, json=INITIALIZE)
+            assert refused.status_code == 401
+            assert refused.headers["access-control-allow-origin"] == origin
+            exposed = refused.headers["access-control-expose-headers"].lower()
+            assert "www-authenticate" in exposed and "mcp-session-id" in exposed
+            # Another site's page gets no CORS headers and is refused by the Origin check.
+            other = await raw.options(
+                url, headers={"Origin": "https://evil.example.com", "Access-Control-Request-Method": "POST"}
+            )
+            assert "access-control-allow-origin" not in other.headers
+        answered = await post(url, token, json=INITIALIZE, headers={"Origin": origin})
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == origin
+        assert "mcp-session-id" in answered.headers
+        hostile = await post(url, token, json=INITIALIZE, headers={"Origin": "https://evil.example.com"})
+        assert hostile.status_code == 403 and "access-control-allow-origin" not in hostile.headers
+
+
+async def test_a_stateless_server_answers_get_and_delete_with_405(database_url: str, tmp_path: Path) -> None:
+    token = mint_token()
+    config = {"database_url": database_url, "agents": [{"id": "a", "token_sha256": token_sha256(token)}]}
+    with http_server(tmp_path, config, extra_args=["--stateless"]) as url:
+        async with httpx2.AsyncClient() as raw:
+            for method in ("GET", "DELETE"):
+                response = await raw.request(
+                    method, url, headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+                )
+                assert response.status_code == 405, method
+                assert response.headers["allow"] == "POST" and "stateless" in response.text
+        async with http_client(url, token) as client:
+            assert (await call(client, "search_tasks", {}))["items"] == []

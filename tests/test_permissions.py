@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from mcp import Client
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 from sqlalchemy import text
 
 from mcp_server.config import AgentConfig, ConfigError, Settings
@@ -117,6 +119,40 @@ async def test_the_tools_setting_lists_and_serves_only_the_chosen_tools(settings
         message = await call_error(client, "create_project", {"name": "x"})
         assert "create_project" in message
         assert (await call(client, "search_tasks", {}))["items"] == []
+
+
+READING_TOOLS = frozenset(
+    {"search_tasks", "get_task", "get_audit_trail", "verify_audit_log", "list_projects"}
+)
+
+
+async def listed(client: Client) -> set[str]:
+    return {tool.name for tool in (await client.list_tools()).tools}
+
+
+async def test_tools_list_shows_each_agent_only_the_tools_it_may_call(settings: Settings, era: str) -> None:
+    async with connect(settings, era) as anyone:
+        assert await listed(anyone) == TOOL_NAMES
+    async with connect(with_agent(settings, "viewer", read_only=True), era, name="viewer") as viewer:
+        assert await listed(viewer) == READING_TOOLS
+        # Hidden is not allowed: a call is still refused (and recorded, see above).
+        assert "permission write" in await call_error(viewer, "create_project", {"name": "x"})
+    narrow = with_agent(settings, "narrow", tools=frozenset({"get_task", "update_task"}))
+    async with connect(narrow, era, name="narrow") as agent:
+        assert await listed(agent) == {"get_task", "update_task"}
+    both = with_agent(settings, "both", tools=frozenset({"get_task", "update_task"}), read_only=True)
+    async with connect(both, era, name="both") as agent:
+        assert await listed(agent) == {"get_task"}
+
+
+async def test_a_tools_list_cursor_is_refused_since_the_list_has_one_page(
+    settings: Settings, era: str
+) -> None:
+    async with connect(settings, era) as client:
+        with pytest.raises(MCPError) as refused:
+            await client.list_tools(cursor="bogus", cache_mode="bypass")
+        assert refused.value.error.code == INVALID_PARAMS and "send no cursor" in refused.value.error.message
+        assert await listed(client) == TOOL_NAMES
 
 
 def test_settings_that_name_an_unknown_tool_are_refused_at_start() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,57 @@ async def test_a_server_given_dev_null_as_stdin_exits_cleanly(database_url: str,
     )
     assert served.returncode == 0, served.stderr.decode()
     assert served.stdout == b"" and b"Traceback" not in served.stderr
+
+
+async def test_ctrl_c_stops_the_stdio_server_cleanly_without_a_traceback(
+    database_url: str, tmp_path: Path
+) -> None:
+    process = await anyio.open_process(
+        [sys.executable, "-m", "mcp_server", "serve"],
+        env={"HOME": str(tmp_path), "DATABASE_URL": database_url, "PATH": str(BIN)},
+    )
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    async with process:
+        await process.stdin.send(json.dumps(initialize_message("ctrl-c")).encode() + b"\n")
+        with anyio.fail_after(30):
+            answer = await process.stdout.receive()  # it is serving
+        assert b'"result"' in answer
+        process.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        with anyio.fail_after(20):
+            code = await process.wait()
+        errors = b""
+        async for chunk in process.stderr:
+            errors += chunk
+    assert code == 0, errors.decode()
+    assert b"Traceback" not in errors and b"KeyboardInterrupt" not in errors, errors.decode()
+
+
+def test_the_call_command_says_a_tool_error_once(tmp_path: Path) -> None:
+    env = {"PATH": str(BIN), "HOME": str(tmp_path), "DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}"}
+    failed = run_cli("call", "get_task", '{"task_id": 424242}', env=env)
+    assert failed.returncode == 1 and failed.stderr.count("does not exist") == 1, failed.stderr
+
+
+def test_a_sqlite_path_whose_folder_cannot_be_made_is_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {"HOME": str(tmp_path), "DATABASE_URL": f"sqlite:///{blocker / 'sub' / 'tasks.db'}"}
+    for command in (["serve"], ["migrate"]):
+        result = run_cli(*command, env=env)
+        assert result.returncode == 1, command
+        said = result.stderr
+        assert (
+            "cannot make the folder" in said and str(blocker / "sub") in said and "Traceback" not in said
+        ), said
+    doctor = run_cli("doctor", env=env)  # a finding of its own, in its report
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr + doctor.stdout
+
+
+def test_verify_audit_log_on_a_missing_sqlite_file_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "tasks.db"
+    verified = run_cli(
+        "verify-audit-log", env={"HOME": str(tmp_path), "DATABASE_URL": f"sqlite:///{missing}"}
+    )
+    assert verified.returncode == 1 and "no database" in verified.stderr and str(missing) in verified.stderr
+    assert "Traceback" not in verified.stderr
+    assert not missing.exists() and not missing.parent.exists()

@@ -180,7 +180,8 @@ async def test_soft_deleted_tasks_stay_out_of_every_default_read(client: Client,
     assert (await call(client, "search_tasks", {"filter": by_id}))["items"] == []
     assert "restore_task" in await call_error(client, "get_task", {"task_id": gone["id"]})
     await call_error(client, "update_task", {"task_id": gone["id"], "title": "x"})
-    await call_error(client, "soft_delete_task", {"task_id": gone["id"]})
+    # Deleting is idempotent: a repeat changes nothing, records nothing, and shows the task as it is.
+    assert await call(client, "soft_delete_task", {"task_id": gone["id"]}) == deleted
     await call_error(client, "bulk_update_status", {"status": "completed", "task_ids": [gone["id"]]})
     result = await call(client, "bulk_update_status", {"status": "completed", "filter": by_id})
     assert result["changed_count"] == 0
@@ -190,6 +191,7 @@ async def test_soft_deleted_tasks_stay_out_of_every_default_read(client: Client,
 
     restored = await call(client, "restore_task", {"task_id": gone["id"]})
     assert "deleted_at" not in restored
+    assert await call(client, "restore_task", {"task_id": gone["id"]}) == restored  # so is restoring
     assert (await call(client, "get_task", {"task_id": gone["id"]}))["title"] == "gone"
     actions = [action for action, _ in await audit_rows(db, gone["id"])]
     assert actions == ["created", "deleted", "restored"]
@@ -345,6 +347,10 @@ async def test_get_audit_trail_is_newest_first_and_filters_by_agent_and_time(
         assert len(since["items"]) == 4
         until = await call(bob, "get_audit_trail", {"entity_id": task["id"], "until": created_at})
         assert until["items"] == []
+        # A time without an offset is UTC, as in search filters.
+        naive = created_at.removesuffix("Z")
+        assert await call(bob, "get_audit_trail", {"entity_id": task["id"], "since": naive}) == since
+        assert (await call(bob, "get_audit_trail", {"entity_id": task["id"], "until": naive}))["items"] == []
         assert "9999" in await call_error(bob, "get_audit_trail", {"entity_id": 9999})
 
 
