@@ -23,6 +23,7 @@ ENV_VARS: dict[str, str] = {
     "MCP_HTTP_PORT": "http_port",
     "MCP_ALLOWED_HOSTS": "allowed_hosts",
     "MCP_ALLOWED_ORIGINS": "allowed_origins",
+    "MCP_PUBLIC_URL": "public_url",
     "MCP_JWT_SECRET": "jwt_secret",
     "DB_POOL_SIZE": "pool_size",
     "DB_MAX_OVERFLOW": "max_overflow",
@@ -107,6 +108,9 @@ class Settings(BaseModel):
     http_stateless: bool = False
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    # HTTP: where clients reach the server (behind a proxy, its https:// address), without /mcp.
+    # OAuth clients learn of the token issuer from the metadata published for this URL.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
     http_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     statement_timeout_ms: int = Field(default=30_000, ge=0)
@@ -145,6 +149,14 @@ class Settings(BaseModel):
                     "jwt: give exactly one key: jwt.public_key_file, jwt.jwks_file, or MCP_JWT_SECRET"
                 )
         return self
+
+    @property
+    def resource_url(self) -> str:
+        """The MCP endpoint's URL as clients reach it: the resource an OAuth token is for."""
+        if self.public_url is not None:
+            return self.public_url.rstrip("/") + "/mcp"
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        return f"http://{host}:{self.http_port}/mcp"
 
     @property
     def async_database_url(self) -> str:

@@ -617,6 +617,22 @@ async def _record_refusal(app: AppState, call: Call, permission: str, arguments:
     return True
 
 
+def _oauth(settings: Settings) -> AuthSettings:
+    """What the SDK publishes for OAuth clients (RFC 9728). With JWTs from an identity provider:
+    Protected Resource Metadata at /.well-known/oauth-protected-resource/mcp naming that issuer as
+    the authorization server, and its URL in every 401's WWW-Authenticate, so an OAuth client finds
+    where to get a token. The token's audience is checked by our verifier (auth.py), not by the
+    SDK's resource check. Static tokens alone have no issuer to point at: nothing is published."""
+    if settings.jwt is None or not settings.jwt.issuer.startswith(("https://", "http://")):
+        # issuer_url is required by the SDK but published only with resource_server_url.
+        return AuthSettings(issuer_url="http://localhost", resource_server_url=None)
+    return AuthSettings(
+        issuer_url=settings.jwt.issuer,
+        resource_server_url=settings.resource_url,
+        validate_token_resource=False,
+    )
+
+
 def check_tool_names(settings: Settings) -> None:
     """Every tool name the settings mention is one this server has."""
     named = {"tools": settings.tools or frozenset()}
@@ -672,10 +688,7 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         ],
         # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
         token_verifier=auth.AgentTokenVerifier(settings) if settings.accepts_tokens else None,
-        # issuer_url is required by the SDK but only published with resource_server_url, which is unset.
-        auth=AuthSettings(issuer_url="http://localhost", resource_server_url=None)
-        if settings.accepts_tokens
-        else None,
+        auth=_oauth(settings) if settings.accepts_tokens else None,
     )
     if not telemetry.tracing():
         # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes

@@ -301,3 +301,45 @@ async def test_a_stateless_server_answers_get_and_delete_with_405(database_url: 
                 assert response.headers["allow"] == "POST" and "stateless" in response.text
         async with http_client(url, token) as client:
             assert (await call(client, "search_tasks", {}))["items"] == []
+
+
+async def test_an_oauth_client_finds_the_identity_provider_from_the_401(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = {
+        "database_url": database_url,
+        "jwt": {
+            "issuer": ISSUER,
+            "audience": AUDIENCE,
+            "algorithms": ["HS256"],
+            "scopes": {"tasks.write": {}},
+        },
+        "public_url": "https://tasks.example.com",
+    }
+    with http_server(tmp_path, config, env={"MCP_JWT_SECRET": SECRET}) as url:
+        refused = await post(url, None, json=INITIALIZE)
+        assert refused.status_code == 401
+        challenge = refused.headers["www-authenticate"]
+        metadata_url = "https://tasks.example.com/.well-known/oauth-protected-resource/mcp"
+        assert challenge.lower().startswith("bearer") and f'resource_metadata="{metadata_url}"' in challenge
+        async with httpx2.AsyncClient() as raw:  # the same document, served by this process (RFC 9728)
+            metadata = (
+                await raw.get(url.removesuffix("/mcp") + "/.well-known/oauth-protected-resource/mcp")
+            ).json()
+        assert metadata["resource"] == "https://tasks.example.com/mcp"
+        assert metadata["authorization_servers"] == [ISSUER]
+        async with http_client(url, signed(SECRET)) as client:  # a token from that issuer is accepted
+            assert (await call(client, "search_tasks", {}))["items"] == []
+
+
+async def test_static_tokens_alone_publish_no_oauth_metadata(database_url: str, tmp_path: Path) -> None:
+    config = {
+        "database_url": database_url,
+        "agents": [{"id": "a", "token_sha256": token_sha256(mint_token())}],
+    }
+    with http_server(tmp_path, config) as url:
+        refused = await post(url, None, json=INITIALIZE)
+        assert refused.status_code == 401 and "resource_metadata" not in refused.headers["www-authenticate"]
+        async with httpx2.AsyncClient() as raw:
+            missing = await raw.get(url.removesuffix("/mcp") + "/.well-known/oauth-protected-resource/mcp")
+        assert missing.status_code == 404
