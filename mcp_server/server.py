@@ -24,7 +24,7 @@ from mcp.server._otel import OpenTelemetryMiddleware  # not exported; the SDK do
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -42,6 +42,7 @@ from mcp_server import (
     identity,
     logs,
     projects,
+    resources,
     tasks,
     telemetry,
 )
@@ -52,6 +53,7 @@ from mcp_server.db import Database, create_database
 from mcp_server.errors import (
     DATABASE_ERRORS,
     REFUSED_MESSAGE,
+    NotFoundError,
     PermissionDeniedError,
     TaskServerError,
     translate_database_error,
@@ -81,7 +83,7 @@ from mcp_server.schemas import (
     outline,
 )
 from mcp_server.sealer import SEALER_TASK, Sealer
-from mcp_server.visibility import ToolsTheyMayCall
+from mcp_server.visibility import ToolsTheyMayCall, may_call
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +126,16 @@ async def _session(request: ToolCall, *, write: bool) -> AsyncIterator[AsyncSess
         raise PermissionDeniedError(
             "write", "you are a read-only agent (permission write is missing); nothing was changed"
         )
+    async with _transaction(request.app, write=write) as session:
+        yield session
+
+
+@asynccontextmanager
+async def _transaction(app: AppState, *, write: bool) -> AsyncIterator[AsyncSession]:
+    """A session in one transaction (db.Database.session); every expected failure leaves as a
+    ToolError whose cause is the failure, and permission refusals pass through as they are."""
     try:
-        async with request.app.db.session(write=write) as session:
+        async with app.db.session(write=write) as session:
             yield session
     except PermissionDeniedError:
         raise
@@ -411,6 +421,24 @@ async def list_projects(
         )
 
 
+async def _read_resource(ctx: ToolContext, tool: str, read: resources.Read) -> str:
+    """A resource read as `tool` would read the same thing: the verified agent, who must be allowed
+    to call `tool`, one read session, the value as JSON; a failure as a resource error."""
+    app: AppState = ctx.request_context.lifespan_context
+    _, permissions = _agent_of(app.settings, ctx.request_context.request)
+    if not may_call(permissions, tool, writes=False):
+        raise ResourceError(
+            f"permission denied: this shows what {tool} shows (permission tool:{tool} is missing)"
+        )
+    try:
+        async with _transaction(app, write=False) as session:
+            value = await read(session)
+    except ToolError as exc:
+        missing = isinstance(exc.__cause__, NotFoundError)
+        raise (ResourceNotFoundError if missing else ResourceError)(str(exc)) from None
+    return to_json(value).decode()
+
+
 def _annotations(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
     """A writing tool's hints, leaving out what the protocol assumes when a hint is absent (not
     read-only, destructive, not idempotent)."""
@@ -689,13 +717,21 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
         token_verifier=auth.AgentTokenVerifier(settings) if settings.accepts_tokens else None,
         auth=_oauth(settings) if settings.accepts_tokens else None,
+        # No change notifications are sent yet: `subscriptions/listen` unserved keeps the
+        # 2026-07-28 era's capabilities from promising them.
+        subscriptions=False,
     )
+    # The server has no prompts; without their handlers it declares none, and prompts/get of any
+    # name is "method not found" rather than a crash. (The SDK registers them unconditionally.)
+    for method in ("prompts/list", "prompts/get"):
+        server._lowlevel_server._request_handlers.pop(method, None)
     if not telemetry.tracing():
         # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes
         # nowhere; it would still cost each call about 40 µs.
         server.middleware[:] = [m for m in server.middleware if not isinstance(m, OpenTelemetryMiddleware)]
     if settings.http_stateless:
         server.middleware.append(CancelSessionless(sessionless, lambda: _agent_of(settings)[0]))
+    resources.register(server, _read_resource)
     writing = frozenset(fn.__name__ for fn, _, annotations in TOOLS if not annotations.read_only_hint)
     server.middleware.append(ToolsTheyMayCall(lambda ctx: _agent_of(settings, ctx.request)[1], writing))
     return server

@@ -1,0 +1,91 @@
+"""Task data as MCP resources, for clients that attach what they read to a conversation.
+
+- `task://{task_id}`: a live task with its project, as get_task shows it;
+- `project://{project_id}`: a live project, as list_projects shows it;
+- `project://{project_id}/tasks`: its newest live tasks, a page of search_tasks (the first 100;
+  search_tasks with a project_id filter pages through the rest).
+
+Each is JSON, read through the same session and data functions as the tool that shows the same
+thing, and an agent may read it when it may call that tool (`Reader`, given by the server). There
+is no list of concrete resources: a million tasks are no list to hand a client; the templates say
+how to name one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from mcp_server import projects, tasks
+from mcp_server.filters import Condition, FilterField, Operator
+from mcp_server.schemas import MAX_ID
+
+JSON = "application/json"
+PROJECT_TASKS_PAGE = 100
+
+Read = Callable[[AsyncSession], Awaitable[Mapping[str, Any]]]
+# The server's part: who is reading, may they (as the named tool), one read session, the result as JSON.
+Reader = Callable[[Context[Any, Any], str, Read], Awaitable[str]]
+
+
+def register(server: MCPServer[Any], reader: Reader) -> None:
+    @server.resource(
+        "task://{task_id}",
+        name="task",
+        title="A task",
+        description="A live task with its project, as get_task shows it.",
+        mime_type=JSON,
+    )
+    async def task(task_id: str, ctx: Context[Any, Any]) -> str:
+        number = _id("task", task_id)
+        return await reader(ctx, "get_task", lambda session: tasks.get_task(session, number))
+
+    @server.resource(
+        "project://{project_id}",
+        name="project",
+        title="A project",
+        description="A live project, as list_projects shows it.",
+        mime_type=JSON,
+    )
+    async def project(project_id: str, ctx: Context[Any, Any]) -> str:
+        number = _id("project", project_id)
+
+        async def read(session: AsyncSession) -> Mapping[str, Any]:
+            return projects.project_public(await projects.load_live(session, number))
+
+        return await reader(ctx, "list_projects", read)
+
+    @server.resource(
+        "project://{project_id}/tasks",
+        name="project_tasks",
+        title="A project's tasks",
+        description=f"A project's newest {PROJECT_TASKS_PAGE} live tasks; search_tasks pages on.",
+        mime_type=JSON,
+    )
+    async def project_tasks(project_id: str, ctx: Context[Any, Any]) -> str:
+        number = _id("project", project_id)
+        in_project = Condition(field=FilterField.PROJECT_ID, op=Operator.EQ, value=number)
+
+        async def read(session: AsyncSession) -> Mapping[str, Any]:
+            await projects.load_live(session, number)  # a missing project is an error, not an empty list
+            return await tasks.search_tasks(
+                session,
+                filter=in_project,
+                order_by=[],
+                limit=PROJECT_TASKS_PAGE,
+                page_token=None,
+                include_deleted=False,
+                include_total=False,
+            )
+
+        return await reader(ctx, "search_tasks", read)
+
+
+def _id(kind: str, text: str) -> int:
+    if not (text.isdigit() and len(text) <= 16 and 0 < int(text) <= MAX_ID):
+        raise ResourceNotFoundError(f"{kind} ids are positive integers, as in {kind}://42; got {text!r}")
+    return int(text)

@@ -1,0 +1,109 @@
+"""Task data as resources: the same reads as the tools, through the protocol, on both databases."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS, METHOD_NOT_FOUND, TextResourceContents
+
+from mcp_server.config import Settings
+from tests.conftest import call, connect
+from tests.test_permissions import with_agent
+from tests.test_tools import make_project, make_task
+
+pytestmark = pytest.mark.anyio
+
+
+async def read(client: Client, uri: str) -> Any:
+    result = await client.read_resource(uri)
+    [content] = result.contents
+    assert isinstance(content, TextResourceContents) and content.mime_type == "application/json"
+    assert str(content.uri) == uri
+    return json.loads(content.text)
+
+
+async def refused(client: Client, uri: str) -> MCPError:
+    with pytest.raises(MCPError) as error:
+        await client.read_resource(uri)
+    return error.value
+
+
+async def test_the_templates_name_tasks_projects_and_a_projects_tasks(client: Client) -> None:
+    templates = (await client.list_resource_templates()).resource_templates
+    assert {t.uri_template: t.mime_type for t in templates} == {
+        "task://{task_id}": "application/json",
+        "project://{project_id}": "application/json",
+        "project://{project_id}/tasks": "application/json",
+    }
+    assert (await client.list_resources()).resources == []  # a million tasks are no list
+
+
+async def test_a_resource_shows_what_the_tool_shows(client: Client) -> None:
+    project = await make_project(client, "Apollo")
+    other = await make_project(client, "Gemini")
+    first = await make_task(client, project, "first")
+    second = await make_task(client, project, "second")
+    await make_task(client, other, "elsewhere")
+    gone = await make_task(client, project, "gone")
+    await call(client, "soft_delete_task", {"task_id": gone["id"]})
+
+    assert await read(client, f"task://{first['id']}") == await call(
+        client, "get_task", {"task_id": first["id"]}
+    )
+    [listed] = (await call(client, "list_projects", {"name_contains": "Apollo"}))["items"]
+    assert await read(client, f"project://{project}") == listed
+    page = await read(client, f"project://{project}/tasks")
+    assert [task["id"] for task in page["items"]] == [second["id"], first["id"]] and not page["has_more"]
+    in_project = {"field": "project_id", "op": "eq", "value": project}
+    assert page == await call(client, "search_tasks", {"filter": in_project, "limit": 100})
+
+
+async def test_a_missing_or_deleted_task_or_a_bad_id_is_an_error_that_says_so(client: Client) -> None:
+    project = await make_project(client)
+    gone = await make_task(client, project, "gone")
+    await call(client, "soft_delete_task", {"task_id": gone["id"]})
+    for uri, says in (
+        ("task://424242", "does not exist"),
+        (f"task://{gone['id']}", "restore_task"),
+        ("task://seven", "positive integers"),
+        ("task://0", "positive integers"),
+        ("task://" + "9" * 5000, "positive integers"),
+        ("project://424242", "list_projects"),
+        ("project://424242/tasks", "list_projects"),
+    ):
+        error = await refused(client, uri)
+        assert error.error.code == INVALID_PARAMS and says in error.error.message, (uri, error.error)
+
+
+async def test_an_agent_reads_a_resource_only_when_it_may_call_the_tool_that_shows_it(
+    settings: Settings, era: str
+) -> None:
+    async with connect(settings, era) as owner:
+        project = await make_project(owner)
+        task = await make_task(owner, project)
+    narrow = with_agent(settings, "narrow", tools=frozenset({"get_task"}))
+    async with connect(narrow, era, name="narrow") as agent:
+        assert (await read(agent, f"task://{task['id']}"))["id"] == task["id"]
+        for uri, tool in (
+            (f"project://{project}", "list_projects"),
+            (f"project://{project}/tasks", "search_tasks"),
+        ):
+            error = await refused(agent, uri)
+            assert f"permission tool:{tool} is missing" in error.error.message
+    async with connect(with_agent(settings, "viewer", read_only=True), era, name="viewer") as viewer:
+        assert (await read(viewer, f"project://{project}/tasks"))["items"][0]["id"] == task["id"]
+
+
+async def test_the_server_declares_only_what_it_serves_in_both_eras(client: Client) -> None:
+    capabilities = client.server_capabilities
+    assert capabilities.prompts is None and capabilities.logging is None and capabilities.completions is None
+    assert capabilities.resources is not None and not capabilities.resources.subscribe
+    assert not capabilities.resources.list_changed
+    assert capabilities.tools is not None and not capabilities.tools.list_changed
+    with pytest.raises(MCPError) as error:  # no prompts: an unknown method, not a crash
+        await client.get_prompt("triage")
+    assert error.value.error.code == METHOD_NOT_FOUND
