@@ -2,6 +2,8 @@
 
 Every record written while a tool call runs carries that call's tool, agent identity and request
 id: the same request id its audit entries and its trace span carry, so one id finds all three.
+The server's own records of a call are also held for the call (`held`), to be sent to its client
+as MCP log notifications; the SQL log never is.
 """
 
 from __future__ import annotations
@@ -22,16 +24,36 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The tool call the running task serves, for the formatters: set once per call by the server.
 _current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("mcp_task_server_call", default=None)
+# The records of the call the running task serves, held for its client (see `calling`).
+_held: contextvars.ContextVar[list[logging.LogRecord] | None] = contextvars.ContextVar(
+    "mcp_task_server_held", default=None
+)
+SERVER_LOGGER = "mcp_server"
+NOT_FOR_CLIENTS = ("mcp_server.sql",)  # statements and their values stay in the server's log
+MOST_HELD = 50
 
 
 @contextmanager
-def calling(call: Call) -> Iterator[None]:
-    """Within this block, log records carry `call`'s tool, agent and request id."""
-    token = _current.set(call)
+def calling(call: Call) -> Iterator[list[logging.LogRecord]]:
+    """Within this block, log records carry `call`'s tool, agent and request id; the server's own
+    records (not the SQL log), at most MOST_HELD, are held in the list it gives."""
+    held: list[logging.LogRecord] = []
+    token, held_token = _current.set(call), _held.set(held)
     try:
-        yield
+        yield held
     finally:
         _current.reset(token)
+        _held.reset(held_token)
+
+
+class _Holder(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        held = _held.get()
+        if held is not None and len(held) < MOST_HELD and not record.name.startswith(NOT_FOR_CLIENTS):
+            held.append(record)
+
+
+logging.getLogger(SERVER_LOGGER).addHandler(_Holder())
 
 
 class _TextFormatter(logging.Formatter):

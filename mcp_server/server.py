@@ -27,7 +27,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, SetLevelRequestParams, TextContent, ToolAnnotations
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import to_json, to_jsonable_python
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -38,6 +38,7 @@ from mcp_server import (
     audit,
     auth,
     chain,
+    client_logs,
     idempotency,
     identity,
     logs,
@@ -105,6 +106,7 @@ class AppState:
     db: Database
     keys: CheckpointKeys
     sessionless: SessionlessCalls
+    client_levels: client_logs.SessionLevels
 
 
 @dataclass(frozen=True)
@@ -598,7 +600,7 @@ def _guarded(
         call = _call_of(request, name)
         app: AppState = request.request_context.lifespan_context
         outcome = "error"
-        with logs.calling(call):
+        with logs.calling(call) as held:
             try:
                 arguments = _check(name, checked, arguments)
                 if call.permissions.tools is not None and name not in call.permissions.tools:
@@ -616,6 +618,7 @@ def _guarded(
                 return result
             except PermissionDeniedError as exc:
                 outcome = "refused"
+                logger.info("refused: permission %s is missing", exc.permission)
                 recorded = await _record_refusal(app, call, exc.permission, arguments)
                 said = (
                     "The attempt is recorded in the audit log."
@@ -629,6 +632,8 @@ def _guarded(
                 raise
             finally:
                 telemetry.describe_call(call, outcome)
+                if held and outcome != "cancelled":  # a cancelled call sends nothing more
+                    await client_logs.send(request, held, app.client_levels.least(request))
 
     return guarded
 
@@ -677,6 +682,7 @@ def check_tool_names(settings: Settings) -> None:
 def create_server(settings: Settings) -> MCPServer[AppState]:
     check_tool_names(settings)
     sessionless = SessionlessCalls()
+    client_levels = client_logs.SessionLevels()
 
     @asynccontextmanager
     async def lifespan(server: MCPServer[AppState]) -> AsyncIterator[AppState]:
@@ -691,7 +697,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
             if settings.sealer:
                 sealing = Sealer(db, settings, signer)
                 task = asyncio.create_task(sealing.run(), name=SEALER_TASK)
-            yield AppState(settings=settings, db=db, keys=keys, sessionless=sessionless)
+            yield AppState(
+                settings=settings, db=db, keys=keys, sessionless=sessionless, client_levels=client_levels
+            )
         finally:
             if sealing is not None and task is not None:
                 # Even when the server is being cancelled: let the round under way finish (it is
@@ -725,6 +733,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
     # name is "method not found" rather than a crash. (The SDK registers them unconditionally.)
     for method in ("prompts/list", "prompts/get"):
         server._lowlevel_server._request_handlers.pop(method, None)
+    server._lowlevel_server.add_request_handler(
+        client_logs.SET_LEVEL, SetLevelRequestParams, client_levels.set_level
+    )
     if not telemetry.tracing():
         # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes
         # nowhere; it would still cost each call about 40 µs.

@@ -100,7 +100,8 @@ async def test_an_agent_reads_a_resource_only_when_it_may_call_the_tool_that_sho
 
 async def test_the_server_declares_only_what_it_serves_in_both_eras(client: Client) -> None:
     capabilities = client.server_capabilities
-    assert capabilities.prompts is None and capabilities.logging is None and capabilities.completions is None
+    assert capabilities.prompts is None and capabilities.completions is None
+    assert capabilities.logging is not None  # logging/setLevel (test_client_logs.py)
     assert capabilities.resources is not None and not capabilities.resources.subscribe
     assert not capabilities.resources.list_changed
     assert capabilities.tools is not None and not capabilities.tools.list_changed
