@@ -18,10 +18,14 @@ from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.types import Completion
+from sqlalchemy import String, bindparam, cast
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import projects, tasks
 from mcp_server.filters import Condition, FilterField, Operator
+from mcp_server.models import Project
 from mcp_server.schemas import MAX_ID
 
 JSON = "application/json"
@@ -83,6 +87,31 @@ def register(server: MCPServer[Any], reader: Reader) -> None:
             )
 
         return await reader(ctx, "search_tasks", read)
+
+
+# Completing a template's argument: the live projects whose id starts with what was typed, in id
+# order. A task id has no such short list (a million tasks), so it completes to nothing.
+PROJECT_TEMPLATES = frozenset({"project://{project_id}", "project://{project_id}/tasks"})
+MOST_COMPLETIONS = 100  # the protocol's most values in one answer
+
+
+_PROJECT_IDS = (
+    select(Project.id)
+    .where(cast(col(Project.id), String).startswith(bindparam("prefix", type_=String)))
+    .order_by(col(Project.id))
+    .limit(MOST_COMPLETIONS + 1)
+)
+
+
+async def complete(session: AsyncSession, template: str, argument: str, typed: str) -> Completion:
+    """The values `argument` of `template` may take that begin with `typed`."""
+    if template not in PROJECT_TEMPLATES or argument != "project_id" or not (typed == "" or typed.isdigit()):
+        return Completion(values=[])
+    ids = (await session.exec(_PROJECT_IDS, params={"prefix": typed})).all()
+    return Completion(
+        values=[str(project_id) for project_id in ids[:MOST_COMPLETIONS]],
+        has_more=len(ids) > MOST_COMPLETIONS,
+    )
 
 
 def _id(kind: str, text: str) -> int:

@@ -23,11 +23,23 @@ import anyio
 from mcp.server._otel import OpenTelemetryMiddleware  # not exported; the SDK documents dropping it
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
-from mcp.types import CallToolResult, SetLevelRequestParams, TextContent, ToolAnnotations
+from mcp.shared.exceptions import MCPError
+from mcp.types import (
+    INTERNAL_ERROR,
+    CallToolResult,
+    CompleteRequestParams,
+    CompleteResult,
+    Completion,
+    ResourceTemplateReference,
+    SetLevelRequestParams,
+    TextContent,
+    ToolAnnotations,
+)
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import to_json, to_jsonable_python
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -89,6 +101,7 @@ from mcp_server.visibility import ToolsTheyMayCall, may_call
 logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 100
+COMPLETE = "completion/complete"
 MAX_BULK_IDS = 1000
 
 INSTRUCTIONS = (
@@ -441,6 +454,28 @@ async def _read_resource(ctx: ToolContext, tool: str, read: resources.Read) -> s
     return to_json(value).decode()
 
 
+async def _complete(
+    ctx: ServerRequestContext[AppState, Any], params: CompleteRequestParams
+) -> CompleteResult:
+    """completion/complete of a resource template's argument: the values the calling agent could
+    read (a project id needs list_projects), through one read session."""
+    app = ctx.lifespan_context
+    _, permissions = _agent_of(app.settings, ctx.request)
+    ref = params.ref
+    if not isinstance(ref, ResourceTemplateReference) or not may_call(
+        permissions, "list_projects", writes=False
+    ):
+        return CompleteResult(completion=Completion(values=[]))
+    try:
+        async with _transaction(app, write=False) as session:
+            completion = await resources.complete(
+                session, ref.uri, params.argument.name, params.argument.value
+            )
+    except ToolError as exc:
+        raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from None
+    return CompleteResult(completion=completion)
+
+
 def _annotations(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
     """A writing tool's hints, leaving out what the protocol assumes when a hint is absent (not
     read-only, destructive, not idempotent)."""
@@ -736,6 +771,7 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
     server._lowlevel_server.add_request_handler(
         client_logs.SET_LEVEL, SetLevelRequestParams, client_levels.set_level
     )
+    server._lowlevel_server.add_request_handler(COMPLETE, CompleteRequestParams, _complete)
     if not telemetry.tracing():
         # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes
         # nowhere; it would still cost each call about 40 µs.

@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp.types import INVALID_PARAMS, METHOD_NOT_FOUND, TextResourceContents
+from mcp.types import INVALID_PARAMS, METHOD_NOT_FOUND, ResourceTemplateReference, TextResourceContents
+from sqlalchemy import text
 
 from mcp_server.config import Settings
+from mcp_server.db import Database
 from tests.conftest import call, connect
 from tests.test_permissions import with_agent
 from tests.test_tools import make_project, make_task
@@ -100,7 +102,7 @@ async def test_an_agent_reads_a_resource_only_when_it_may_call_the_tool_that_sho
 
 async def test_the_server_declares_only_what_it_serves_in_both_eras(client: Client) -> None:
     capabilities = client.server_capabilities
-    assert capabilities.prompts is None and capabilities.completions is None
+    assert capabilities.prompts is None and capabilities.completions is not None
     assert capabilities.logging is not None  # logging/setLevel (test_client_logs.py)
     assert capabilities.resources is not None and not capabilities.resources.subscribe
     assert not capabilities.resources.list_changed
@@ -108,3 +110,26 @@ async def test_the_server_declares_only_what_it_serves_in_both_eras(client: Clie
     with pytest.raises(MCPError) as error:  # no prompts: an unknown method, not a crash
         await client.get_prompt("triage")
     assert error.value.error.code == METHOD_NOT_FOUND
+
+
+async def test_a_project_id_completes_to_the_live_projects_it_begins_with(
+    settings: Settings, era: str, client: Client, db: Database
+) -> None:
+    ids = [await make_project(client, f"p{i}") for i in range(12)]
+    gone = ids.pop()
+    async with db.engine.begin() as conn:  # no tool deletes a project: behind the server's back
+        await conn.execute(
+            text("UPDATE entity SET deleted_at = CURRENT_TIMESTAMP WHERE id = :id"), {"id": gone}
+        )
+    template = ResourceTemplateReference(type="ref/resource", uri="project://{project_id}/tasks")
+    everything = (await client.complete(template, {"name": "project_id", "value": ""})).completion
+    assert everything.values == [str(i) for i in sorted(ids)] and not everything.has_more
+    prefix = str(ids[-1])[:-1]
+    begun = (await client.complete(template, {"name": "project_id", "value": prefix})).completion
+    assert begun.values == [str(i) for i in sorted(ids) if str(i).startswith(prefix)] and begun.values
+    task = ResourceTemplateReference(type="ref/resource", uri="task://{task_id}")
+    assert (await client.complete(task, {"name": "task_id", "value": "1"})).completion.values == []
+    assert (await client.complete(template, {"name": "project_id", "value": "1%"})).completion.values == []
+    narrow = with_agent(settings, "narrow", tools=frozenset({"get_task"}))
+    async with connect(narrow, era, name="narrow") as agent:  # may not list projects: completes nothing
+        assert (await agent.complete(template, {"name": "project_id", "value": ""})).completion.values == []
