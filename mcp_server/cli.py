@@ -29,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import Implementation, TextContent
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from mcp_server import __version__, chain, checkpoints, doctor, logs, sealer, stdio, telemetry
+from mcp_server import __version__, chain, checkpoints, doctor, identity, logs, sealer, stdio, telemetry
 from mcp_server import http as http_transport
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.checkpoints import Checkpoint, CheckpointKeys, Signer
@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="HTTP: address to listen on (default 127.0.0.1, setting http_host)")
     serve.add_argument("--port", type=int, help="HTTP: port to listen on (default 8000, setting http_port)")
     serve.add_argument(
+        "--dev-without-auth",
+        action="store_true",
+        default=None,
+        help="HTTP, development only: no tokens, on loopback only, every call as the configured agent",
+    )
+    serve.add_argument(
         "--stateless",
         action="store_true",
         default=None,
@@ -178,8 +184,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _http_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     """The settings with the command line's HTTP options over them, checked for serving HTTP."""
-    overrides = {"http_host": args.host, "http_port": args.port, "http_stateless": args.stateless}
+    overrides = {
+        "http_host": args.host,
+        "http_port": args.port,
+        "http_stateless": args.stateless,
+        "http_dev_without_auth": args.dev_without_auth,
+    }
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if settings.http_dev_without_auth:
+        if settings.http_host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"--dev-without-auth serves only on loopback (127.0.0.1, localhost, ::1), not on "
+                f"{settings.http_host}: anyone who reaches the port could act as the local agent"
+            )
+        return settings
     if not settings.accepts_tokens:
         raise ConfigError(
             "serving HTTP needs a way to check tokens: add agents with token_sha256 (see mint-token) "
@@ -203,6 +221,14 @@ def _serve(settings: Settings, *, http: bool) -> int:
         if not http:
             anyio.run(_serve_stdio, server, backend_options=_EVENT_LOOP)
             return 0
+        if settings.http_dev_without_auth:
+            logger.warning(
+                "DEVELOPMENT MODE: HTTP on %s:%s WITHOUT AUTHENTICATION; every call acts as %s and "
+                "every change is recorded under that identity. Never run it where others reach the port.",
+                settings.http_host,
+                settings.http_port,
+                identity.configured_agent(settings)[0],
+            )
         # Fail with one clear line, before uvicorn would report it as a failed startup traceback.
         anyio.run(_open_database, settings)
         if not http_transport.serve(server, settings):

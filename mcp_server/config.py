@@ -106,6 +106,9 @@ class Settings(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
     http_stateless: bool = False
+    # Development only, and only on loopback: HTTP without tokens, every call as the configured
+    # (local) agent, so tools like the MCP conformance suite, which send no headers, can connect.
+    http_dev_without_auth: bool = False
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     # HTTP: where clients reach the server (behind a proxy, its https:// address), without /mcp.
@@ -166,6 +169,11 @@ class Settings(BaseModel):
     def accepts_tokens(self) -> bool:
         """Whether any bearer token could be verified: an agent with a token hash, or JWTs."""
         return self.jwt is not None or any(agent.token_sha256 for agent in self.agents)
+
+    @property
+    def checks_tokens(self) -> bool:
+        """Whether HTTP requests must carry a verified token: always, but in development mode."""
+        return self.accepts_tokens and not self.http_dev_without_auth
 
     def agent(self, agent_id: str) -> AgentConfig | None:
         return next((agent for agent in self.agents if agent.id == agent_id), None)

@@ -112,6 +112,7 @@ def serve(server: MCPServer[Any], settings: Settings) -> bool:
         port=settings.http_port,
         loop=EVENT_LOOP,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's records, its access log too, go through ours: to stderr
     )
     runner = uvicorn.Server(config)
     runner.run()

@@ -758,8 +758,8 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
             if settings.tools is None or fn.__name__ in settings.tools
         ],
         # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
-        token_verifier=auth.AgentTokenVerifier(settings) if settings.accepts_tokens else None,
-        auth=_oauth(settings) if settings.accepts_tokens else None,
+        token_verifier=auth.AgentTokenVerifier(settings) if settings.checks_tokens else None,
+        auth=_oauth(settings) if settings.checks_tokens else None,
         # No change notifications are sent yet: `subscriptions/listen` unserved keeps the
         # 2026-07-28 era's capabilities from promising them.
         subscriptions=False,

@@ -310,10 +310,10 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
 
 @asynccontextmanager
 async def http_client(
-    url: str, token: str, *, era: str = "legacy", client_name: str = "http-test-client"
+    url: str, token: str | None, *, era: str = "legacy", client_name: str = "http-test-client"
 ) -> AsyncIterator[Client]:
-    """The SDK's client over streamable HTTP, sending `token` as its bearer token."""
-    headers = {"Authorization": f"Bearer {token}"}
+    """The SDK's client over streamable HTTP, sending `token` as its bearer token (if any)."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     # The SDK's own client's timeouts: a response stream stays open as long as the call runs.
     async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http:
         transport = streamable_http_client(url, http_client=http)

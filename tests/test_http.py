@@ -343,3 +343,16 @@ async def test_static_tokens_alone_publish_no_oauth_metadata(database_url: str, 
         async with httpx2.AsyncClient() as raw:
             missing = await raw.get(url.removesuffix("/mcp") + "/.well-known/oauth-protected-resource/mcp")
         assert missing.status_code == 404
+
+
+async def test_development_mode_serves_loopback_without_tokens_as_the_configured_agent(
+    database_url: str, tmp_path: Path, db: Database
+) -> None:
+    config = {"database_url": database_url, "agent_id": "dev-agent"}
+    with http_server(tmp_path, config, extra_args=["--dev-without-auth"]) as url:
+        async with http_client(url, None) as client:  # no token at all
+            await call(client, "create_project", {"name": "made in dev"})
+    assert await audit_rows(db) == [("dev-agent", "http-test-client", "created")]
+    [log] = [path async for path in anyio.Path(tmp_path).glob("server-*.log")]
+    logged = await log.read_text()
+    assert "DEVELOPMENT MODE" in logged and "WITHOUT AUTHENTICATION" in logged

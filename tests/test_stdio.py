@@ -189,6 +189,8 @@ def test_http_refuses_to_start_without_token_checks_or_on_a_public_address_witho
     config.write_text(json.dumps({"agents": [{"id": "a", "token_sha256": "0" * 64}]}))
     public = run_cli("--config", str(config), "serve", "--transport", "http", "--host", "0.0.0.0", env=env)
     assert public.returncode == 2 and "allowed_hosts" in public.stderr
+    dev = run_cli("serve", "--transport", "http", "--dev-without-auth", "--host", "0.0.0.0", env=env)
+    assert dev.returncode == 2 and "serves only on loopback" in dev.stderr
 
 
 async def test_a_file_redirected_to_stdin_is_read_to_its_end_and_the_server_exits_cleanly(
