@@ -127,6 +127,9 @@ class Settings(BaseModel):
     seal_interval_ms: int = Field(default=100, ge=5, le=60_000)
     seal_batch: int = Field(default=10_000, ge=1, le=100_000)
     seal_lease_seconds: float = Field(default=10.0, ge=0.5, le=600)
+    # Resource subscriptions (changes.py): how often a process whose clients subscribed reads
+    # what the sealer has sealed since.
+    change_poll_ms: int = Field(default=250, ge=20, le=60_000)
     # Signed checkpoints of the chain's head (checkpoints.py): the Ed25519 key, how often, and
     # where copies go besides the database (a file appended to, a command given each on stdin).
     audit_signing_key_file: Path | None = None

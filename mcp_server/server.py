@@ -37,8 +37,10 @@ from mcp.types import (
     Completion,
     ResourceTemplateReference,
     SetLevelRequestParams,
+    SubscribeRequestParams,
     TextContent,
     ToolAnnotations,
+    UnsubscribeRequestParams,
 )
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import to_json, to_jsonable_python
@@ -50,6 +52,7 @@ from mcp_server import (
     audit,
     auth,
     chain,
+    changes,
     client_logs,
     idempotency,
     identity,
@@ -718,6 +721,10 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
     check_tool_names(settings)
     sessionless = SessionlessCalls()
     client_levels = client_logs.SessionLevels()
+    subscriptions = changes.Subscriptions(
+        lambda ctx, tool: may_call(_agent_of(settings, ctx.request)[1], tool, writes=False),
+        settings.change_poll_ms / 1000,
+    )
 
     @asynccontextmanager
     async def lifespan(server: MCPServer[AppState]) -> AsyncIterator[AppState]:
@@ -729,6 +736,7 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         try:
             # The embedded SQLite file belongs to this server: nobody else is there to migrate it.
             await db.open_schema(upgrade=db.is_sqlite)
+            subscriptions.open(db)
             if settings.sealer:
                 sealing = Sealer(db, settings, signer)
                 task = asyncio.create_task(sealing.run(), name=SEALER_TASK)
@@ -744,6 +752,7 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
                     await task
                     await sealing.release()
                 task.cancel()
+            await subscriptions.close()
             await db.dispose()
 
     server = MCPServer(
@@ -772,6 +781,10 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         client_logs.SET_LEVEL, SetLevelRequestParams, client_levels.set_level
     )
     server._lowlevel_server.add_request_handler(COMPLETE, CompleteRequestParams, _complete)
+    if not settings.http_stateless:  # a stateless server has no session to send changes to
+        lowlevel = server._lowlevel_server
+        lowlevel.add_request_handler(changes.SUBSCRIBE, SubscribeRequestParams, subscriptions.subscribe)
+        lowlevel.add_request_handler(changes.UNSUBSCRIBE, UnsubscribeRequestParams, subscriptions.unsubscribe)
     if not telemetry.tracing():
         # No OpenTelemetry SDK is set up, so the span the SDK opens around every message goes
         # nowhere; it would still cost each call about 40 µs.

@@ -100,11 +100,12 @@ async def test_an_agent_reads_a_resource_only_when_it_may_call_the_tool_that_sho
         assert (await read(viewer, f"project://{project}/tasks"))["items"][0]["id"] == task["id"]
 
 
-async def test_the_server_declares_only_what_it_serves_in_both_eras(client: Client) -> None:
+async def test_the_server_declares_only_what_it_serves_in_both_eras(client: Client, era: str) -> None:
     capabilities = client.server_capabilities
     assert capabilities.prompts is None and capabilities.completions is not None
     assert capabilities.logging is not None  # logging/setLevel (test_client_logs.py)
-    assert capabilities.resources is not None and not capabilities.resources.subscribe
+    # resources/subscribe in the handshake era (test_subscriptions.py); no subscriptions/listen yet
+    assert capabilities.resources is not None and capabilities.resources.subscribe == (era == "legacy")
     assert not capabilities.resources.list_changed
     assert capabilities.tools is not None and not capabilities.tools.list_changed
     with pytest.raises(MCPError) as error:  # no prompts: an unknown method, not a crash
