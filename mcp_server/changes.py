@@ -13,8 +13,10 @@ poll (well under a second at the defaults); with no sealer running anywhere, non
 What a change touches: `task://{id}` of each task changed; `project://{id}/tasks` of the project
 each task is in, and of the one it left when it moved; `project://{id}` of a project created.
 
-Subscriptions belong to a session (stdio, stateful HTTP; the handshake era): a stateless server
-has no session to send to, so it serves none and declares none.
+Two ways to subscribe: `resources/subscribe` in the handshake era, which belongs to a session
+(stdio, stateful HTTP; a stateless server has no session to send to, so it serves none), and
+`subscriptions/listen` in the 2026-07-28 era, whose response is the stream of the changes the
+request named, served on every transport (the SDK's `ListenHandler`, fed through its bus).
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from typing import Any
 import anyio
 from mcp.server.context import ServerRequestContext
 from mcp.server.session import ServerSession
+from mcp.server.subscriptions import ListenHandler, ResourceUpdated, SubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     EmptyResult,
     SubscribeRequestParams,
+    SubscriptionsListenRequestParams,
+    SubscriptionsListenResult,
     UnsubscribeRequestParams,
 )
 from sqlalchemy import Integer, bindparam, func, or_
@@ -50,6 +55,7 @@ from mcp_server.sql import one_of
 logger = logging.getLogger(__name__)
 
 SUBSCRIBE = "resources/subscribe"
+LISTEN = "subscriptions/listen"
 UNSUBSCRIBE = "resources/unsubscribe"
 MOST_PER_SESSION = 1000
 _URI = re.compile(r"^(task|project)://([1-9][0-9]{0,15})(/tasks)?$")
@@ -112,11 +118,17 @@ class Subscriptions:
     """The subscriptions of this process's clients, and the reading of the chain that serves them."""
 
     def __init__(
-        self, may_read: Callable[[ServerRequestContext[Any, Any], str], bool], poll_seconds: float
+        self,
+        may_read: Callable[[ServerRequestContext[Any, Any], str], bool],
+        poll_seconds: float,
+        bus: SubscriptionBus,
     ) -> None:
         self._may_read = may_read  # may the calling agent call this tool
         self._poll_seconds = poll_seconds
         self._subscribers: dict[int, _Subscriber] = {}  # by id() of the client's connection
+        self._bus = bus
+        self._listen = ListenHandler(bus)
+        self._listening: dict[object, frozenset[str]] = {}  # the resources of each open listen stream
         self._db: Database | None = None
         self._after = 0  # the last seq read
         self._poller: asyncio.Task[None] | None = None
@@ -135,6 +147,36 @@ class Subscriptions:
         self, ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams
     ) -> EmptyResult:
         uri = str(params.uri)
+        self._check(ctx, uri)
+        subscriber = self._subscribers.setdefault(_connection_id(ctx), _Subscriber(ctx.session))
+        if uri not in subscriber.uris and len(subscriber.uris) >= MOST_PER_SESSION:
+            raise MCPError(
+                code=INVALID_REQUEST,
+                message=f"a session holds at most {MOST_PER_SESSION} subscriptions; unsubscribe some first",
+            )
+        subscriber.uris.add(uri)
+        await self._start()
+        return EmptyResult()
+
+    async def listen(
+        self, ctx: ServerRequestContext[Any, Any], params: SubscriptionsListenRequestParams
+    ) -> SubscriptionsListenResult:
+        """A 2026-07-28 listen stream: its resources checked as a subscription's are, then served
+        by the SDK until the client goes; the resources are read for while it lasts."""
+        uris = frozenset(params.notifications.resource_subscriptions or ())
+        for uri in uris:
+            self._check(ctx, uri)
+        stream = object()
+        if uris:
+            self._listening[stream] = uris
+            await self._start()
+        try:
+            return await self._listen(ctx, params)
+        finally:
+            self._listening.pop(stream, None)
+
+    def _check(self, ctx: ServerRequestContext[Any, Any], uri: str) -> None:
+        """A resource this server serves, which the calling agent may read."""
         if (named := parse(uri)) is None:
             raise MCPError(
                 code=INVALID_PARAMS,
@@ -146,15 +188,6 @@ class Subscriptions:
                 code=INVALID_REQUEST,
                 message=f"permission denied: {uri} shows what {tool} shows (tool:{tool} is missing)",
             )
-        subscriber = self._subscribers.setdefault(_connection_id(ctx), _Subscriber(ctx.session))
-        if uri not in subscriber.uris and len(subscriber.uris) >= MOST_PER_SESSION:
-            raise MCPError(
-                code=INVALID_REQUEST,
-                message=f"a session holds at most {MOST_PER_SESSION} subscriptions; unsubscribe some first",
-            )
-        subscriber.uris.add(uri)
-        await self._start()
-        return EmptyResult()
 
     async def unsubscribe(
         self, ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams
@@ -177,7 +210,7 @@ class Subscriptions:
             return int((await session.exec(_HEAD)).one())
 
     async def _poll(self) -> None:
-        while self._subscribers:
+        while self._subscribers or self._listening:
             await anyio.sleep(self._poll_seconds)
             try:
                 await self.round()
@@ -188,7 +221,8 @@ class Subscriptions:
         """Read what was sealed since the last round and tell each subscriber what touched its
         resources; how many notifications were sent."""
         assert self._db is not None, "opened by the server's lifespan"
-        wanted = set().union(*(s.uris for s in self._subscribers.values()))
+        listened = frozenset().union(*self._listening.values())
+        wanted = listened.union(*(s.uris for s in self._subscribers.values()))
         entities = [parse(uri)[1] for uri in wanted if not uri.endswith("/tasks")]  # type: ignore[index]
         projects = [parse(uri)[1] for uri in wanted if uri.endswith("/tasks")]  # type: ignore[index]
         async with self._db.session(write=False) as session:
@@ -203,6 +237,9 @@ class Subscriptions:
         for row in rows:
             changed |= touched(row["kind"], row["entity_id"], row["project_id"], row["left"], row["action"])
         sent = 0
+        for uri in sorted(listened & changed):  # the SDK's handler sends each to the streams that named it
+            await self._bus.publish(ResourceUpdated(uri=uri))
+            sent += 1
         for key, subscriber in list(self._subscribers.items()):
             for uri in sorted(subscriber.uris & changed):
                 try:

@@ -28,6 +28,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
     INTERNAL_ERROR,
@@ -38,6 +39,7 @@ from mcp.types import (
     ResourceTemplateReference,
     SetLevelRequestParams,
     SubscribeRequestParams,
+    SubscriptionsListenRequestParams,
     TextContent,
     ToolAnnotations,
     UnsubscribeRequestParams,
@@ -721,9 +723,11 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
     check_tool_names(settings)
     sessionless = SessionlessCalls()
     client_levels = client_logs.SessionLevels()
+    bus = InMemorySubscriptionBus()  # this process's listen streams; the audit chain connects processes
     subscriptions = changes.Subscriptions(
         lambda ctx, tool: may_call(_agent_of(settings, ctx.request)[1], tool, writes=False),
         settings.change_poll_ms / 1000,
+        bus,
     )
 
     @asynccontextmanager
@@ -769,9 +773,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
         token_verifier=auth.AgentTokenVerifier(settings) if settings.checks_tokens else None,
         auth=_oauth(settings) if settings.checks_tokens else None,
-        # No change notifications are sent yet: `subscriptions/listen` unserved keeps the
-        # 2026-07-28 era's capabilities from promising them.
-        subscriptions=False,
+        # subscriptions/listen (2026-07-28): resource changes, published by changes.Subscriptions.
+        # Tools and resources never change their lists, so no list-changed event is ever sent.
+        subscriptions=bus,
     )
     # The server has no prompts; without their handlers it declares none, and prompts/get of any
     # name is "method not found" rather than a crash. (The SDK registers them unconditionally.)
@@ -781,6 +785,10 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         client_logs.SET_LEVEL, SetLevelRequestParams, client_levels.set_level
     )
     server._lowlevel_server.add_request_handler(COMPLETE, CompleteRequestParams, _complete)
+    # The SDK's listen handler, behind the check that the agent may read what it listens to.
+    server._lowlevel_server.add_request_handler(
+        changes.LISTEN, SubscriptionsListenRequestParams, subscriptions.listen
+    )
     if not settings.http_stateless:  # a stateless server has no session to send changes to
         lowlevel = server._lowlevel_server
         lowlevel.add_request_handler(changes.SUBSCRIBE, SubscribeRequestParams, subscriptions.subscribe)

@@ -104,10 +104,12 @@ async def test_the_server_declares_only_what_it_serves_in_both_eras(client: Clie
     capabilities = client.server_capabilities
     assert capabilities.prompts is None and capabilities.completions is not None
     assert capabilities.logging is not None  # logging/setLevel (test_client_logs.py)
-    # resources/subscribe in the handshake era (test_subscriptions.py); no subscriptions/listen yet
-    assert capabilities.resources is not None and capabilities.resources.subscribe == (era == "legacy")
-    assert not capabilities.resources.list_changed
-    assert capabilities.tools is not None and not capabilities.tools.list_changed
+    # resources/subscribe, and subscriptions/listen in the 2026-07-28 era (test_subscriptions.py)
+    assert capabilities.resources is not None and capabilities.resources.subscribe
+    # The 2026-07-28 era derives listChanged from subscriptions/listen being served; the lists
+    # never change, so a listener is told of no change. The handshake era says so outright.
+    assert capabilities.resources.list_changed == (era == "auto")
+    assert capabilities.tools is not None and capabilities.tools.list_changed == (era == "auto")
     with pytest.raises(MCPError) as error:  # no prompts: an unknown method, not a crash
         await client.get_prompt("triage")
     assert error.value.error.code == METHOD_NOT_FOUND

@@ -10,6 +10,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
+from mcp.shared.subscriptions import ResourceUpdated
 from mcp.types import INVALID_PARAMS, Implementation, ResourceUpdatedNotification
 
 from mcp_server.config import Settings
@@ -131,3 +132,26 @@ async def test_a_stateless_server_offers_no_subscriptions(settings: Settings) ->
         with pytest.raises(MCPError) as refused:
             await client.subscribe_resource("task://1")
         assert refused.value.error.code != INVALID_PARAMS  # method not found
+
+
+async def test_in_the_2026_era_a_listen_stream_hears_another_agents_change(settings: Settings) -> None:
+    async with connect(settings, "auto", name="writer") as writer:
+        project = await make_project(writer)
+        task = await make_task(writer, project)
+        async with connect(settings, "auto", name="listener") as client:
+            watched = [f"task://{task['id']}", f"project://{project}/tasks"]
+            async with client.listen(resource_subscriptions=watched) as stream:
+                await call(writer, "update_task", {"task_id": task["id"], "title": "renamed"})
+                heard: set[str] = set()
+                with anyio.fail_after(10):
+                    async for event in stream:
+                        assert isinstance(event, ResourceUpdated)
+                        heard.add(event.uri)
+                        if heard == set(watched):
+                            break
+    narrow = with_agent(settings, "narrow", tools=frozenset({"get_task"}))
+    async with connect(narrow, "auto", name="narrow") as client:
+        with pytest.raises(MCPError) as refused:
+            async with client.listen(resource_subscriptions=[f"project://{project}/tasks"]):
+                pass
+        assert "tool:search_tasks is missing" in refused.value.error.message
