@@ -216,6 +216,8 @@ class Subscriptions:
                 await self.round()
             except DATABASE_ERRORS as exc:  # the next round tries again from the same place
                 logger.warning("could not read changes for subscriptions: %s", type(exc).__name__)
+            except Exception:  # a bug must not end every subscription of the process
+                logger.exception("reading changes for subscriptions failed")
 
     async def round(self) -> int:
         """Read what was sealed since the last round and tell each subscriber what touched its
