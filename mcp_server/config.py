@@ -209,6 +209,13 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(_read_config_file(config_file))
+    if "http_dev_without_auth" in values:
+        # A file can outlive the moment it was meant for; switching tokens off takes the flag,
+        # typed each time (serve --transport http --dev-without-auth).
+        raise ConfigError(
+            "http_dev_without_auth cannot be set in a config file; "
+            "pass --dev-without-auth to serve --transport http instead"
+        )
     for env_name, setting in ENV_VARS.items():
         if environ.get(env_name):
             value = environ[env_name]

@@ -13,6 +13,7 @@ how to name one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -114,7 +115,12 @@ async def complete(session: AsyncSession, template: str, argument: str, typed: s
     )
 
 
+_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII digits, no leading zero: as changes.parse reads a URI
+
+
 def _id(kind: str, text: str) -> int:
-    if not (text.isdigit() and len(text) <= 16 and 0 < int(text) <= MAX_ID):
-        raise ResourceNotFoundError(f"{kind} ids are positive integers, as in {kind}://42; got {text!r}")
+    if _ID.fullmatch(text) is None or int(text) > MAX_ID:
+        raise ResourceNotFoundError(
+            f"{kind} ids are whole numbers from 1 to {MAX_ID}, as in {kind}://42; got {text!r}"
+        )
     return int(text)

@@ -32,6 +32,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
     INTERNAL_ERROR,
+    INVALID_REQUEST,
     CallToolResult,
     CompleteRequestParams,
     CompleteResult,
@@ -447,8 +448,9 @@ async def _read_resource(ctx: ToolContext, tool: str, read: resources.Read) -> s
     app: AppState = ctx.request_context.lifespan_context
     _, permissions = _agent_of(app.settings, ctx.request_context.request)
     if not may_call(permissions, tool, writes=False):
-        raise ResourceError(
-            f"permission denied: this shows what {tool} shows (permission tool:{tool} is missing)"
+        raise MCPError(  # a refusal, not a failure of the server's (a ResourceError is -32603)
+            code=INVALID_REQUEST,
+            message=f"permission denied: this shows what {tool} shows (permission tool:{tool} is missing)",
         )
     try:
         async with _transaction(app, write=False) as session:
@@ -642,11 +644,13 @@ def _guarded(
         outcome = "error"
         with logs.calling(call) as held:
             try:
-                arguments = _check(name, checked, arguments)
+                # May they call it at all, before anything of it is checked: a tool an agent may not
+                # call tells it nothing, its arguments included.
                 if call.permissions.tools is not None and name not in call.permissions.tools:
                     raise PermissionDeniedError(
                         f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
                     )
+                arguments = _check(name, checked, arguments)
                 with _cancellable(request, app, call) as cancelled:
                     value = await fn(ToolCall(call, app), **arguments)
                 if cancelled is not None and cancelled.cancelled_caught:
@@ -659,7 +663,7 @@ def _guarded(
             except PermissionDeniedError as exc:
                 outcome = "refused"
                 logger.info("refused: permission %s is missing", exc.permission)
-                recorded = await _record_refusal(app, call, exc.permission, arguments)
+                recorded = await _record_refusal(app, call, exc.permission, _recordable(checked, arguments))
                 said = (
                     "The attempt is recorded in the audit log."
                     if recorded
@@ -676,6 +680,15 @@ def _guarded(
                     await client_logs.send(request, held, app.client_levels.least(request))
 
     return guarded
+
+
+def _recordable(checked: FuncMetadata, arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a refused call's audit entry records of its arguments: their checked values (bounded
+    by the tool's own limits), or only their names when they do not pass the check."""
+    try:
+        return checked.validate_arguments(arguments)
+    except ValidationError:
+        return {"argument_names": sorted(str(key) for key in arguments)[:50]}
 
 
 async def _record_refusal(app: AppState, call: Call, permission: str, arguments: dict[str, Any]) -> bool:

@@ -31,6 +31,9 @@ LEAKS = (
     "pydantic",
     "discriminator",
     "type=",
+    "after validation",
+    ".str",
+    "union[",
 )
 STATUS_PENDING = {"field": "status", "op": "eq", "value": "pending"}
 
@@ -105,8 +108,24 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "filter.and[0] is not a filter condition (it lacks op)",
     ),
     ("search_tasks", {"filter": {"and": STATUS_PENDING}}, "filter.and must be a list, not an object"),
-    ("search_tasks", {"order_by": "title"}, 'order_by must be a list, not a string ("title"), for example'),
+    ("search_tasks", {"order_by": "title"}, 'order_by must be a list, not a string ("title"); order_by is, for example'),
     ("create_task", {"title": "t"}, "project_id is missing and required"),
+    (
+        "search_tasks",
+        {"filter": {"field": "title", "op": "contains", "value": {"a": 1}}},
+        "filter.value must be text, a whole number, true or false or a list",
+    ),
+    (
+        "bulk_update_status",
+        {"status": "completed", "task_ids": []},
+        "task_ids: should have at least 1 item, not 0",
+    ),
+    (
+        "get_audit_trail",
+        {"since": "yesterday"},
+        "since must be an ISO 8601 time such as 2026-01-31T09:00:00Z",
+    ),
+    ("search_tasks", {"order_by": ["bogus"]}, 'order_by is, for example, [{"field"'),
     ("list_projects", {"limit": 500}, "less than or equal to 100"),
     ("no_such_tool", {}, "no_such_tool"),
 ]

@@ -82,10 +82,14 @@ async def test_an_agent_may_call_only_the_tools_it_was_granted(
         assert "tool:soft_delete_task" in message
         message = await call_error(narrow, "search_tasks", {})
         assert "tool:search_tasks" in message
+        # A tool it may not call tells it nothing, not even what its arguments should be.
+        message = await call_error(narrow, "list_projects", {"bogus": 1})
+        assert "tool:list_projects" in message and "name_contains" not in message
         assert "deleted_at" not in await call(narrow, "get_task", {"task_id": ids["task"]})
     assert await refusals(db) == [
         ("narrow", "soft_delete_task", "tool:soft_delete_task"),
         ("narrow", "search_tasks", "tool:search_tasks"),
+        ("narrow", "list_projects", "tool:list_projects"),
     ]
 
 

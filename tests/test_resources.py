@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp.types import INVALID_PARAMS, METHOD_NOT_FOUND, ResourceTemplateReference, TextResourceContents
+from mcp.types import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    ResourceTemplateReference,
+    TextResourceContents,
+)
 from sqlalchemy import text
 
 from mcp_server.config import Settings
@@ -71,9 +77,13 @@ async def test_a_missing_or_deleted_task_or_a_bad_id_is_an_error_that_says_so(cl
     for uri, says in (
         ("task://424242", "does not exist"),
         (f"task://{gone['id']}", "restore_task"),
-        ("task://seven", "positive integers"),
-        ("task://0", "positive integers"),
-        ("task://" + "9" * 5000, "positive integers"),
+        ("task://seven", "whole numbers from 1"),
+        ("task://0", "whole numbers from 1"),
+        ("task://" + "9" * 5000, "whole numbers from 1"),
+        ("task://²", "whole numbers from 1"),  # a digit to str.isdigit, not to int()
+        ("task://٢", "whole numbers from 1"),
+        ("task://02", "whole numbers from 1"),
+        ("task://9007199254740992", "whole numbers from 1 to 9007199254740991"),
         ("project://424242", "list_projects"),
         ("project://424242/tasks", "list_projects"),
     ):
@@ -96,6 +106,7 @@ async def test_an_agent_reads_a_resource_only_when_it_may_call_the_tool_that_sho
         ):
             error = await refused(agent, uri)
             assert f"permission tool:{tool} is missing" in error.error.message
+            assert error.error.code == INVALID_REQUEST  # a refusal, not a failure of the server
     async with connect(with_agent(settings, "viewer", read_only=True), era, name="viewer") as viewer:
         assert (await read(viewer, f"project://{project}/tasks"))["items"][0]["id"] == task["id"]
 

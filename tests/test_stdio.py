@@ -191,6 +191,12 @@ def test_http_refuses_to_start_without_token_checks_or_on_a_public_address_witho
     assert public.returncode == 2 and "allowed_hosts" in public.stderr
     dev = run_cli("serve", "--transport", "http", "--dev-without-auth", "--host", "0.0.0.0", env=env)
     assert dev.returncode == 2 and "serves only on loopback" in dev.stderr
+    # Development mode is the flag's alone: a config file cannot switch the tokens off.
+    config.write_text(
+        json.dumps({"agents": [{"id": "a", "token_sha256": "0" * 64}], "http_dev_without_auth": True})
+    )
+    from_file = run_cli("--config", str(config), "serve", "--transport", "http", env=env)
+    assert from_file.returncode == 2 and "--dev-without-auth" in from_file.stderr
 
 
 async def test_a_file_redirected_to_stdin_is_read_to_its_end_and_the_server_exits_cleanly(
