@@ -108,7 +108,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "filter.and[0] is not a filter condition (it lacks op)",
     ),
     ("search_tasks", {"filter": {"and": STATUS_PENDING}}, "filter.and must be a list, not an object"),
-    ("search_tasks", {"order_by": "title"}, 'order_by must be a list, not a string ("title"); order_by is, for example'),
+    (
+        "search_tasks",
+        {"order_by": "title"},
+        'order_by must be a list, not a string ("title"); order_by is, for example',
+    ),
     ("create_task", {"title": "t"}, "project_id is missing and required"),
     (
         "search_tasks",
