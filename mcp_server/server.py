@@ -108,6 +108,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 100
 COMPLETE = "completion/complete"
+READ_RESOURCE = "resources/read"  # the "tool" of a refused resource read's audit entry
 MAX_BULK_IDS = 1000
 
 INSTRUCTIONS = (
@@ -448,9 +449,13 @@ async def _read_resource(ctx: ToolContext, tool: str, read: resources.Read) -> s
     app: AppState = ctx.request_context.lifespan_context
     _, permissions = _agent_of(app.settings, ctx.request_context.request)
     if not may_call(permissions, tool, writes=False):
+        # Recorded as a refused tool call is; the entry names the URI asked for.
+        uri = str((ctx.request_context.params or {}).get("uri", ""))
+        recorded = await _record_refusal(app, _call_of(ctx, READ_RESOURCE), f"tool:{tool}", {"uri": uri})
         raise MCPError(  # a refusal, not a failure of the server's (a ResourceError is -32603)
             code=INVALID_REQUEST,
-            message=f"permission denied: this shows what {tool} shows (permission tool:{tool} is missing)",
+            message=f"permission denied: this shows what {tool} shows (permission tool:{tool} is missing). "
+            + _recorded_or_not(recorded),
         )
     try:
         async with _transaction(app, write=False) as session:
@@ -664,12 +669,7 @@ def _guarded(
                 outcome = "refused"
                 logger.info("refused: permission %s is missing", exc.permission)
                 recorded = await _record_refusal(app, call, exc.permission, _recordable(checked, arguments))
-                said = (
-                    "The attempt is recorded in the audit log."
-                    if recorded
-                    else ("The attempt could not be recorded in the audit log.")
-                )
-                raise ToolError(f"permission denied: {exc}. {said}") from None
+                raise ToolError(f"permission denied: {exc}. {_recorded_or_not(recorded)}") from None
             except anyio.get_cancelled_exc_class():
                 outcome = "cancelled"
                 logger.info(CANCELLED_LOG)
@@ -680,6 +680,12 @@ def _guarded(
                     await client_logs.send(request, held, app.client_levels.least(request))
 
     return guarded
+
+
+def _recorded_or_not(recorded: bool) -> str:
+    if recorded:
+        return "The attempt is recorded in the audit log."
+    return "The attempt could not be recorded in the audit log."
 
 
 def _recordable(checked: FuncMetadata, arguments: dict[str, Any]) -> dict[str, Any]:

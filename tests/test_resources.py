@@ -20,7 +20,7 @@ from sqlalchemy import text
 from mcp_server.config import Settings
 from mcp_server.db import Database
 from tests.conftest import call, connect
-from tests.test_permissions import with_agent
+from tests.test_permissions import refusals, with_agent
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
@@ -92,7 +92,7 @@ async def test_a_missing_or_deleted_task_or_a_bad_id_is_an_error_that_says_so(cl
 
 
 async def test_an_agent_reads_a_resource_only_when_it_may_call_the_tool_that_shows_it(
-    settings: Settings, era: str
+    settings: Settings, era: str, db: Database
 ) -> None:
     async with connect(settings, era) as owner:
         project = await make_project(owner)
@@ -106,7 +106,13 @@ async def test_an_agent_reads_a_resource_only_when_it_may_call_the_tool_that_sho
         ):
             error = await refused(agent, uri)
             assert f"permission tool:{tool} is missing" in error.error.message
+            assert "recorded in the audit log" in error.error.message
             assert error.error.code == INVALID_REQUEST  # a refusal, not a failure of the server
+    # Recorded as refused tool calls are, with the URI asked for.
+    assert await refusals(db) == [
+        ("narrow", "resources/read", "tool:list_projects"),
+        ("narrow", "resources/read", "tool:search_tasks"),
+    ]
     async with connect(with_agent(settings, "viewer", read_only=True), era, name="viewer") as viewer:
         assert (await read(viewer, f"project://{project}/tasks"))["items"][0]["id"] == task["id"]
 
