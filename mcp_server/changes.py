@@ -47,9 +47,11 @@ from sqlalchemy import Integer, bindparam, func, or_
 from sqlmodel import col, select
 from sqlmodel.sql.expression import Select
 
+from mcp_server.client_logs import connection_of
 from mcp_server.db import INCLUDE_DELETED, Database, named_rows
 from mcp_server.errors import DATABASE_ERRORS
 from mcp_server.models import AuditAction, AuditEntry, AuditSeal, Entity, EntityKind
+from mcp_server.resources import resource_id
 from mcp_server.sql import one_of
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ SUBSCRIBE = "resources/subscribe"
 LISTEN = "subscriptions/listen"
 UNSUBSCRIBE = "resources/unsubscribe"
 MOST_PER_SESSION = 1000
-_URI = re.compile(r"^(task|project)://([1-9][0-9]{0,15})(/tasks)?$")
+_URI = re.compile(r"^(task|project)://([^/]*)(/tasks)?$")
 # The tool whose reading a subscription follows: an agent subscribes to what it may read.
 _READ_AS = {
     ("task", False): "get_task",
@@ -94,9 +96,11 @@ _TOUCHED: Select[*tuple[Any, ...]] = (
 
 def parse(uri: str) -> tuple[str, int, bool] | None:
     """(kind, id, its task list?) of a resource URI this server serves; None otherwise."""
-    if (match := _URI.match(uri)) is None or (match.group(1) == "task" and match.group(3)):
+    if (match := _URI.fullmatch(uri)) is None or (match.group(1) == "task" and match.group(3)):
         return None
-    return match.group(1), int(match.group(2)), bool(match.group(3))
+    if (number := resource_id(match.group(2))) is None:
+        return None
+    return match.group(1), number, bool(match.group(3))
 
 
 def touched(kind: str, entity_id: int, project_id: int | None, left: int | None, action: str) -> set[str]:
@@ -148,7 +152,7 @@ class Subscriptions:
     ) -> EmptyResult:
         uri = str(params.uri)
         self._check(ctx, uri)
-        subscriber = self._subscribers.setdefault(_connection_id(ctx), _Subscriber(ctx.session))
+        subscriber = self._subscribers.setdefault(id(connection_of(ctx)), _Subscriber(ctx.session))
         if uri not in subscriber.uris and len(subscriber.uris) >= MOST_PER_SESSION:
             raise MCPError(
                 code=INVALID_REQUEST,
@@ -192,7 +196,7 @@ class Subscriptions:
     async def unsubscribe(
         self, ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams
     ) -> EmptyResult:
-        key = _connection_id(ctx)
+        key = id(connection_of(ctx))
         if (subscriber := self._subscribers.get(key)) is not None:
             subscriber.uris.discard(str(params.uri))
             if not subscriber.uris:
@@ -251,9 +255,3 @@ class Subscriptions:
                     self._subscribers.pop(key, None)  # the client is gone, and its subscriptions with it
                     break
         return sent
-
-
-def _connection_id(ctx: ServerRequestContext[Any, Any]) -> int:
-    """What the messages of one handshake-era session share: the SDK makes a `ServerSession` per
-    message around the client's one `Connection`, which it keeps private."""
-    return id(getattr(ctx.session, "_connection", ctx.session))

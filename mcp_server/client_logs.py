@@ -62,18 +62,19 @@ class SessionLevels:
     async def set_level(
         self, ctx: ServerRequestContext[Any, Any], params: SetLevelRequestParams
     ) -> EmptyResult:
-        self._levels[_connection(ctx)] = params.level
+        self._levels[connection_of(ctx)] = params.level
         return EmptyResult()
 
     def least(self, ctx: Context[Any, Any]) -> LoggingLevel:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return ORDER[0]  # the request's _meta decides, and the SDK applies it
-        return self._levels.get(_connection(ctx.request_context), UNTIL_SET)
+        return self._levels.get(connection_of(ctx.request_context), UNTIL_SET)
 
 
-def _connection(ctx: ServerRequestContext[Any, Any]) -> Any:
+def connection_of(ctx: ServerRequestContext[Any, Any]) -> Any:
     """What a handshake-era session's messages share: the SDK makes a `ServerSession` per message
-    around the client's one `Connection`, which it keeps private; the session itself otherwise."""
+    around the client's one `Connection`, which it keeps private; the session itself otherwise.
+    (Also how changes.py knows a subscriber.)"""
     return getattr(ctx.session, "_connection", ctx.session)
 
 

@@ -115,12 +115,19 @@ async def complete(session: AsyncSession, template: str, argument: str, typed: s
     )
 
 
-_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII digits, no leading zero: as changes.parse reads a URI
+_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII digits, no leading zero
+
+
+def resource_id(text: str) -> int | None:
+    """The id a resource URI names (for reads here, for subscriptions in changes.py); None if none."""
+    if _ID.fullmatch(text) is None or int(text) > MAX_ID:
+        return None
+    return int(text)
 
 
 def _id(kind: str, text: str) -> int:
-    if _ID.fullmatch(text) is None or int(text) > MAX_ID:
+    if (number := resource_id(text)) is None:
         raise ResourceNotFoundError(
             f"{kind} ids are whole numbers from 1 to {MAX_ID}, as in {kind}://42; got {text!r}"
         )
-    return int(text)
+    return number

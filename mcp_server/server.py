@@ -647,6 +647,7 @@ def _guarded(
         call = _call_of(request, name)
         app: AppState = request.request_context.lifespan_context
         outcome = "error"
+        values: dict[str, Any] | None = None  # the arguments, once checked
         with logs.calling(call) as held:
             try:
                 # May they call it at all, before anything of it is checked: a tool an agent may not
@@ -655,9 +656,9 @@ def _guarded(
                     raise PermissionDeniedError(
                         f"tool:{name}", f"you may not call {name} (permission tool:{name} is missing)"
                     )
-                arguments = _check(name, checked, arguments)
+                values = _check(name, checked, arguments)
                 with _cancellable(request, app, call) as cancelled:
-                    value = await fn(ToolCall(call, app), **arguments)
+                    value = await fn(ToolCall(call, app), **values)
                 if cancelled is not None and cancelled.cancelled_caught:
                     outcome = "cancelled"
                     logger.info(CANCELLED_LOG)
@@ -668,7 +669,8 @@ def _guarded(
             except PermissionDeniedError as exc:
                 outcome = "refused"
                 logger.info("refused: permission %s is missing", exc.permission)
-                recorded = await _record_refusal(app, call, exc.permission, _recordable(checked, arguments))
+                said = values if values is not None else _recordable(checked, arguments)
+                recorded = await _record_refusal(app, call, exc.permission, said)
                 raise ToolError(f"permission denied: {exc}. {_recorded_or_not(recorded)}") from None
             except anyio.get_cancelled_exc_class():
                 outcome = "cancelled"
@@ -689,8 +691,9 @@ def _recorded_or_not(recorded: bool) -> str:
 
 
 def _recordable(checked: FuncMetadata, arguments: dict[str, Any]) -> dict[str, Any]:
-    """What a refused call's audit entry records of its arguments: their checked values (bounded
-    by the tool's own limits), or only their names when they do not pass the check."""
+    """What the audit entry of a call refused before its arguments were checked records of them:
+    their checked values (bounded by the tool's own limits), or only their names when they do not
+    pass the check."""
     try:
         return checked.validate_arguments(arguments)
     except ValidationError:
