@@ -82,13 +82,18 @@ async def test_a_subscriber_hears_another_agents_changes_to_what_it_subscribed_t
             await listener.wait_for({f"task://{task['id']}", f"project://{home}/tasks"}, started)
             assert all("not" not in uri for uri, _ in listener.heard[heard_before:])
             assert {uri for uri, _ in listener.heard} <= {f"task://{task['id']}", f"project://{home}/tasks"}
-            # After unsubscribing, nothing more.
+            # After unsubscribing, nothing more. A change to a resource still watched, made after the
+            # delete, is heard after it (changes are read in commit order): until then, no waiting.
             await client.unsubscribe_resource(f"task://{task['id']}")
             await client.unsubscribe_resource(f"project://{home}/tasks")
+            sentinel = f"task://{other['id']}"
+            await client.subscribe_resource(sentinel)
             count = len(listener.heard)
             await call(writer, "soft_delete_task", {"task_id": task["id"]})
-            await anyio.sleep(1.5)
-            assert len(listener.heard) == count
+            started = time.monotonic()
+            await call(writer, "update_task", {"task_id": other["id"], "title": "the sentinel"})
+            await listener.wait_for({sentinel}, started)
+            assert [uri for uri, _ in listener.heard[count:]] == [sentinel]
 
 
 async def test_a_change_from_another_server_process_is_heard(settings: Settings, database_url: str) -> None:
@@ -115,6 +120,8 @@ async def test_a_subscription_names_a_resource_the_agent_may_read(settings: Sett
             ("file:///etc/passwd", "cannot subscribe"),
             ("task://abc", "cannot subscribe"),
             ("task://1/tasks", "cannot subscribe"),
+            ("task://02", "cannot subscribe"),  # ids as reads take them (resources.resource_id)
+            ("task://9007199254740992", "cannot subscribe"),
             ("project://1/tasks", "tool:search_tasks is missing"),
         ):
             with pytest.raises(MCPError) as refused:
