@@ -24,8 +24,12 @@ TOKEN_PREFIX = "mts_"
 
 
 class AgentToken(AccessToken):
-    """A verified token: `client_id` is the agent's identity, `permissions` what it may do."""
+    """A verified token: `agent_id` is the agent's identity, `permissions` what it may do.
 
+    `client_id` is who holds the token in OAuth's terms: the agent itself for a static token or a
+    JWT, the registered OAuth client for a token the built-in authorization server issued."""
+
+    agent_id: str
     permissions: Permissions
 
 
@@ -50,7 +54,9 @@ class AgentTokenVerifier:
     async def verify_token(self, token: str) -> AccessToken | None:
         agent = self._agents.get(token_sha256(token))
         if agent is not None:  # an agent's entry is its permissions (AgentConfig extends Permissions)
-            return AgentToken(token=token, client_id=agent.id, scopes=[], permissions=agent)
+            return AgentToken(
+                token=token, client_id=agent.id, agent_id=agent.id, scopes=[], permissions=agent
+            )
         if self._jwt is not None and token.count(".") == 2:
             return self._jwt.verify(token)
         return None
@@ -97,6 +103,7 @@ class _JwtKeys:
         return AgentToken(
             token=token,
             client_id=identity,
+            agent_id=identity,
             subject=identity,
             scopes=scopes,
             expires_at=int(claims["exp"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import getpass
 import importlib.util
 import json
 import logging
@@ -33,9 +34,17 @@ from mcp_server import __version__, chain, checkpoints, doctor, identity, logs, 
 from mcp_server import http as http_transport
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.checkpoints import Checkpoint, CheckpointKeys, Signer
-from mcp_server.config import LOOPBACK_HOSTS, AgentConfig, ConfigError, Settings, load_settings
+from mcp_server.config import (
+    LOOPBACK_HOSTS,
+    AgentConfig,
+    ConfigError,
+    OperatorConfig,
+    Settings,
+    load_settings,
+)
 from mcp_server.db import create_database, grant_app_role, sqlite_file
 from mcp_server.errors import DATABASE_ERRORS, StartupError
+from mcp_server.operators import MIN_PASSWORD, hash_password
 from mcp_server.server import AppState, check_tool_names, create_server
 
 logger = logging.getLogger("mcp_server")
@@ -77,6 +86,8 @@ def _main(argv: list[str] | None) -> int:
             return anyio.run(_verify_audit_log, settings, args.wait, args.checkpoints, tuple(args.public_key))
         if command == "keygen":
             return _keygen(args.path)
+        if command == "hash-password":
+            return _hash_password(args.operator, args.read_only)
         if command == "grant-app-role":
             return anyio.run(_grant_app_role, settings, args.role)
     except ConfigError as exc:
@@ -166,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="a public key checkpoints may be signed with (repeatable); the signing key's is always one",
     )
+    operator = commands.add_parser(
+        "hash-password",
+        help="hash an operator's password (asked for, or read from stdin) and print the config entry",
+    )
+    operator.add_argument("operator", help="the operator's id, recorded as operator:<id> for what they do")
+    operator.add_argument("--read-only", action="store_true", help="the operator may look but not authorize")
     keygen = commands.add_parser(
         "keygen", help="write a new Ed25519 key for signing audit checkpoints, and print its public key"
     )
@@ -200,8 +217,14 @@ def _http_settings(settings: Settings, args: argparse.Namespace) -> Settings:
         return settings
     if not settings.accepts_tokens:
         raise ConfigError(
-            "serving HTTP needs a way to check tokens: add agents with token_sha256 (see mint-token) "
-            "or a jwt section to the config file"
+            "serving HTTP needs a way to check tokens: add agents with token_sha256 (see mint-token), "
+            "a jwt section, or an oauth section with operators (see hash-password) to the config file"
+        )
+    public_https = (settings.public_url or "").startswith("https://")
+    if settings.oauth is not None and settings.http_host not in LOOPBACK_HOSTS and not public_https:
+        raise ConfigError(
+            f"the built-in OAuth server on {settings.http_host} needs public_url, the https:// address "
+            "clients reach it at (OAuth 2.1 sends codes and tokens only over HTTPS off loopback)"
         )
     if settings.http_host not in LOOPBACK_HOSTS and not settings.allowed_hosts:
         raise ConfigError(
@@ -347,6 +370,26 @@ def _mint_token(args: argparse.Namespace) -> int:
     )
     _write(token)
     _write('add this entry to "agents" in the config file:')
+    _write(json.dumps(entry))
+    return 0
+
+
+def _hash_password(operator_id: str, read_only: bool) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {operator_id}: ")
+        if getpass.getpass("again: ") != password:
+            sys.stderr.write("mcp-task-server: the two passwords differ\n")
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD:
+        sys.stderr.write(f"mcp-task-server: a password needs at least {MIN_PASSWORD} characters\n")
+        return 2
+    entry: dict[str, Any] = {"id": operator_id, "password_scrypt": hash_password(password)}
+    if read_only:
+        entry["read_only"] = True
+    OperatorConfig.model_validate(entry)  # the same checks the config file gets
+    _write('add this entry to "operators" in the config file:')
     _write(json.dumps(entry))
     return 0
 

@@ -90,6 +90,30 @@ class JwtConfig(BaseModel):
     scopes: dict[str, Permissions] = Field(default_factory=dict)
 
 
+class OperatorConfig(BaseModel):
+    """A person who may sign in to the server's own pages (the OAuth consent page): an id, recorded
+    as `operator:<id>` for what they do, and a password hash made by `hash-password`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: AgentId
+    password_scrypt: str = Field(pattern=r"^scrypt:\d+:\d+:\d+:[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$")
+    # A read-only operator may look but not grant: it cannot authorize an OAuth client.
+    read_only: bool = False
+
+
+class OAuthConfig(BaseModel):
+    """The built-in OAuth 2.1 authorization server (oauth.py): how long what it issues lasts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_token_seconds: int = Field(default=3600, ge=60, le=86_400)
+    refresh_token_days: int = Field(default=30, ge=1, le=365)
+    # How long the operator has to decide on the consent page, and the client to redeem its code.
+    consent_seconds: int = Field(default=600, ge=60, le=3600)
+    code_seconds: int = Field(default=300, ge=30, le=600)
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which setting and why."""
 
@@ -102,6 +126,10 @@ class Settings(BaseModel):
     tools: frozenset[str] | None = None
     agents: tuple[AgentConfig, ...] = ()
     jwt: JwtConfig | None = None
+    # The built-in OAuth authorization server, for teams without an identity provider: operators
+    # sign in on its consent page and choose which configured agent a client acts as.
+    oauth: OAuthConfig | None = None
+    operators: tuple[OperatorConfig, ...] = ()
     jwt_secret: SecretStr | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
@@ -154,7 +182,24 @@ class Settings(BaseModel):
                 raise ValueError(
                     "jwt: give exactly one key: jwt.public_key_file, jwt.jwks_file, or MCP_JWT_SECRET"
                 )
+        if len({operator.id for operator in self.operators}) != len(self.operators):
+            raise ValueError("operators: each operator id may appear once")
+        if self.oauth is not None:
+            if self.jwt is not None:
+                raise ValueError(
+                    "oauth and jwt: choose one authorization server for OAuth clients to find: "
+                    "the built-in one (oauth) or your identity provider (jwt)"
+                )
+            if not any(not operator.read_only for operator in self.operators):
+                raise ValueError("oauth: add an operator (see hash-password) who may authorize clients")
+            if not self.agents:
+                raise ValueError("oauth: add the agents an operator may authorize a client to act as")
         return self
+
+    @property
+    def issuer_url(self) -> str:
+        """The built-in authorization server's issuer: where the server is reached, without /mcp."""
+        return self.resource_url.removesuffix("/mcp")
 
     @property
     def resource_url(self) -> str:
@@ -171,7 +216,9 @@ class Settings(BaseModel):
     @property
     def accepts_tokens(self) -> bool:
         """Whether any bearer token could be verified: an agent with a token hash, or JWTs."""
-        return self.jwt is not None or any(agent.token_sha256 for agent in self.agents)
+        return (
+            self.jwt is not None or self.oauth is not None or any(agent.token_sha256 for agent in self.agents)
+        )
 
     @property
     def checks_tokens(self) -> bool:

@@ -76,12 +76,15 @@ class Report:
 
 
 def masked(settings: Settings) -> dict[str, Any]:
-    """The settings in effect, with the database password, the JWT secret and token hashes hidden."""
+    """The settings in effect, with the database password, the JWT secret, token hashes and
+    operators' password hashes hidden."""
     shown = settings.model_dump(mode="json")
     shown["database_url"] = make_url(settings.database_url).render_as_string(hide_password=True)
     shown["jwt_secret"] = "***" if settings.jwt_secret is not None else None
     for agent in shown["agents"]:
         agent["token_sha256"] = "***" if agent["token_sha256"] else None
+    for operator in shown["operators"]:
+        operator["password_scrypt"] = "***"
     return shown
 
 

@@ -63,6 +63,7 @@ class AuditAction(StrEnum):
     DELETED = "deleted"
     RESTORED = "restored"
     REFUSED = "refused"  # a call the agent had no permission for; nothing changed
+    AUTHORIZED = "authorized"  # an operator let an OAuth client act as an agent (oauth.py)
 
 
 def utcnow() -> datetime:
@@ -333,6 +334,68 @@ class IdempotencyRecord(SQLModel, table=True):
     result: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
     created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
     expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class OAuthClient(SQLModel, table=True):
+    """An OAuth client registered with the built-in authorization server (RFC 7591).
+
+    `info` is its registration as the SDK checked it. A confidential client's secret is in it:
+    the SDK's token endpoint compares the secret it is sent with the stored one. A secret alone
+    obtains nothing: a token needs a code or refresh token too, and those are stored as hashes."""
+
+    __tablename__ = "oauth_client"
+    __table_args__ = (Index("ix_oauth_client_registered", "registered_at"),)
+
+    client_id: str = Field(primary_key=True, sa_type=String(64))
+    info: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
+    registered_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class OAuthGrant(SQLModel, table=True):
+    """An operator's consent: client `client_id` acts as agent `agent_id`, read-only or with the
+    agent's permissions, until revoked. Every token issued for it dies with it."""
+
+    __tablename__ = "oauth_grant"
+    __table_args__ = (Index("ix_oauth_grant_client", "client_id"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=IdType)
+    client_id: str = Field(foreign_key="oauth_client.client_id", sa_type=String(64), nullable=False)
+    agent_id: str = Field(sa_type=String(200), nullable=False)
+    read_only: bool = Field(nullable=False)
+    scopes: list[str] = Field(sa_type=JSONValue, nullable=False)
+    resource: str | None = Field(default=None, sa_type=String(2000))
+    granted_by: str = Field(sa_type=String(200), nullable=False)
+    granted_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class OAuthSecretKind(StrEnum):
+    REQUEST = "request"  # an authorization request waiting on the consent page
+    CODE = "code"  # an authorization code, redeemed once
+    ACCESS = "access"  # an access token
+    REFRESH = "refresh"  # a refresh token, redeemed once (rotated)
+
+
+class OAuthSecret(SQLModel, table=True):
+    """Something the authorization server handed out, stored as the SHA-256 of its value only:
+    a pending request, a code, an access or a refresh token. A request has no grant yet; `details`
+    holds what the next step checks (the request's parameters, the code's PKCE challenge and
+    redirect URI). `used_at` marks a code or refresh token redeemed, so a second use is seen as a
+    replay (and revokes the grant) rather than as an unknown value."""
+
+    __tablename__ = "oauth_secret"
+    __table_args__ = (
+        Index("ix_oauth_secret_grant", "grant_id"),
+        Index("ix_oauth_secret_expires", "expires_at"),
+    )
+
+    value_sha256: str = Field(primary_key=True, sa_type=String(64))
+    kind: OAuthSecretKind = Field(sa_type=String(16), nullable=False)
+    client_id: str = Field(foreign_key="oauth_client.client_id", sa_type=String(64), nullable=False)
+    grant_id: int | None = Field(default=None, foreign_key="oauth_grant.id", sa_type=IdType)
+    details: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
+    expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 # The tables behind the models, for statements that select plain columns (SQLModel does not declare them).

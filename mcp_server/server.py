@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 import anyio
 from mcp.server._otel import OpenTelemetryMiddleware  # not exported; the SDK documents dropping it
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.settings import AuthSettings
+from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions, RevocationOptions
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
@@ -57,9 +57,11 @@ from mcp_server import (
     chain,
     changes,
     client_logs,
+    consent,
     idempotency,
     identity,
     logs,
+    oauth,
     projects,
     resources,
     tasks,
@@ -392,8 +394,8 @@ async def get_audit_trail(
     limit: Limit = 50,
     page_token: PageToken = None,
 ) -> AuditTrail:
-    """Who changed what and when, with the values before and after, newest first. `refused`
-    entries are calls made without the permission."""
+    """Who changed what and when, with the values before and after, newest first. `refused`: a
+    call lacking permission."""
     async with _session(request, write=False) as session:
         return await audit.get_audit_trail(
             session,
@@ -599,7 +601,7 @@ def _agent_of(settings: Settings, http_request: Any = None) -> tuple[str, Permis
     if token is None and http_request is not None:
         token = getattr(http_request.scope.get("user"), "access_token", None)
     if isinstance(token, auth.AgentToken):
-        return token.client_id, token.permissions
+        return token.agent_id, token.permissions
     return identity.configured_agent(settings)
 
 
@@ -713,11 +715,21 @@ async def _record_refusal(app: AppState, call: Call, permission: str, arguments:
 
 
 def _oauth(settings: Settings) -> AuthSettings:
-    """What the SDK publishes for OAuth clients (RFC 9728). With JWTs from an identity provider:
+    """What the SDK publishes for OAuth clients (RFC 9728). With the built-in authorization server
+    (oauth.py): its own metadata (RFC 8414), registration, token and revocation endpoints, and
+    Protected Resource Metadata naming it. With JWTs from an identity provider:
     Protected Resource Metadata at /.well-known/oauth-protected-resource/mcp naming that issuer as
     the authorization server, and its URL in every 401's WWW-Authenticate, so an OAuth client finds
     where to get a token. The token's audience is checked by our verifier (auth.py), not by the
     SDK's resource check. Static tokens alone have no issuer to point at: nothing is published."""
+    if settings.oauth is not None:
+        return AuthSettings(
+            issuer_url=settings.issuer_url,
+            resource_server_url=settings.resource_url,
+            client_registration_options=ClientRegistrationOptions(enabled=True),
+            revocation_options=RevocationOptions(enabled=True),
+            validate_token_resource=False,  # the provider issues tokens for this resource only
+        )
     if settings.jwt is None or not settings.jwt.issuer.startswith(("https://", "http://")):
         # issuer_url is required by the SDK but published only with resource_server_url.
         return AuthSettings(issuer_url="http://localhost", resource_server_url=None)
@@ -743,6 +755,14 @@ def check_tool_names(settings: Settings) -> None:
 
 def create_server(settings: Settings) -> MCPServer[AppState]:
     check_tool_names(settings)
+    # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
+    verifier = auth.AgentTokenVerifier(settings) if settings.checks_tokens else None
+    # The built-in authorization server verifies every token itself: static ones through `verifier`.
+    provider = (
+        oauth.BuiltInAuthorization(settings, verifier)
+        if verifier is not None and settings.oauth is not None
+        else None
+    )
     sessionless = SessionlessCalls()
     client_levels = client_logs.SessionLevels()
     bus = InMemorySubscriptionBus()  # this process's listen streams; the audit chain connects processes
@@ -763,6 +783,8 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
             # The embedded SQLite file belongs to this server: nobody else is there to migrate it.
             await db.open_schema(upgrade=db.is_sqlite)
             subscriptions.open(db)
+            if provider is not None:
+                provider.open(db)
             if settings.sealer:
                 sealing = Sealer(db, settings, signer)
                 task = asyncio.create_task(sealing.run(), name=SEALER_TASK)
@@ -792,9 +814,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
             for fn, title, annotations in TOOLS
             if settings.tools is None or fn.__name__ in settings.tools
         ],
-        # Only HTTP requests carry tokens; stdio and in-process clients never meet the verifier.
-        token_verifier=auth.AgentTokenVerifier(settings) if settings.checks_tokens else None,
-        auth=_oauth(settings) if settings.checks_tokens else None,
+        token_verifier=verifier if provider is None else None,
+        auth_server_provider=provider,
+        auth=_oauth(settings) if verifier is not None else None,
         # subscriptions/listen (2026-07-28): resource changes, published by changes.Subscriptions.
         # Tools and resources never change their lists, so no list-changed event is ever sent.
         subscriptions=bus,
@@ -822,6 +844,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
     if settings.http_stateless:
         server.middleware.append(CancelSessionless(sessionless, lambda: _agent_of(settings)[0]))
     resources.register(server, _read_resource)
+    if provider is not None:
+        for path, endpoint, methods in consent.routes(provider, settings):
+            server.custom_route(path, methods=methods)(endpoint)
     writing = frozenset(fn.__name__ for fn, _, annotations in TOOLS if not annotations.read_only_hint)
     server.middleware.append(ToolsTheyMayCall(lambda ctx: _agent_of(settings, ctx.request)[1], writing))
     return server

@@ -119,8 +119,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await conn.execute(text("SET LOCAL session_replication_role = replica"))
         await conn.execute(
             text(
-                "TRUNCATE audit_entry, audit_seal, audit_checkpoint, entity, idempotency_key "
-                "RESTART IDENTITY CASCADE"
+                "TRUNCATE audit_entry, audit_seal, audit_checkpoint, entity, idempotency_key, "
+                "oauth_secret, oauth_grant, oauth_client RESTART IDENTITY CASCADE"
             )
         )
         await conn.execute(
@@ -265,9 +265,11 @@ def http_server(
     *,
     env: dict[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    port: int | None = None,
 ) -> Iterator[str]:
-    """`mcp-task-server serve --transport http` in a subprocess; yields its MCP endpoint URL."""
-    port = free_port()
+    """`mcp-task-server serve --transport http` in a subprocess (on `port`, else a free one);
+    yields its MCP endpoint URL."""
+    port = port or free_port()
     config_file = tmp_path / f"config-{port}.json"
     config_file.write_text(json.dumps(config))
     log = (tmp_path / f"server-{port}.log").open("w")
@@ -288,7 +290,7 @@ def http_server(
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
         process.terminate()
@@ -296,7 +298,7 @@ def http_server(
         log.close()
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     for _ in range(300):
         if process.poll() is not None:
             raise RuntimeError(f"the HTTP server exited with {process.returncode} before listening")

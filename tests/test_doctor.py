@@ -14,6 +14,7 @@ from sqlalchemy import make_url, text
 
 from mcp_server.auth import token_sha256
 from mcp_server.db import Database
+from mcp_server.operators import hash_password
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.anyio
@@ -54,10 +55,12 @@ async def test_on_a_sound_database_it_passes_and_shows_the_settings_with_secrets
         url = make_url(url).set(password="db-password-not-shown").render_as_string(hide_password=False)
     config = tmp_path / "server.json"
     token_hash = token_sha256("some-token")
+    password_hash = hash_password("an operator's password")
     config.write_text(
         json.dumps(
             {
                 "agents": [{"id": "bot", "token_sha256": token_hash}],
+                "operators": [{"id": "alice", "password_scrypt": password_hash}],
                 "jwt": {"issuer": "https://idp", "audience": "tasks", "algorithms": ["HS256"]},
             }
         )
@@ -67,11 +70,12 @@ async def test_on_a_sound_database_it_passes_and_shows_the_settings_with_secrets
     assert code == 0, report
     assert report["healthy"] is True
     shown = json.dumps(report)
-    for secret in (SECRET, token_hash, "db-password-not-shown"):
+    for secret in (SECRET, token_hash, "db-password-not-shown", password_hash.split(":")[-1]):
         assert secret not in shown
     assert report["settings"]["jwt_secret"] == "***"
     [agent] = report["settings"]["agents"]
     assert (agent["id"], agent["token_sha256"]) == ("bot", "***")
+    assert report["settings"]["operators"] == [{"id": "alice", "password_scrypt": "***", "read_only": False}]
     assert report["settings"]["pool_size"] == 5
     checks = levels(report)
     assert checks["database"] == checks["schema"] == checks["audit log"] == checks["pool"] == "ok"
