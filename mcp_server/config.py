@@ -40,6 +40,9 @@ ENV_VARS: dict[str, str] = {
 # Settings that hold a list take a comma-separated environment variable.
 _LIST_SETTINGS = {"tools", "allowed_hosts", "allowed_origins"}
 
+# The least scrypt cost an operator's password hash may have (hash-password uses this).
+MIN_SCRYPT_N = 2**14
+
 AgentId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")]
 
 
@@ -100,6 +103,16 @@ class OperatorConfig(BaseModel):
     password_scrypt: str = Field(pattern=r"^scrypt:\d+:\d+:\d+:[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$")
     # A read-only operator may look but not grant: it cannot authorize an OAuth client.
     read_only: bool = False
+
+    @model_validator(mode="after")
+    def _strong_enough(self) -> OperatorConfig:
+        _, n, r, p, _, _ = self.password_scrypt.split(":")
+        if int(n) < MIN_SCRYPT_N or int(r) < 8 or not 1 <= int(p) <= 16 or int(n) > 2**20:
+            raise ValueError(
+                f"operators[{self.id}].password_scrypt: its scrypt cost is out of range (N from "
+                f"{MIN_SCRYPT_N} to 2^20, r at least 8); make a new one with hash-password"
+            )
+        return self
 
 
 class OAuthConfig(BaseModel):

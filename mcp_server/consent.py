@@ -4,23 +4,27 @@ and decides whether an OAuth client may act as one of the configured agents.
 
 Server-rendered, no script. The request it decides is named by an unguessable value in its URL and
 form, so another site cannot make a browser decide one; a POST from another origin is refused all
-the same, and the page may not be framed. A wrong sign-in is counted against the request, which is
-withdrawn after a few; each check costs a scrypt hash.
+the same, and the page may not be framed. Wrong sign-ins are counted per operator in the database
+(oauth.py), and too many lock the operator out for a while; each check costs a scrypt hash.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from mcp_server.config import Settings
-from mcp_server.oauth import CONSENT_PATH, MAX_SIGN_IN_FAILURES, BuiltInAuthorization, Pending
-from mcp_server.operators import sign_in
+from mcp_server.errors import DATABASE_ERRORS
+from mcp_server.models import utcnow
+from mcp_server.oauth import CONSENT_PATH, BuiltInAuthorization, Pending
+from mcp_server.schemas import iso_time
+
+logger = logging.getLogger(__name__)
 
 HEADERS = {
     "Cache-Control": "no-store",
@@ -56,6 +60,16 @@ def routes(provider: BuiltInAuthorization, settings: Settings) -> list[tuple[str
     """(path, endpoint, methods) for the consent page."""
 
     async def consent(request: Request) -> Response:
+        try:
+            return await _consent(request)
+        except DATABASE_ERRORS:
+            logger.exception("the consent page could not reach the database")
+            busy = (
+                "<p>The server is busy right now; nothing was decided. Go back and try again in a moment.</p>"
+            )
+            return _page("Try again", busy, 503, {"Retry-After": "5"})
+
+    async def _consent(request: Request) -> Response:
         if request.method == "GET":
             value = request.query_params.get("request", "")
             pending = await provider.pending(value) if value else None
@@ -82,13 +96,16 @@ async def _decide(request: Request, provider: BuiltInAuthorization, settings: Se
         return _page("Authorization request not found", f"<p>{GONE}</p>", 400)
     if fields["decision"] == "deny":
         return _back(await provider.decide(value, None, None, False))
-    operator = await anyio.to_thread.run_sync(sign_in, settings, fields["operator"], fields["password"])
+    source = request.client.host if request.client is not None else "an unknown address"
+    attempt = await provider.sign_in(fields["operator"], fields["password"], source)
+    if attempt.locked_until is not None:
+        wait = max(1, int((attempt.locked_until - utcnow()).total_seconds()))
+        locked = (
+            f"Too many failed sign-ins for this operator: try again after {iso_time(attempt.locked_until)}."
+        )
+        return _form(pending, value, settings, locked, 429, {"Retry-After": str(wait)})
+    operator = attempt.operator
     if operator is None:
-        if not await provider.sign_in_failed(value):
-            gone = (
-                f"<p>Too many failed sign-ins ({MAX_SIGN_IN_FAILURES}): this request is withdrawn. {GONE}</p>"
-            )
-            return _page("Sign-in failed", gone, 401)
         return _form(pending, value, settings, "The operator id or password is wrong.", 401)
     if operator.read_only:
         return _form(
@@ -111,7 +128,12 @@ def _back(url: str | None) -> Response:
 
 
 def _form(
-    pending: Pending, value: str, settings: Settings, error: str | None = None, status: int = 200
+    pending: Pending,
+    value: str,
+    settings: Settings,
+    error: str | None = None,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     e = html.escape
     name = e(pending.client_name or "An unnamed client")
@@ -142,13 +164,12 @@ are setting up.</p>
 <button type="submit" name="decision" value="deny" formnovalidate>Deny</button>
 </div>
 </form>"""
-    return _page("Authorize a client", body, status)
+    return _page("Authorize a client", body, status, headers)
 
 
-def _page(title: str, body: str, status: int) -> HTMLResponse:
-    return HTMLResponse(
-        _PAGE.format(title=html.escape(title), body=body), status_code=status, headers=HEADERS
-    )
+def _page(title: str, body: str, status: int, headers: dict[str, str] | None = None) -> HTMLResponse:
+    page = _PAGE.format(title=html.escape(title), body=body)
+    return HTMLResponse(page, status_code=status, headers=HEADERS | (headers or {}))
 
 
 def _origin(url: str) -> str:

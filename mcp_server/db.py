@@ -312,7 +312,7 @@ def grant_app_role(conn: Connection, role: str) -> None:
     for statement in (
         f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
         f"REVOKE ALL ON entity, audit_entry, audit_seal, audit_chain, audit_checkpoint, idempotency_key, "
-        f"oauth_client, oauth_grant, oauth_secret, alembic_version FROM {quote(role)}",
+        f"oauth_client, oauth_grant, oauth_secret, operator_sign_in, alembic_version FROM {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
         f"GRANT SELECT, INSERT ON audit_entry, audit_seal, audit_checkpoint TO {quote(role)}",
         # The sealer moves the chain's head and holds its lease in this table's one row.
@@ -323,6 +323,7 @@ def grant_app_role(conn: Connection, role: str) -> None:
         f"GRANT SELECT, INSERT, DELETE ON oauth_client TO {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON oauth_grant TO {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON oauth_secret TO {quote(role)}",
+        f"GRANT SELECT, INSERT, UPDATE ON operator_sign_in TO {quote(role)}",
         f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq, oauth_grant_id_seq TO {quote(role)}",
         # The server reads the schema version at start; only `migrate`, as the owner, changes it.
         f"GRANT SELECT ON alembic_version TO {quote(role)}",

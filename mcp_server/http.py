@@ -6,6 +6,8 @@ uvicorn on uvloop.
 - CORS for browser-based clients: the origins the protection admits may call from a browser. A
   preflight is answered before authentication (it carries no token), and the headers a client
   must read, `Mcp-Session-Id` and `WWW-Authenticate` among them, are exposed.
+- Off the MCP endpoint, bodies are small (the OAuth endpoints' forms), and the access log keeps
+  no query strings.
 - Stateless, there is no session whose stream a GET could open or a DELETE could end: both get
   405 with the methods that work, instead of an empty stream.
 """
@@ -13,13 +15,14 @@ uvicorn on uvloop.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -41,6 +44,7 @@ REQUEST_HEADERS = (
 )
 EXPOSED_HEADERS = ("Mcp-Session-Id", "Mcp-Protocol-Version", "WWW-Authenticate")
 PREFLIGHT_MAX_AGE = 600
+OFF_MCP_MAX_BODY = 65_536
 # uvloop where it is installed (everywhere but Windows): the HTTP stack's loop work, as on stdio.
 EVENT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
@@ -63,6 +67,7 @@ def app(server: MCPServer[Any], settings: Settings) -> ASGIApp:
         transport_security=guard,
         host=settings.http_host,
     )
+    served = SmallBodiesOffMcp(served)
     if settings.http_stateless:
         served = NoSessionStreams(served)
     if guard.allowed_origins:
@@ -80,6 +85,21 @@ def app(server: MCPServer[Any], settings: Settings) -> ASGIApp:
 def origin_pattern(origins: Sequence[str]) -> str:
     """One regular expression for origins as the transport security writes them (`*` for any port)."""
     return "|".join(re.escape(origin).replace(r"\*", "[0-9]+") for origin in origins)
+
+
+class SmallBodiesOffMcp:
+    """Everything but the MCP endpoint (which has its own limit, http_max_body_bytes) takes small
+    bodies only: the OAuth endpoints' forms and registrations, the consent page's form."""
+
+    def __init__(self, inner: ASGIApp) -> None:
+        self.inner = inner
+        self.limited = RequestBodyLimitMiddleware(inner, OFF_MCP_MAX_BODY)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/") != MCP_PATH:
+            await self.limited(scope, receive, send)
+            return
+        await self.inner(scope, receive, send)
 
 
 class NoSessionStreams:
@@ -114,6 +134,16 @@ def serve(server: MCPServer[Any], settings: Settings) -> bool:
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's records, its access log too, go through ours: to stderr
     )
+    logging.getLogger("uvicorn.access").addFilter(without_query)
     runner = uvicorn.Server(config)
     runner.run()
     return runner.started
+
+
+def without_query(record: logging.LogRecord) -> bool:
+    """uvicorn's access log without query strings: they can carry values that must not be kept
+    (a consent request's id; a token a careless client put in the URL)."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+        record.args = (args[0], args[1], args[2].split("?", 1)[0] + "?…", args[3], args[4])
+    return True

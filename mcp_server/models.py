@@ -398,6 +398,19 @@ class OAuthSecret(SQLModel, table=True):
     used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+class OperatorSignIn(SQLModel, table=True):
+    """An operator's recent failed sign-ins, shared by every server process: too many within a
+    window lock the operator out for a while, however many requests or processes the guesses
+    come through (oauth.py)."""
+
+    __tablename__ = "operator_sign_in"
+
+    operator_id: str = Field(primary_key=True, sa_type=String(200))
+    failures: int = Field(sa_type=Integer, nullable=False)
+    window_started_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    locked_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
 # The tables behind the models, for statements that select plain columns (SQLModel does not declare them).
 AUDIT_TABLE: Table = AuditEntry.__table__  # type: ignore[attr-defined]
 SEAL_TABLE: Table = AuditSeal.__table__  # type: ignore[attr-defined]

@@ -21,13 +21,17 @@ Every value handed out is 256 random bits, stored as its SHA-256 only.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
+import anyio
+import anyio.to_thread
 from mcp.server.auth.provider import (
     AccessToken,
     AuthorizationCode,
@@ -41,9 +45,11 @@ from mcp.server.auth.provider import (
 )
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from sqlalchemy import delete, exists, func, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, select
 
-from mcp_server import audit
+from mcp_server import audit, operators
 from mcp_server.auth import AgentToken, AgentTokenVerifier
 from mcp_server.config import OAuthConfig, OperatorConfig, Permissions, Settings
 from mcp_server.db import Database
@@ -54,6 +60,7 @@ from mcp_server.models import (
     OAuthGrant,
     OAuthSecret,
     OAuthSecretKind,
+    OperatorSignIn,
     utcnow,
 )
 from mcp_server.operators import recorded_id
@@ -64,12 +71,25 @@ CONSENT_PATH = "/oauth/consent"
 ACCESS_PREFIX = "mto_"
 REFRESH_PREFIX = "mtr_"
 CODE_PREFIX = "mtc_"
-# Registrations nobody authorized are forgotten after a day; at most this many wait at once, so
-# anonymous registration cannot fill the database.
+# Registrations nobody authorized are forgotten after a day; at most this many wait at once, each
+# with at most this much metadata, so anonymous registration cannot fill the database.
 UNUSED_CLIENT_DAYS = 1
-MAX_UNUSED_CLIENTS = 10_000
-# Wrong sign-ins one consent request allows before it is withdrawn.
+MAX_UNUSED_CLIENTS = 1_000
+MAX_REGISTRATION_BYTES = 16_384
+MAX_REDIRECT_URIS = 10
+MAX_URI_LENGTH = 2_000
+# Authorization requests one client may have waiting on the consent page, and their sizes.
+MAX_PENDING_PER_CLIENT = 10
+MAX_STATE_LENGTH = 1_000
+MAX_SCOPES = 20
+# Wrong sign-ins an operator may make within the window before being locked out for a while,
+# counted in the database across every request and server process.
 MAX_SIGN_IN_FAILURES = 5
+SIGN_IN_WINDOW = timedelta(minutes=15)
+LOCKOUT = timedelta(minutes=15)
+# Password checks at once in this process: each costs scrypt's 16 MiB and about 50 ms of a core.
+SCRYPT_AT_ONCE = 2
+LOOPBACK_REDIRECT_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 # How often a process clears expired values and stale registrations.
 SWEEP_SECONDS = 60.0
 
@@ -91,7 +111,15 @@ class Pending:
     redirect_uri: str
     state: str | None
     scopes: list[str]
-    failures: int
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """An attempt to sign in: the operator when the password was right; else, when locked out,
+    until when."""
+
+    operator: OperatorConfig | None
+    locked_until: datetime | None = None
 
 
 def secret_hash(value: str) -> str:
@@ -113,6 +141,7 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
         self._verifier = verifier
         self._db: Database | None = None
         self._swept = 0.0
+        self._checking = anyio.Semaphore(SCRYPT_AT_ONCE)
 
     @property
     def issuer(self) -> str:
@@ -135,7 +164,12 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
         return None if found is None else OAuthClientInformationFull.model_validate(found.info)
 
     async def register_client(self, client_info: OAuthClientInformationFull) -> None:
+        info = client_info.model_dump(mode="json", exclude_none=True)
+        problem = _registration_problem(client_info, info)
+        if problem is not None:
+            raise RegistrationError(*problem)
         await self._sweep()
+        full = False
         async with self.db.session(write=True) as session:
             waiting = (
                 await session.exec(
@@ -144,18 +178,15 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
                     .where(~exists().where(col(OAuthGrant.client_id) == OAuthClient.client_id))
                 )
             ).one()
-            if waiting >= MAX_UNUSED_CLIENTS:
-                raise RegistrationError(
-                    "invalid_client_metadata",
-                    f"{waiting} registered clients are waiting to be authorized; try again tomorrow",
-                )
-            assert client_info.client_id is not None
-            session.add(
-                OAuthClient(
-                    client_id=client_info.client_id,
-                    info=client_info.model_dump(mode="json", exclude_none=True),
-                    registered_at=utcnow(),
-                )
+            full = waiting >= MAX_UNUSED_CLIENTS
+            if not full:
+                assert client_info.client_id is not None
+                session.add(OAuthClient(client_id=client_info.client_id, info=info, registered_at=utcnow()))
+        if full:
+            logger.warning("OAuth registration refused: %s registered clients wait to be authorized", waiting)
+            raise RegistrationError(
+                "invalid_client_metadata",
+                "too many registered clients are waiting to be authorized; try again later",
             )
 
     # Authorization: the request waits on the consent page for an operator's decision.
@@ -165,18 +196,41 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
             raise AuthorizeError(
                 "invalid_target", f"this server issues tokens only for {self._settings.resource_url}"
             )
+        if len(params.state or "") > MAX_STATE_LENGTH or len(params.scopes or []) > MAX_SCOPES:
+            raise AuthorizeError(
+                "invalid_request", f"state is limited to {MAX_STATE_LENGTH} characters, scope to {MAX_SCOPES}"
+            )
         await self._sweep()
         request = _new()
         assert client.client_id is not None
+        now = utcnow()
         async with self.db.session(write=True) as session:
-            session.add(
-                OAuthSecret(
-                    value_sha256=secret_hash(request),
-                    kind=OAuthSecretKind.REQUEST,
-                    client_id=client.client_id,
-                    details=params.model_dump(mode="json") | {"failures": 0},
-                    expires_at=utcnow() + timedelta(seconds=self._config.consent_seconds),
+            waiting = (
+                await session.exec(
+                    select(func.count())
+                    .select_from(OAuthSecret)
+                    .where(
+                        OAuthSecret.client_id == client.client_id,
+                        OAuthSecret.kind == OAuthSecretKind.REQUEST,
+                        col(OAuthSecret.used_at).is_(None),
+                        col(OAuthSecret.expires_at) > now,
+                    )
                 )
+            ).one()
+            if waiting < MAX_PENDING_PER_CLIENT:
+                session.add(
+                    OAuthSecret(
+                        value_sha256=secret_hash(request),
+                        kind=OAuthSecretKind.REQUEST,
+                        client_id=client.client_id,
+                        details=params.model_dump(mode="json"),
+                        expires_at=now + timedelta(seconds=self._config.consent_seconds),
+                    )
+                )
+        if waiting >= MAX_PENDING_PER_CLIENT:
+            raise AuthorizeError(
+                "temporarily_unavailable",
+                f"{waiting} authorization requests of this client wait on the consent page already",
             )
         return construct_redirect_uri(self.issuer + CONSENT_PATH, request=request)
 
@@ -205,20 +259,63 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
             redirect_uri=str(params.redirect_uri),
             state=params.state,
             scopes=params.scopes or [],
-            failures=int(secret.details.get("failures", 0)),
         )
 
-    async def sign_in_failed(self, request: str) -> bool:
-        """Count a wrong sign-in on the request; whether it may still be tried (else it is withdrawn)."""
+    async def sign_in(self, operator_id: str, password: str, source: str) -> SignIn:
+        """Check an operator's password. A known operator's attempt is counted before the check,
+        so guesses sent at once cannot outrun the count; too many wrong ones within the window
+        lock the operator out, and a locked-out operator's password is not checked at all."""
+        operator = next((o for o in self._settings.operators if o.id == operator_id), None)
+        now = utcnow()
+        if operator is not None:
+            async with self.db.session(write=False) as session:
+                seen = await session.get(OperatorSignIn, operator.id)
+            if seen is not None and seen.locked_until is not None and seen.locked_until > now:
+                return SignIn(None, seen.locked_until)
+            locked_until = await self._count_attempt(operator.id, now)
+            if locked_until is not None:
+                logger.warning(
+                    "operator %s is locked out after failed sign-ins (from %s)", operator.id, source
+                )
+                return SignIn(None, locked_until)
+        async with self._checking:
+            signed_in = await anyio.to_thread.run_sync(
+                operators.sign_in, self._settings, operator_id, password
+            )
+        if signed_in is None:
+            logger.warning("a failed sign-in as operator %r from %s", operator_id[:200], source)
+            return SignIn(None)
         async with self.db.session(write=True) as session:
-            secret = await session.get(OAuthSecret, secret_hash(request))
-            if secret is None or secret.used_at is not None:
-                return False
-            failures = int(secret.details.get("failures", 0)) + 1
-            secret.details = secret.details | {"failures": failures}
-            if failures >= MAX_SIGN_IN_FAILURES:
-                secret.used_at = utcnow()
-            return failures < MAX_SIGN_IN_FAILURES
+            counted = await session.get(OperatorSignIn, signed_in.id)
+            if counted is not None:
+                counted.failures, counted.locked_until = 0, None
+        return SignIn(signed_in)
+
+    async def _count_attempt(self, operator_id: str, now: datetime) -> datetime | None:
+        """Count one attempt as a failure until it succeeds; when the operator is locked out (now,
+        or by this attempt), until when. The operator's row is locked while it is counted, so
+        attempts made at once are counted one after another."""
+        async with self.db.session(write=True) as session:
+            dialect = session.get_bind().dialect.name
+            first = (pg_insert if dialect == "postgresql" else sqlite_insert)(OperatorSignIn)
+            await session.exec(
+                first.values(
+                    operator_id=operator_id, failures=0, window_started_at=now
+                ).on_conflict_do_nothing()
+            )
+            counted = await session.get(
+                OperatorSignIn, operator_id, with_for_update=True, populate_existing=True
+            )
+            assert counted is not None
+            if counted.locked_until is not None and counted.locked_until > now:
+                return counted.locked_until
+            if counted.window_started_at <= now - SIGN_IN_WINDOW:
+                counted.failures, counted.window_started_at = 0, now
+            counted.failures += 1
+            if counted.failures > MAX_SIGN_IN_FAILURES:
+                counted.locked_until = now + LOCKOUT
+                return counted.locked_until
+        return None
 
     async def decide(
         self, request: str, operator: OperatorConfig | None, agent_id: str | None, read_only: bool
@@ -501,3 +598,28 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
                     ~exists().where(col(OAuthSecret.client_id) == OAuthClient.client_id),
                 )
             )
+
+
+def _registration_problem(client: OAuthClientInformationFull, info: dict[str, Any]) -> tuple[Any, str] | None:
+    """What is wrong with a registration (error code, description), if anything: a redirect URI
+    a code may not be sent to (OAuth 2.1: HTTPS, or HTTP on loopback, or an app's own scheme; no
+    fragment, no user name), too many of them, or too much metadata."""
+    uris = [str(uri) for uri in client.redirect_uris or []]
+    if not 1 <= len(uris) <= MAX_REDIRECT_URIS:
+        return "invalid_redirect_uri", f"register 1 to {MAX_REDIRECT_URIS} redirect URIs"
+    for uri in uris:
+        parts = urlsplit(uri)
+        scheme = parts.scheme.lower()
+        loopback = scheme == "http" and (parts.hostname or "") in LOOPBACK_REDIRECT_HOSTS
+        # A native app's private-use scheme is a reversed domain name (RFC 8252 §7.1).
+        private = "." in scheme and scheme not in ("http", "https")
+        if len(uri) > MAX_URI_LENGTH or not (scheme == "https" or loopback or private):
+            return "invalid_redirect_uri", (
+                f"redirect URI {uri[:100]!r} is not allowed: use https://, http:// on a loopback "
+                "address, or an app's reverse-domain scheme"
+            )
+        if parts.fragment or "#" in uri or parts.username is not None:
+            return "invalid_redirect_uri", f"redirect URI {uri[:100]!r} may have no fragment and no user name"
+    if len(json.dumps(info)) > MAX_REGISTRATION_BYTES:
+        return "invalid_client_metadata", f"the registration is larger than {MAX_REGISTRATION_BYTES} bytes"
+    return None

@@ -339,10 +339,12 @@ async def test_the_consent_page_grants_nothing_to_wrong_passwords_read_only_oper
                 headers={"Origin": "https://evil.example.com"},
             )
             assert forged.status_code == 403
-            for _ in range(3):  # five wrong sign-ins in all withdraw the request
-                await client.decide(page, password="still wrong")
-            withdrawn = await client.decide(page)
-            assert withdrawn.status_code == 400 and "expired or was already decided" in withdrawn.text
+            for _ in range(5):  # five wrong passwords within the window lock the operator out
+                assert (await client.decide(page, password="still wrong")).status_code == 401
+            locked = await client.decide(page)  # the right password no longer helps
+            assert locked.status_code == 429 and "Too many failed sign-ins" in locked.text
+            assert 800 < int(locked.headers["retry-after"]) <= 900
+            assert (await client.decide(page)).status_code == 429
 
             denied = await client.decide(await client.consent_page(), decision="deny", password="")
             assert denied.status_code == 303
@@ -501,3 +503,98 @@ def test_the_built_in_server_is_refused_without_an_operator_or_an_agent_or_besid
     for config, message in cases.values():
         with pytest.raises(ValueError, match=message):
             Settings.model_validate(config)
+
+
+def server_log(folder: Path) -> str:
+    return "".join(path.read_text() for path in folder.glob("server-*.log"))
+
+
+async def test_guesses_sent_at_once_are_counted_before_any_password_is_checked(
+    database_url: str, tmp_path: Path
+) -> None:
+    with http_server(tmp_path, oauth_config(database_url)) as url:
+        async with httpx2.AsyncClient(timeout=60) as http:
+            client = await flow(url, http)
+            pages = [await client.consent_page() for _ in range(4)]
+            answers: list[int] = []
+
+            async def guess(n: int) -> None:
+                answers.append((await client.decide(pages[n % 4], password=f"guess {n}")).status_code)
+
+            async with anyio.create_task_group() as group:
+                for n in range(20):
+                    group.start_soon(guess, n)
+            assert sorted(answers) == [401] * 5 + [429] * 15
+            assert (await client.decide(pages[0])).status_code == 429  # locked out, the right password too
+        log = server_log(tmp_path)
+        assert log.count("a failed sign-in as operator 'alice'") == 5
+        assert "operator alice is locked out" in log
+        for page in pages:  # the access log keeps no query strings
+            assert parse_qs(urlsplit(page).query)["request"][0] not in log
+        assert "GET /authorize?… HTTP" in log
+
+
+async def test_registration_admits_only_redirect_uris_a_code_may_go_to_and_small_metadata(
+    database_url: str, tmp_path: Path
+) -> None:
+    with http_server(tmp_path, oauth_config(database_url)) as url:
+        base = url.removesuffix("/mcp")
+        async with httpx2.AsyncClient() as http:
+
+            async def register(**metadata: Any) -> httpx2.Response:
+                body = {"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"} | metadata
+                return await http.post(base + "/register", json=body)
+
+            for uri in (
+                "https://claude.ai/api/mcp/auth_callback",
+                "http://localhost:6274/oauth/callback",
+                "http://[::1]:33418/callback",
+                "com.example.tasks:/oauth2redirect",
+            ):
+                assert (await register(redirect_uris=[uri])).status_code == 201, uri
+            for uri in (
+                "javascript:alert(document.domain)//",
+                "data:text/html,<script>alert(1)</script>",
+                "file:///etc/passwd",
+                "http://evil.example.com/callback",
+                "https://evil.example.com/callback#fragment",
+                "https://user@tasks.example.com/callback",
+            ):
+                refused = await register(redirect_uris=[uri])
+                assert refused.status_code == 400, uri
+                assert refused.json()["error"] == "invalid_redirect_uri"
+            too_many = await register(redirect_uris=[f"http://127.0.0.1:9/{n}" for n in range(11)])
+            assert too_many.status_code == 400
+            bulky = await register(contacts=[f"person{n}@example.com" for n in range(2000)])
+            assert bulky.status_code == 400 and bulky.json()["error"] == "invalid_client_metadata"
+            huge = await http.post(base + "/register", content=b"{" + b" " * 100_000 + b"}")
+            assert huge.status_code == 413
+
+            client = await flow(url, http)
+            for _ in range(10):
+                await client.consent_page()
+            crowded = await http.get(
+                base + "/authorize",
+                params={
+                    "response_type": "code",
+                    "client_id": client.client_id,
+                    "redirect_uri": REDIRECT,
+                    "code_challenge": "x" * 43,
+                    "code_challenge_method": "S256",
+                    "state": "s" * 2000,
+                },
+            )
+            assert crowded.status_code == 302
+            assert parse_qs(urlsplit(crowded.headers["location"]).query)["error"] == ["invalid_request"]
+            crowded = await http.get(
+                base + "/authorize",
+                params={
+                    "response_type": "code",
+                    "client_id": client.client_id,
+                    "redirect_uri": REDIRECT,
+                    "code_challenge": "x" * 43,
+                    "code_challenge_method": "S256",
+                },
+            )
+            answer = parse_qs(urlsplit(crowded.headers["location"]).query)
+            assert answer["error"] == ["temporarily_unavailable"]

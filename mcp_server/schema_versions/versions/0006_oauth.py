@@ -5,8 +5,9 @@ Revises: 0005
 Create Date: 2026-12-07
 
 Clients registered by dynamic registration (RFC 7591), the grants operators give on the consent
-page (client X acts as agent Y), and the requests, codes and tokens issued for them, each stored
-as the SHA-256 of its value. All three are new and empty: the migration takes constant time.
+page (client X acts as agent Y), the requests, codes and tokens issued for them, each stored as
+the SHA-256 of its value, and operators' recent failed sign-ins. All are new and empty: the
+migration takes constant time.
 """
 
 from collections.abc import Sequence
@@ -58,9 +59,17 @@ def upgrade() -> None:
     )
     op.create_index("ix_oauth_secret_grant", "oauth_secret", ["grant_id"])
     op.create_index("ix_oauth_secret_expires", "oauth_secret", ["expires_at"])
+    op.create_table(
+        "operator_sign_in",
+        sa.Column("operator_id", sa.String(length=200), primary_key=True),
+        sa.Column("failures", sa.Integer(), nullable=False),
+        sa.Column("window_started_at", _TIME, nullable=False),
+        sa.Column("locked_until", _TIME, nullable=True),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("operator_sign_in")
     op.drop_table("oauth_secret")
     op.drop_table("oauth_grant")
     op.drop_table("oauth_client")
