@@ -26,7 +26,7 @@ from pydantic import (
 from sqlalchemy import ColumnElement, and_, bindparam, func, or_
 
 from mcp_server.errors import InvalidInputError
-from mcp_server.models import Priority, Task, TaskStatus
+from mcp_server.models import LIVE_HOLDER, Priority, Task, TaskStatus
 from mcp_server.schemas import MAX_ID, no_nul
 from mcp_server.sql import one_of
 
@@ -46,6 +46,7 @@ class FilterField(StrEnum):
     CREATED_AT = "created_at"
     UPDATED_AT = "updated_at"
     DELETED_AT = "deleted_at"
+    CLAIMED_BY = "claimed_by"
 
 
 class Operator(StrEnum):
@@ -163,6 +164,10 @@ FIELDS: dict[FilterField, _FieldSpec] = {
     FilterField.CREATED_AT: _FieldSpec(Task.created_at, _TIME, _utc_datetime, _ISO),
     FilterField.UPDATED_AT: _FieldSpec(Task.updated_at, _TIME, _utc_datetime, _ISO),
     FilterField.DELETED_AT: _FieldSpec(Task.deleted_at, _TIME | {Operator.IS_NULL}, _utc_datetime, _ISO),
+    # The holder of a live claim (an expired one counts as none); the statement binds CLAIMS_NOW.
+    FilterField.CLAIMED_BY: _FieldSpec(
+        LIVE_HOLDER, {Operator.EQ, Operator.IN, Operator.IS_NULL}, _TEXT, "an agent's id"
+    ),
 }
 
 

@@ -28,6 +28,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
+    case,
     inspect,
     text,
 )
@@ -64,6 +66,9 @@ class AuditAction(StrEnum):
     RESTORED = "restored"
     REFUSED = "refused"  # a call the agent had no permission for; nothing changed
     AUTHORIZED = "authorized"  # an operator let an OAuth client act as an agent (oauth.py)
+    CLAIMED = "claimed"  # an agent took a lease on a task (claims.py)
+    RENEWED = "renewed"  # the holder extended its lease
+    RELEASED = "released"  # the holder gave the task up before its lease ran out
 
 
 def utcnow() -> datetime:
@@ -125,6 +130,8 @@ _LIVE_PROJECT = "kind = 'project' AND deleted_at IS NULL"
 
 
 _VERSION = Column("version", Integer, nullable=False, server_default=text("1"))
+# No Python-side default: rows written without it (by older servers too) get the database's 0.
+_FENCING_TOKEN = Column("fencing_token", BigInteger, nullable=False, server_default=text("0"))
 
 
 class Entity(SQLModel, table=True):
@@ -146,6 +153,14 @@ class Entity(SQLModel, table=True):
         Index("ix_entity_status_priority_created", "status", "priority", "created_at", "id"),
         Index("ix_entity_project_created", "project_id", "created_at", "id"),
         Index("ix_entity_title", "title"),
+        # Who holds what: the tasks an agent holds a claim on (claims.py), and when each ends.
+        Index(
+            "ix_entity_claimed_by",
+            "claimed_by",
+            "claim_expires_at",
+            sqlite_where=text("claimed_by IS NOT NULL"),
+            postgresql_where=text("claimed_by IS NOT NULL"),
+        ),
         # A project name is unique among live projects only, so a deleted project's name is reusable.
         Index(
             "uq_entity_live_project_title",
@@ -171,6 +186,13 @@ class Entity(SQLModel, table=True):
     # sets it one higher WHERE it still has the value read, so a change made meanwhile by anyone
     # is a StaleDataError instead of a lost update; an agent may name the version it read, too.
     version: int = Field(default=1, sa_column=_VERSION)
+    # A task's claim (claims.py): who holds it and until when, live only before claim_expires_at,
+    # so an expired lease frees the task with no job to clear it. The fencing token grows with
+    # every claim of the task; a holder's write names it, so a holder whose lease lapsed and was
+    # taken by another cannot overwrite the new holder's work.
+    claimed_by: str | None = Field(default=None, sa_type=String(200))
+    claim_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    fencing_token: int = Field(default=0, sa_column=_FENCING_TOKEN)
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind", "version_id_col": _VERSION}
 
@@ -228,6 +250,18 @@ inspect(Task).add_property(
         primaryjoin=foreign(ENTITY_TABLE.c.project_id) == remote(ENTITY_TABLE.c.id),
         lazy="raise",
     ),
+)
+
+
+# The agent holding a live claim on a task, in SQL: none once the lease has run out, whatever the
+# row still says. A statement that uses it binds the time to judge by as CLAIMS_NOW.
+CLAIMS_NOW = "claims_now"
+LIVE_HOLDER: Any = case(
+    (
+        ENTITY_TABLE.c.claim_expires_at > bindparam(CLAIMS_NOW, type_=UTCDateTime()),
+        ENTITY_TABLE.c.claimed_by,
+    ),
+    else_=None,
 )
 
 

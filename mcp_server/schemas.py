@@ -96,6 +96,14 @@ class ProjectRef(TypedDict):
 # field in a result is one an agent can use, and costs it tokens only then.
 
 
+class Claim(TypedDict):
+    """A live claim: who holds the task, until when, and the fencing token its writes must name."""
+
+    holder: str
+    expires_at: Time
+    fencing_token: int
+
+
 class TaskPublic(TypedDict):
     id: int
     title: str
@@ -107,6 +115,9 @@ class TaskPublic(TypedDict):
     updated_at: Time
     deleted_at: NotRequired[Annotated[Time, Field(description="Only on a soft-deleted task: when.")]]
     version: Annotated[int, Field(description="Grows by one with every change; pass it as expected_version.")]
+    claim: NotRequired[
+        Annotated[Claim, Field(description="Only while an agent holds the task (claim_task).")]
+    ]
 
 
 class TaskWritten(TypedDict):
@@ -116,6 +127,14 @@ class TaskWritten(TypedDict):
 
     id: int
     version: Annotated[int, Field(description="Pass it as expected_version.")]
+
+
+class TaskClaimed(TypedDict):
+    """What the tool list says of the task a claim tool returns (the whole task, as get_task gives it)."""
+
+    id: int
+    version: int
+    claim: NotRequired[Annotated[Claim, Field(description="Pass claim.fencing_token with your changes.")]]
 
 
 HasMore = Annotated[bool, Field(description="True when another page follows.")]

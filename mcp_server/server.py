@@ -56,6 +56,7 @@ from mcp_server import (
     auth,
     chain,
     changes,
+    claims,
     client_logs,
     consent,
     idempotency,
@@ -93,6 +94,7 @@ from mcp_server.schemas import (
     ProjectPage,
     ProjectPublic,
     RowVersion,
+    TaskClaimed,
     TaskCreate,
     TaskPage,
     TaskPublic,
@@ -231,6 +233,19 @@ IdempotencyKey = Annotated[
     ),
 ]
 
+FencingToken = Annotated[
+    int | None,
+    Field(default=None, ge=0, description="Your claim's fencing_token, when you hold the task."),
+]
+Lease = Annotated[
+    int,
+    Field(
+        ge=claims.MIN_LEASE_SECONDS,
+        le=claims.MAX_LEASE_SECONDS,
+        description=f"Seconds the claim lasts, {claims.MIN_LEASE_SECONDS} to {claims.MAX_LEASE_SECONDS}.",
+    ),
+]
+
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
 
@@ -306,6 +321,7 @@ async def update_task(
     expected_version: Annotated[
         RowVersion | None, Field(description="The version you read: if it changed since, nothing changes.")
     ] = None,
+    fencing_token: FencingToken = None,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskWritten:
     """Change some fields of a task, leaving out the rest. With expected_version from your read, a
@@ -316,22 +332,35 @@ async def update_task(
     return await _write(
         request,
         idempotency_key,
-        {"task_id": task_id, "changes": changes.model_dump(), "expected_version": expected_version},
+        {
+            "task_id": task_id,
+            "changes": changes.model_dump(),
+            "expected_version": expected_version,
+            "fencing_token": fencing_token,
+        },
         lambda session: tasks.update_task(
-            session, request.call, task_id, changes, expected_version=expected_version
+            session,
+            request.call,
+            task_id,
+            changes,
+            expected_version=expected_version,
+            fencing_token=fencing_token,
         ),
     )
 
 
 async def soft_delete_task(
-    request: ToolCall, task_id: TaskId, idempotency_key: IdempotencyKey = None
+    request: ToolCall,
+    task_id: TaskId,
+    fencing_token: FencingToken = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> TaskWritten:
     """Delete a task: it leaves searches and reads, and restore_task brings it back."""
     return await _write(
         request,
         idempotency_key,
-        {"task_id": task_id},
-        lambda session: tasks.soft_delete_task(session, request.call, task_id),
+        {"task_id": task_id, "fencing_token": fencing_token},
+        lambda session: tasks.soft_delete_task(session, request.call, task_id, fencing_token=fencing_token),
     )
 
 
@@ -364,11 +393,14 @@ async def bulk_update_status(
     dry_run: Annotated[bool, Field(description="Only report what would change.")] = False,
     idempotency_key: IdempotencyKey = None,
 ) -> BulkUpdateResult:
-    """Set the status of every live task a filter or task_ids names, all or none; try dry_run
-    first. Lists 500 changed ids at most: get_audit_trail with its request_id lists all."""
+    """Set the status of every live task a filter or task_ids names, all or none, but for tasks
+    another agent holds; try dry_run first. Lists 500 changed ids at most: get_audit_trail with its
+    request_id lists all."""
     if dry_run:
         async with _session(request, write=False) as session:
-            return await tasks.preview_status_change(session, status, filter=filter, task_ids=task_ids)
+            return await tasks.preview_status_change(
+                session, request.call, status, filter=filter, task_ids=task_ids
+            )
     return await _write(
         request,
         idempotency_key,
@@ -376,6 +408,63 @@ async def bulk_update_status(
         lambda session: tasks.bulk_update_status(
             session, request.call, status, filter=filter, task_ids=task_ids
         ),
+    )
+
+
+async def claim_task(
+    request: ToolCall,
+    task_id: Annotated[Id | None, Field(description="This task; without it, the next free one.")] = None,
+    filter: Annotated[Filter, Field(description="As in search_tasks: which tasks may be taken.")] = None,
+    order_by: Annotated[
+        list[OrderBy] | None,
+        Field(max_length=3, description="Which comes next; default most urgent, then oldest."),
+    ] = None,
+    lease_seconds: Lease = claims.DEFAULT_LEASE_SECONDS,
+) -> TaskClaimed:
+    """Take a pending or in_progress task: no other agent changes it until the lease ends.
+    Without task_id, the next one nobody holds. Pass claim.fencing_token with your changes;
+    renew_claim before it expires, release_claim when done (completing releases it)."""
+    return await _write(
+        request,
+        None,
+        {},
+        lambda session: claims.claim_task(
+            session,
+            request.call,
+            task_id=task_id,
+            filter=filter,
+            order_by=order_by or [],
+            lease_seconds=lease_seconds,
+        ),
+    )
+
+
+async def renew_claim(
+    request: ToolCall,
+    task_id: TaskId,
+    fencing_token: Annotated[int, Field(ge=0, description="Your claim's fencing_token.")],
+    lease_seconds: Lease = claims.DEFAULT_LEASE_SECONDS,
+) -> TaskClaimed:
+    """Extend your claim on a task to lease_seconds from now."""
+    return await _write(
+        request,
+        None,
+        {},
+        lambda session: claims.renew_claim(session, request.call, task_id, fencing_token, lease_seconds),
+    )
+
+
+async def release_claim(
+    request: ToolCall,
+    task_id: TaskId,
+    fencing_token: Annotated[int, Field(ge=0, description="Your claim's fencing_token.")],
+) -> TaskWritten:
+    """Give up your claim on a task, so another agent may take it."""
+    return await _write(
+        request,
+        None,
+        {},
+        lambda session: claims.release_claim(session, request.call, task_id, fencing_token),
     )
 
 
@@ -508,6 +597,9 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (soft_delete_task, "Delete a task", _annotations(destructive=True, idempotent=True)),
     (restore_task, "Restore a task", _annotations(destructive=False, idempotent=True)),
     (bulk_update_status, "Bulk status change", _annotations(destructive=True, idempotent=True)),
+    (claim_task, "Claim a task", _annotations(destructive=False, idempotent=False)),
+    (renew_claim, "Renew a claim", _annotations(destructive=False, idempotent=True)),
+    (release_claim, "Release a claim", _annotations(destructive=False, idempotent=True)),
     (get_audit_trail, "Audit trail", READ_ONLY),
     (verify_audit_log, "Verify the audit log", READ_ONLY),
     (create_project, "Create a project", _annotations(destructive=False, idempotent=False)),

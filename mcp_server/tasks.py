@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
 from pydantic_core import to_json
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     RowMapping,
     String,
     and_,
     bindparam,
+    case,
     func,
     insert,
     literal,
+    or_,
     update,
 )
 from sqlalchemy import select as sql_select  # the row an INSERT ... SELECT writes
@@ -43,7 +47,9 @@ from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, P
 from mcp_server.filters import AllOf, AnyOf, Condition, Shape
 from mcp_server.identity import Call
 from mcp_server.models import (
+    CLAIMS_NOW,
     ENTITY_TABLE,
+    LIVE_HOLDER,
     AuditAction,
     AuditEntry,
     Entity,
@@ -94,6 +100,9 @@ _TASK_ROW = (
     col(_project.title).label("project_name"),
     *(iso_text(getattr(Task, name)).label(name) for name in ("created_at", "updated_at", "deleted_at")),
     Task.version,
+    LIVE_HOLDER.label("claim_holder"),
+    iso_text(Task.claim_expires_at).label("claim_expires_at"),
+    Task.fencing_token,
 )
 
 
@@ -112,10 +121,16 @@ def _page_item(row: RowMapping) -> TaskPublic:
     }
     if (deleted_at := row["deleted_at"]) is not None:
         public["deleted_at"] = deleted_at
+    if (holder := row["claim_holder"]) is not None:
+        public["claim"] = {
+            "holder": holder,
+            "expires_at": row["claim_expires_at"],
+            "fencing_token": row["fencing_token"],
+        }
     return public
 
 
-def _public(task: Any) -> TaskPublic:
+def public(task: Any) -> TaskPublic:
     """A loaded Task, its project loaded with it, as the tools show it (its fields, which SQLModel
     types as optional since projects share the table, are all set on a task)."""
     public: TaskPublic = {
@@ -131,7 +146,55 @@ def _public(task: Any) -> TaskPublic:
     }
     if task.deleted_at is not None:
         public["deleted_at"] = iso_time(task.deleted_at)
+    if (holder := holder_of(task)) is not None:
+        public["claim"] = {
+            "holder": holder,
+            "expires_at": claim_end(task),
+            "fencing_token": task.fencing_token,
+        }
     return public
+
+
+def holder_of(task: Any, now: datetime | None = None) -> str | None:
+    """The agent holding a live claim on the task, if any (an expired claim holds nothing)."""
+    if task.claimed_by is None or task.claim_expires_at is None:
+        return None
+    return task.claimed_by if task.claim_expires_at > (now or utcnow()) else None
+
+
+def claim_end(task: Any) -> str:
+    """When the task's claim ends (ended), as the tools show times."""
+    return iso_time(task.claim_expires_at) if task.claim_expires_at is not None else "none"
+
+
+def check_claim(task: Task, call: Call, fencing_token: int | None, now: datetime) -> None:
+    """Refuse a change to a task another agent holds, or one whose fencing token is not the one
+    given: a holder whose lease lapsed and was taken by another writes nothing over the new
+    holder's work. The holder itself names its token, so a retry from before a lapse is caught."""
+    holder = holder_of(task, now)
+    if holder is not None and holder != call.agent_id:
+        raise ConflictError(
+            f"task {task.id} is claimed by {holder} until {claim_end(task)}; nothing was "
+            "changed. Work on another task (claim_task with no task_id takes the next free one), or "
+            "try again after that time"
+        )
+    if fencing_token is not None and fencing_token != task.fencing_token:
+        raise ConflictError(
+            f"fencing token {fencing_token} is stale: task {task.id} was claimed again since (its token "
+            f"is now {task.fencing_token}), so your claim ended and nothing was changed. Read the task "
+            "and claim it again before changing it"
+        )
+    if holder is not None and fencing_token is None:
+        raise ConflictError(
+            f"you hold task {task.id}'s claim: pass its fencing_token ({task.fencing_token}) with the "
+            "change, so a change from an ended claim can never land; nothing was changed"
+        )
+
+
+def release(task: Task) -> None:
+    """Let go of the task's claim (the fencing token stays: the next claim counts on from it)."""
+    task.claimed_by = None
+    task.claim_expires_at = None
 
 
 def snapshot(task: Task) -> dict[str, Any]:
@@ -156,6 +219,12 @@ _SORTABLE: dict[str, tuple[Any, Any, Any]] = {
 }
 
 SortOrder = tuple[tuple[str, bool], ...]  # (field, descending), most significant first
+
+
+def sort_column(field: str, descending: bool) -> Any:
+    """The ORDER BY term of a sortable field."""
+    column = col(_SORTABLE[field][0])
+    return column.desc() if descending else column.asc()
 
 
 def _sort_key(field: str, descending: bool) -> paging.SortKey:
@@ -214,7 +283,7 @@ async def search_tasks(
     options = INCLUDE_DELETED if include_deleted else {}
     found = await session.exec(
         _search_statement(shape, order, page_token is None, limit),
-        params=params | paging.page_params(keys, page_token=page_token, query=query),
+        params=params | paging.page_params(keys, page_token=page_token, query=query) | {CLAIMS_NOW: utcnow()},
         execution_options=options,
     )
     rows = db.named_rows(found)
@@ -224,14 +293,16 @@ async def search_tasks(
     if (token := page.next_page_token) is not None:
         result["next_page_token"] = token
     if include_total:
-        counting = await session.exec(_count_statement(shape), params=params, execution_options=options)
+        counting = await session.exec(
+            _count_statement(shape), params=params | {CLAIMS_NOW: utcnow()}, execution_options=options
+        )
         counted = counting.one()
         result["total"], result["total_exact"] = min(counted, COUNT_CAP), counted <= COUNT_CAP
     return result
 
 
 async def get_task(session: AsyncSession, task_id: int) -> TaskPublic:
-    return _public(_live(await _find(session, task_id)))
+    return public(live(await find(session, task_id)))
 
 
 _BY_ID = select(Task).options(_WITH_PROJECT).where(col(Task.id) == bindparam("task_id"))
@@ -240,7 +311,7 @@ _BY_ID = select(Task).options(_WITH_PROJECT).where(col(Task.id) == bindparam("ta
 _BY_ID_TO_CHANGE = _BY_ID.with_for_update(of=Task)
 
 
-async def _find(session: AsyncSession, task_id: int, *, to_change: bool = False) -> Task:
+async def find(session: AsyncSession, task_id: int, *, to_change: bool = False) -> Task:
     """The task, deleted or not, with its project; locked until the call ends `to_change` it."""
     statement = _BY_ID_TO_CHANGE if to_change else _BY_ID
     found = await session.exec(statement, params={"task_id": task_id}, execution_options=INCLUDE_DELETED)
@@ -252,7 +323,7 @@ async def _find(session: AsyncSession, task_id: int, *, to_change: bool = False)
     return task
 
 
-def _live(task: Task) -> Task:
+def live(task: Task) -> Task:
     if task.deleted_at is not None:
         raise NotFoundError(
             f"task {task.id} was deleted at {iso_time(task.deleted_at)}; restore_task brings it back"
@@ -260,7 +331,7 @@ def _live(task: Task) -> Task:
     return task
 
 
-async def _flush(session: AsyncSession, task: Task) -> TaskPublic:
+async def flush(session: AsyncSession, task: Task) -> TaskPublic:
     """Write the changes made to `task` and its audit entry; the task as it now is."""
     try:
         await session.flush()
@@ -269,7 +340,7 @@ async def _flush(session: AsyncSession, task: Task) -> TaskPublic:
         raise ConflictError(
             f"task {task.id} changed while this call was changing it; nothing was changed, retry"
         ) from None
-    return _public(task)
+    return public(task)
 
 
 def _new(name: str) -> Any:
@@ -324,41 +395,62 @@ async def create_task(session: AsyncSession, call: Call, data: TaskCreate) -> Ta
     task = await db.run_one_change(session, _CREATED, params)
     if task is None:  # the INSERT read no live project to create the task in
         raise projects.not_live(data.project_id)
-    return _public(task)
+    return public(task)
 
 
+_FENCING_TOKEN = bindparam("given_fencing_token", type_=BigInteger)
+# The task's claim lets this call change it: no live claim, or the caller's; and a fencing token
+# given is the task's. (check_claim says which of these failed.)
+_CLAIM_ALLOWS = and_(
+    or_(
+        col(Task.claimed_by).is_(None),
+        col(Task.claim_expires_at) <= bindparam("at"),
+        and_(col(Task.claimed_by) == bindparam("audit_changed_by"), _FENCING_TOKEN.is_not(None)),
+    ),
+    or_(_FENCING_TOKEN.is_(None), col(Task.fencing_token) == _FENCING_TOKEN),
+)
 _DELETED = db.one_change(
     Task,
     update(Task)
-    .where(col(Task.id) == bindparam("task_id"), col(Task.deleted_at).is_(None))
-    .values(deleted_at=bindparam("at"), updated_at=bindparam("at"), version=col(Task.version) + 1),
+    .where(col(Task.id) == bindparam("task_id"), col(Task.deleted_at).is_(None), _CLAIM_ALLOWS)
+    .values(
+        deleted_at=bindparam("at"),
+        updated_at=bindparam("at"),
+        version=col(Task.version) + 1,
+        claimed_by=None,
+        claim_expires_at=None,
+    ),
     lambda changed: audit.entry_of(changed, AuditAction.DELETED),
     _with_project,
 )
 
 
-async def soft_delete_task(session: AsyncSession, call: Call, task_id: int) -> TaskPublic:
+async def soft_delete_task(
+    session: AsyncSession, call: Call, task_id: int, *, fencing_token: int | None = None
+) -> TaskPublic:
     now = utcnow()
-    params = {"task_id": task_id} | audit.entry_params(call, now, {"deleted_at": None}, {"deleted_at": now})
+    params = {"task_id": task_id, "given_fencing_token": fencing_token}
+    params |= audit.entry_params(call, now, {"deleted_at": None}, {"deleted_at": now})
     task = await db.run_one_change(session, _DELETED, params)
     if task is None:
-        found = await _find(session, task_id)  # missing: says so
+        found = await find(session, task_id)  # missing: says so
         if found.deleted_at is not None:
             # Deleted already: the tool is idempotent, so a repeat changes nothing and says how it is.
-            return _public(found)
+            return public(found)
+        check_claim(found, call, fencing_token, now)  # held by another, or a stale token: says so
         raise ConflictError(f"task {task_id} changed while it was being deleted; nothing was changed, retry")
-    return _public(task)
+    return public(task)
 
 
 async def restore_task(session: AsyncSession, call: Call, task_id: int) -> TaskPublic:
-    task = await _find(session, task_id, to_change=True)
+    task = await find(session, task_id, to_change=True)
     if task.deleted_at is None:
-        return _public(task)  # live already: a repeat, which changes nothing
+        return public(task)  # live already: a repeat, which changes nothing
     now = utcnow()
     old = {"deleted_at": task.deleted_at}
     task.deleted_at, task.updated_at = None, now
     session.add(audit.entry(call, AuditAction.RESTORED, now, task, old, {"deleted_at": None}))
-    return await _flush(session, task)
+    return await flush(session, task)
 
 
 async def update_task(
@@ -368,30 +460,34 @@ async def update_task(
     changes: TaskUpdate,
     *,
     expected_version: int | None = None,
+    fencing_token: int | None = None,
 ) -> TaskPublic:
     requested = changes.model_dump(exclude_none=True)
     if not requested:
         raise InvalidInputError(
             "give at least one field to change: title, description, status, priority, project_id"
         )
-    task = _live(await _find(session, task_id, to_change=True))
+    task = live(await find(session, task_id, to_change=True))
+    now = utcnow()
+    check_claim(task, call, fencing_token, now)
     if expected_version is not None and task.version != expected_version:
         raise ConflictError(
             f"task {task_id} is at version {task.version}, not {expected_version}: it changed after you "
             "read it, and nothing was changed. Decide again from the current task: "
-            + to_json(_public(task)).decode()
+            + to_json(public(task)).decode()
         )
     old, new = audit.diff(snapshot(task), {key: audit.json_value(value) for key, value in requested.items()})
     if not new:
-        return _public(task)
+        return public(task)
     if "project_id" in new:
         set_committed_value(task, "project", await projects.load_live(session, new["project_id"]))
-    now = utcnow()
     for name in new:
         setattr(task, name, requested[name])
+    if new.get("status") in FINISHED:
+        release(task)  # finished work is nobody's to hold
     task.updated_at = now
     session.add(audit.entry(call, AuditAction.UPDATED, now, task, old, new))
-    return await _flush(session, task)
+    return await flush(session, task)
 
 
 async def bulk_update_status(
@@ -410,7 +506,7 @@ async def bulk_update_status(
     max_bulk_rows changing tasks refuses the whole call (the caller rolls back). The call's
     progress hears of the start and of each step as it ends.
     """
-    shape, params = await _target(session, status, filter=filter, task_ids=task_ids)
+    shape, params = await _target(session, call.agent_id, status, filter=filter, task_ids=task_ids)
     params |= audit.call_params(call, utcnow())
     statements = _bulk_statements(shape)
     if session.get_bind().dialect.name == "postgresql":
@@ -465,7 +561,15 @@ def _check_bulk_rows(call: Call, count: int) -> None:
 
 _THIS_CALL = select(AuditEntry.entity_id).where(AuditEntry.request_id == bindparam("audit_request_id"))
 # What a status change sets, besides the version.
-_NEW_VALUES = {"status": bindparam("target_status", type_=String), "updated_at": bindparam("at")}
+FINISHED = frozenset({TaskStatus.COMPLETED.value, TaskStatus.CANCELLED.value})
+_FINISHING = bindparam("target_status", type_=String).in_(sorted(FINISHED))
+_NEW_VALUES = {
+    "status": bindparam("target_status", type_=String),
+    "updated_at": bindparam("at"),
+    # Finished work is nobody's to hold: a bulk completion lets go of the tasks' claims.
+    "claimed_by": case((_FINISHING, None), else_=col(Task.claimed_by)),
+    "claim_expires_at": case((_FINISHING, None), else_=col(Task.claim_expires_at)),
+}
 _BULK_UPDATE = (
     update(Task)
     .where(col(Task.id).in_(_THIS_CALL.scalar_subquery()))
@@ -475,10 +579,15 @@ _CHANGED_IDS = _THIS_CALL.order_by(col(AuditEntry.entity_id)).limit(MAX_CHANGED_
 
 
 async def preview_status_change(
-    session: AsyncSession, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+    session: AsyncSession,
+    call: Call,
+    status: TaskStatus,
+    *,
+    filter: FilterTree | None,
+    task_ids: Sequence[int] | None,
 ) -> BulkUpdateResult:
     """What bulk_update_status would change, read without locking, changing or auditing anything."""
-    shape, params = await _target(session, status, filter=filter, task_ids=task_ids)
+    shape, params = await _target(session, call.agent_id, status, filter=filter, task_ids=task_ids)
     statements = _bulk_statements(shape)
     # The statements say themselves that only live tasks change.
     count = (await session.exec(statements.counting, params=params, execution_options=INCLUDE_DELETED)).one()
@@ -508,6 +617,8 @@ def _bulk_statements(shape: Shape | None) -> _BulkStatements:
         matching,
         col(Task.deleted_at).is_(None),
         col(Task.status) != bindparam("target_status", type_=String),
+        # A task another agent holds a live claim on is left to its holder.
+        or_(LIVE_HOLDER.is_(None), LIVE_HOLDER == bindparam("claimer", type_=String)),  # noqa: SIM300
     )
     entity = ENTITY_TABLE
     old = sql_select(col(Task.id), col(Task.status)).where(changing).with_for_update().cte("old")
@@ -533,7 +644,12 @@ def _bulk_statements(shape: Shape | None) -> _BulkStatements:
 
 
 async def _target(
-    session: AsyncSession, status: TaskStatus, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+    session: AsyncSession,
+    agent_id: str,
+    status: TaskStatus,
+    *,
+    filter: FilterTree | None,
+    task_ids: Sequence[int] | None,
 ) -> tuple[Shape | None, dict[str, Any]]:
     """The shape of what a status change reaches (see _bulk_statements) and the values it binds."""
     if (filter is None) == (task_ids is None):
@@ -544,7 +660,7 @@ async def _target(
     else:
         assert filter is not None
         shape, params = filters.parse(filter)
-    return shape, params | {"target_status": status.value}
+    return shape, params | {"target_status": status.value, CLAIMS_NOW: utcnow(), "claimer": agent_id}
 
 
 _LIVE_AMONG = select(Task.id).where(one_of(col(Task.id), "task_ids"))

@@ -29,6 +29,9 @@ EXPECTED_TOOLS = {
     "soft_delete_task",
     "restore_task",
     "bulk_update_status",
+    "claim_task",
+    "renew_claim",
+    "release_claim",
     "get_audit_trail",
     "verify_audit_log",
     "create_project",
@@ -80,7 +83,9 @@ async def test_every_tool_describes_itself_and_its_parameters_and_declares_its_o
     assert hint("create_task", "idempotent_hint", absent=False) is False
 
 
-CONTEXT_BUDGET_TOKENS = 2500
+# Eleven tools took 2,500 tokens; the three claim tools (claim, renew, release) another 700 to 750. A
+# deployment that needs fewer lists fewer (the `tools` setting).
+CONTEXT_BUDGET_TOKENS = 3300
 
 
 async def test_the_whole_tool_list_fits_the_context_budget(client: Client) -> None:
