@@ -253,6 +253,19 @@ inspect(Task).add_property(
 )
 
 
+# The ready queue (claims.py): tasks that may be claimed, in the order claim_task takes them by
+# default (most urgent, then oldest), so taking the next one reads from the front of the index
+# instead of sorting every pending task. The claimable statuses are claims.CLAIMABLE_STATUSES.
+QUEUE_WHERE = "kind = 'task' AND deleted_at IS NULL AND status IN ('pending', 'in_progress')"
+Index(
+    "ix_entity_queue",
+    ENTITY_TABLE.c.priority.desc(),
+    ENTITY_TABLE.c.created_at,
+    ENTITY_TABLE.c.id,
+    postgresql_where=text(QUEUE_WHERE),
+    sqlite_where=text(QUEUE_WHERE),
+)
+
 # The agent holding a live claim on a task, in SQL: none once the lease has run out, whatever the
 # row still says. A statement that uses it binds the time to judge by as CLAIMS_NOW.
 CLAIMS_NOW = "claims_now"

@@ -4,9 +4,10 @@ Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-07
 
-Three columns on `entity` and an index on the holder. On PostgreSQL 11 and later, a column
-added with a constant default is not written into existing rows: the migration takes constant
-time however many tasks there are. SQLite adds columns in place too.
+Three columns on `entity`, an index on the holder, and the ready queue's index: the tasks that
+may be claimed, most urgent then oldest first. On PostgreSQL 11 and later, a column added with a
+constant default is not written into existing rows, and SQLite adds columns in place; the queue's
+index is built from the tasks.
 """
 
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _HELD = sa.text("claimed_by IS NOT NULL")
+_QUEUE = sa.text("kind = 'task' AND deleted_at IS NULL AND status IN ('pending', 'in_progress')")
 
 
 def upgrade() -> None:
@@ -35,9 +37,17 @@ def upgrade() -> None:
         sqlite_where=_HELD,
         postgresql_where=_HELD,
     )
+    op.create_index(
+        "ix_entity_queue",
+        "entity",
+        [sa.text("priority DESC"), "created_at", "id"],
+        sqlite_where=_QUEUE,
+        postgresql_where=_QUEUE,
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_entity_queue", table_name="entity")
     op.drop_index("ix_entity_claimed_by", table_name="entity")
     for column in ("fencing_token", "claim_expires_at", "claimed_by"):
         op.drop_column("entity", column)
