@@ -25,7 +25,7 @@ from sqlalchemy import and_, bindparam, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import audit, filters, tasks
+from mcp_server import audit, filters, graph, tasks
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError
 from mcp_server.filters import Shape
 from mcp_server.identity import Call
@@ -45,6 +45,7 @@ _FREE = and_(
     col(Task.deleted_at).is_(None),
     col(Task.status).in_(CLAIMABLE_STATUSES),
     or_(col(Task.claimed_by).is_(None), col(Task.claim_expires_at) <= _NOW),
+    ~graph.BLOCKED,
 )
 
 
@@ -93,7 +94,8 @@ async def claim_task(
             raise NotFoundError(
                 "no task is free to claim"
                 + (" that matches the filter" if filter is not None else "")
-                + ": every such task is finished, blocked, deleted or held by another agent. Try again "
+                + ": every such task is finished, blocked, waiting for another, deleted or held by another "
+                "agent. Try again "
                 "later, or search_tasks to see who holds what (the claim field)"
             )
         task_id = found
@@ -111,6 +113,11 @@ async def claim_task(
     if task.status not in CLAIMABLE_STATUSES:
         raise ConflictError(
             f"task {task.id} is {task.status}: only pending or in_progress tasks can be claimed"
+        )
+    if waiting_for := await graph.blockers(session, task_id, unfinished_only=True):
+        listed = ", ".join(str(blocker["id"]) for blocker in waiting_for[:20])
+        raise ConflictError(
+            f"task {task.id} waits for unfinished tasks ({listed}); claim one of those instead"
         )
     old = _lease_fields(task)
     task.claimed_by = call.agent_id

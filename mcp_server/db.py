@@ -312,8 +312,10 @@ def grant_app_role(conn: Connection, role: str) -> None:
     for statement in (
         f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
         f"REVOKE ALL ON entity, audit_entry, audit_seal, audit_chain, audit_checkpoint, idempotency_key, "
-        f"oauth_client, oauth_grant, oauth_secret, operator_sign_in, alembic_version FROM {quote(role)}",
+        f"oauth_client, oauth_grant, oauth_secret, operator_sign_in, task_dependency, alembic_version "
+        f"FROM {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
+        f"GRANT SELECT, INSERT, DELETE ON task_dependency TO {quote(role)}",
         f"GRANT SELECT, INSERT ON audit_entry, audit_seal, audit_checkpoint TO {quote(role)}",
         # The sealer moves the chain's head and holds its lease in this table's one row.
         f"GRANT SELECT, UPDATE ON audit_chain TO {quote(role)}",

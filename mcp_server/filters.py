@@ -25,6 +25,7 @@ from pydantic import (
 )
 from sqlalchemy import ColumnElement, and_, bindparam, func, or_
 
+from mcp_server import graph
 from mcp_server.errors import InvalidInputError
 from mcp_server.models import LIVE_HOLDER, Priority, Task, TaskStatus
 from mcp_server.schemas import MAX_ID, no_nul
@@ -47,6 +48,7 @@ class FilterField(StrEnum):
     UPDATED_AT = "updated_at"
     DELETED_AT = "deleted_at"
     CLAIMED_BY = "claimed_by"
+    READY = "ready"
 
 
 class Operator(StrEnum):
@@ -136,6 +138,8 @@ _INT = _adapter(Annotated[int, Field(ge=-MAX_ID - 1, le=MAX_ID)])
 _TEXT = _adapter(Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH), AfterValidator(no_nul)])
 _STATUS = _adapter(TaskStatus)
 _PRIORITY = _adapter(Priority)
+_BOOL = _adapter(bool)
+_TRUE_OR_FALSE = "true or false"
 
 
 class _FieldSpec:
@@ -168,6 +172,8 @@ FIELDS: dict[FilterField, _FieldSpec] = {
     FilterField.CLAIMED_BY: _FieldSpec(
         LIVE_HOLDER, {Operator.EQ, Operator.IN, Operator.IS_NULL}, _TEXT, "an agent's id"
     ),
+    # Free to start: pending or in progress, unclaimed, waiting for nothing unfinished.
+    FilterField.READY: _FieldSpec(graph.READY, {Operator.EQ}, _BOOL, _TRUE_OR_FALSE),
 }
 
 
@@ -281,8 +287,9 @@ def _clause(shape: Shape, names: Iterator[int]) -> ColumnElement[bool]:
 
 
 def _coerce(spec: _FieldSpec, value: Any, where: str) -> Any:
-    if isinstance(value, bool):
-        raise InvalidInputError(f"{where}: expected {spec.expects}, got a boolean")
+    if isinstance(value, bool) != (spec.expects == _TRUE_OR_FALSE):
+        got = "a boolean" if isinstance(value, bool) else _preview(value)
+        raise InvalidInputError(f"{where}: expected {spec.expects}, got {got}")
     try:
         return spec.coerce(value)
     except (ValidationError, ValueError, TypeError):

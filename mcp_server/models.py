@@ -278,6 +278,21 @@ LIVE_HOLDER: Any = case(
 )
 
 
+class TaskDependency(SQLModel, table=True):
+    """An edge of the dependency graph: `task_id` waits for `blocked_by` (dependencies.py). A
+    blocker holds its task back while it is live and not finished."""
+
+    __tablename__ = "task_dependency"
+    __table_args__ = (
+        CheckConstraint("task_id <> blocked_by", name="ck_task_dependency_not_itself"),
+        Index("ix_task_dependency_blocked_by", "blocked_by", "task_id"),
+    )
+
+    task_id: int = Field(primary_key=True, foreign_key="entity.id", sa_type=IdType)
+    blocked_by: int = Field(primary_key=True, foreign_key="entity.id", sa_type=IdType)
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
 class AuditEntry(SQLModel, table=True):
     """One change (or one refused call). Append-only; sealed into a hash chain after it commits.
 

@@ -104,6 +104,12 @@ class Claim(TypedDict):
     fencing_token: int
 
 
+class BlockerRef(TypedDict):
+    id: int
+    title: str
+    status: TaskStatus
+
+
 class TaskPublic(TypedDict):
     id: int
     title: str
@@ -117,6 +123,12 @@ class TaskPublic(TypedDict):
     version: Annotated[int, Field(description="Grows by one with every change; pass it as expected_version.")]
     claim: NotRequired[
         Annotated[Claim, Field(description="Only while an agent holds the task (claim_task).")]
+    ]
+    blocked_by: NotRequired[
+        Annotated[list[BlockerRef], Field(description="get_task: the tasks it waits for (add_dependency).")]
+    ]
+    unblocked: NotRequired[
+        Annotated[list[int], Field(description="On finishing it: the tasks that now wait for nothing.")]
     ]
 
 

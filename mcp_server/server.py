@@ -59,6 +59,7 @@ from mcp_server import (
     claims,
     client_logs,
     consent,
+    dependencies,
     idempotency,
     identity,
     logs,
@@ -468,6 +469,35 @@ async def release_claim(
     )
 
 
+async def add_dependency(
+    request: ToolCall,
+    task_id: TaskId,
+    blocked_by: Annotated[Id, Field(description="The task it must wait for.")],
+) -> TaskWritten:
+    """Make a task wait for another: it cannot start or complete, nor be claimed, until that one
+    is completed, cancelled or deleted. A cycle is refused."""
+    return await _write(
+        request,
+        None,
+        {},
+        lambda session: dependencies.add_dependency(session, request.call, task_id, blocked_by),
+    )
+
+
+async def remove_dependency(
+    request: ToolCall,
+    task_id: TaskId,
+    blocked_by: Annotated[Id, Field(description="The task it no longer waits for.")],
+) -> TaskWritten:
+    """Stop a task waiting for another."""
+    return await _write(
+        request,
+        None,
+        {},
+        lambda session: dependencies.remove_dependency(session, request.call, task_id, blocked_by),
+    )
+
+
 async def get_audit_trail(
     request: ToolCall,
     entity_id: Annotated[Id | None, Field(description="A task's or project's history.")] = None,
@@ -600,6 +630,8 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (claim_task, "Claim a task", _annotations(destructive=False, idempotent=False)),
     (renew_claim, "Renew a claim", _annotations(destructive=False, idempotent=True)),
     (release_claim, "Release a claim", _annotations(destructive=False, idempotent=True)),
+    (add_dependency, "Add a dependency", _annotations(destructive=False, idempotent=True)),
+    (remove_dependency, "Remove a dependency", _annotations(destructive=True, idempotent=True)),
     (get_audit_trail, "Audit trail", READ_ONLY),
     (verify_audit_log, "Verify the audit log", READ_ONLY),
     (create_project, "Create a project", _annotations(destructive=False, idempotent=False)),

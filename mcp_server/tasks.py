@@ -41,7 +41,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
-from mcp_server import audit, db, filters, paging, projects
+from mcp_server import audit, db, filters, graph, paging, projects
 from mcp_server.db import INCLUDE_DELETED
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition, Shape
@@ -302,7 +302,10 @@ async def search_tasks(
 
 
 async def get_task(session: AsyncSession, task_id: int) -> TaskPublic:
-    return public(live(await find(session, task_id)))
+    shown = public(live(await find(session, task_id)))
+    if blockers := await graph.blockers(session, task_id, unfinished_only=False):
+        shown["blocked_by"] = blockers
+    return shown
 
 
 _BY_ID = select(Task).options(_WITH_PROJECT).where(col(Task.id) == bindparam("task_id"))
@@ -479,6 +482,8 @@ async def update_task(
     old, new = audit.diff(snapshot(task), {key: audit.json_value(value) for key, value in requested.items()})
     if not new:
         return public(task)
+    if new.get("status") in graph.NEEDS_UNBLOCKED:
+        await _refuse_if_blocked(session, task_id, new["status"])
     if "project_id" in new:
         set_committed_value(task, "project", await projects.load_live(session, new["project_id"]))
     for name in new:
@@ -487,7 +492,20 @@ async def update_task(
         release(task)  # finished work is nobody's to hold
     task.updated_at = now
     session.add(audit.entry(call, AuditAction.UPDATED, now, task, old, new))
-    return await flush(session, task)
+    shown = await flush(session, task)
+    if new.get("status") in FINISHED:
+        shown["unblocked"] = await graph.unblocked_by(session, task_id)
+    return shown
+
+
+async def _refuse_if_blocked(session: AsyncSession, task_id: int, status: str) -> None:
+    waiting_for = await graph.blockers(session, task_id, unfinished_only=True)
+    if waiting_for:
+        listed = "; ".join(f"{b['id']} {b['title']!r} ({b['status']})" for b in waiting_for[:20])
+        raise ConflictError(
+            f"task {task_id} cannot be {status} yet: it waits for {len(waiting_for)} unfinished "
+            f"task(s): {listed}. Finish those first, or remove_dependency; nothing was changed"
+        )
 
 
 async def bulk_update_status(
@@ -563,6 +581,7 @@ _THIS_CALL = select(AuditEntry.entity_id).where(AuditEntry.request_id == bindpar
 # What a status change sets, besides the version.
 FINISHED = frozenset({TaskStatus.COMPLETED.value, TaskStatus.CANCELLED.value})
 _FINISHING = bindparam("target_status", type_=String).in_(sorted(FINISHED))
+_NEEDS_UNBLOCKED = bindparam("target_status", type_=String).in_(graph.NEEDS_UNBLOCKED)
 _NEW_VALUES = {
     "status": bindparam("target_status", type_=String),
     "updated_at": bindparam("at"),
@@ -619,6 +638,8 @@ def _bulk_statements(shape: Shape | None) -> _BulkStatements:
         col(Task.status) != bindparam("target_status", type_=String),
         # A task another agent holds a live claim on is left to its holder.
         or_(LIVE_HOLDER.is_(None), LIVE_HOLDER == bindparam("claimer", type_=String)),  # noqa: SIM300
+        # A task that waits for unfinished work is not started or completed.
+        or_(~_NEEDS_UNBLOCKED, ~graph.BLOCKED),
     )
     entity = ENTITY_TABLE
     old = sql_select(col(Task.id), col(Task.status)).where(changing).with_for_update().cte("old")
