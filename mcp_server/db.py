@@ -312,10 +312,11 @@ def grant_app_role(conn: Connection, role: str) -> None:
     for statement in (
         f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
         f"REVOKE ALL ON entity, audit_entry, audit_seal, audit_chain, audit_checkpoint, idempotency_key, "
-        f"oauth_client, oauth_grant, oauth_secret, operator_sign_in, task_dependency, alembic_version "
-        f"FROM {quote(role)}",
+        f"oauth_client, oauth_grant, oauth_secret, operator_sign_in, task_dependency, task_comment, "
+        f"alembic_version FROM {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
         f"GRANT SELECT, INSERT, DELETE ON task_dependency TO {quote(role)}",
+        f"GRANT SELECT, INSERT ON task_comment TO {quote(role)}",
         f"GRANT SELECT, INSERT ON audit_entry, audit_seal, audit_checkpoint TO {quote(role)}",
         # The sealer moves the chain's head and holds its lease in this table's one row.
         f"GRANT SELECT, UPDATE ON audit_chain TO {quote(role)}",
@@ -326,7 +327,8 @@ def grant_app_role(conn: Connection, role: str) -> None:
         f"GRANT SELECT, INSERT, UPDATE ON oauth_grant TO {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON oauth_secret TO {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON operator_sign_in TO {quote(role)}",
-        f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq, oauth_grant_id_seq TO {quote(role)}",
+        f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq, oauth_grant_id_seq, task_comment_id_seq "
+        f"TO {quote(role)}",
         # The server reads the schema version at start; only `migrate`, as the owner, changes it.
         f"GRANT SELECT ON alembic_version TO {quote(role)}",
     ):

@@ -69,6 +69,7 @@ class AuditAction(StrEnum):
     CLAIMED = "claimed"  # an agent took a lease on a task (claims.py)
     RENEWED = "renewed"  # the holder extended its lease
     RELEASED = "released"  # the holder gave the task up before its lease ran out
+    COMMENTED = "commented"  # an agent left a comment on a task (comments.py)
 
 
 def utcnow() -> datetime:
@@ -290,6 +291,20 @@ class TaskDependency(SQLModel, table=True):
 
     task_id: int = Field(primary_key=True, foreign_key="entity.id", sa_type=IdType)
     blocked_by: int = Field(primary_key=True, foreign_key="entity.id", sa_type=IdType)
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class TaskComment(SQLModel, table=True):
+    """A comment on a task, by the agent that wrote it (comments.py). Append-only: triggers
+    refuse every UPDATE and DELETE, as they do for the audit log."""
+
+    __tablename__ = "task_comment"
+    __table_args__ = (Index("ix_task_comment_task", "task_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=IdType)
+    task_id: int = Field(foreign_key="entity.id", sa_type=IdType, nullable=False)
+    author: str = Field(sa_type=String(200), nullable=False)
+    body: str = Field(sa_type=Text, nullable=False)
     created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
 
 

@@ -34,6 +34,9 @@ Name = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(no_nul)
 ]
 Description = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(no_nul)]
+CommentBody = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000), AfterValidator(no_nul)
+]
 # The bounds are enforced, and their errors name them, but not advertised: no agent comes near
 # them, and every id parameter in the tool list would carry them.
 Id = Annotated[int, Field(ge=1, le=MAX_ID), WithJsonSchema({"type": "integer"})]
@@ -150,6 +153,22 @@ class TaskClaimed(TypedDict):
 
 
 HasMore = Annotated[bool, Field(description="True when another page follows.")]
+
+
+class CommentPublic(TypedDict):
+    id: int
+    task_id: int
+    author: Annotated[str, Field(description="The agent that wrote it.")]
+    body: str
+    created_at: Time
+
+
+class CommentPage(TypedDict):
+    items: list[CommentPublic]
+    has_more: Annotated[bool, Field(description="More follow: ask again with after=last_id.")]
+    last_id: NotRequired[Annotated[int, Field(description="Pass it as after to read only what comes later.")]]
+
+
 NextPageToken = Annotated[str, Field(description="When has_more: pass it as page_token for the next page.")]
 
 

@@ -58,6 +58,7 @@ from mcp_server import (
     changes,
     claims,
     client_logs,
+    comments,
     consent,
     dependencies,
     idempotency,
@@ -88,6 +89,9 @@ from mcp_server.schemas import (
     COUNT_CAP,
     AuditTrail,
     BulkUpdateResult,
+    CommentBody,
+    CommentPage,
+    CommentPublic,
     Description,
     Id,
     Name,
@@ -498,6 +502,28 @@ async def remove_dependency(
     )
 
 
+async def add_comment(
+    request: ToolCall,
+    task_id: TaskId,
+    body: Annotated[CommentBody, Field(description="What the next agent should know.")],
+) -> CommentPublic:
+    """Leave a comment on a live task, under your agent identity; comments are never changed."""
+    return await _write(
+        request, None, {}, lambda session: comments.add_comment(session, request.call, task_id, body)
+    )
+
+
+async def list_comments(
+    request: ToolCall,
+    task_id: TaskId,
+    after: Annotated[Id | None, Field(description="Only comments after this one (a last_id).")] = None,
+    limit: Limit = 20,
+) -> CommentPage:
+    """A task's comments, oldest first; with after, only what was said since."""
+    async with _session(request, write=False) as session:
+        return await comments.list_comments(session, task_id, after=after, limit=limit)
+
+
 async def get_audit_trail(
     request: ToolCall,
     entity_id: Annotated[Id | None, Field(description="A task's or project's history.")] = None,
@@ -632,6 +658,8 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (release_claim, "Release a claim", _annotations(destructive=False, idempotent=True)),
     (add_dependency, "Add a dependency", _annotations(destructive=False, idempotent=True)),
     (remove_dependency, "Remove a dependency", _annotations(destructive=True, idempotent=True)),
+    (add_comment, "Comment on a task", _annotations(destructive=False, idempotent=False)),
+    (list_comments, "List comments", READ_ONLY),
     (get_audit_trail, "Audit trail", READ_ONLY),
     (verify_audit_log, "Verify the audit log", READ_ONLY),
     (create_project, "Create a project", _annotations(destructive=False, idempotent=False)),

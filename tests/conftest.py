@@ -120,7 +120,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await conn.execute(
             text(
                 "TRUNCATE audit_entry, audit_seal, audit_checkpoint, entity, idempotency_key, "
-                "oauth_secret, oauth_grant, oauth_client, operator_sign_in, task_dependency "
+                "oauth_secret, oauth_grant, oauth_client, operator_sign_in, task_dependency, task_comment "
                 "RESTART IDENTITY CASCADE"
             )
         )
@@ -132,7 +132,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
             {"genesis": GENESIS},
         )
         # A test that played the superuser may have switched the audit triggers off.
-        for table in ("audit_entry", "audit_seal", "audit_checkpoint"):
+        for table in ("audit_entry", "audit_seal", "audit_checkpoint", "task_comment"):
             await conn.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER USER"))
     await db.dispose()
     yield POSTGRES_URL
