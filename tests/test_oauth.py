@@ -83,8 +83,8 @@ class Flow:
         self.client_id = registered["client_id"]
         return registered
 
-    async def consent_page(self, **extra: str) -> str:
-        """The URL of the consent page /authorize sends the browser to."""
+    async def authorize(self, **extra: str) -> httpx2.Response:
+        """/authorize as the client sends the browser there, with a new PKCE verifier."""
         self.verifier = secrets.token_urlsafe(48)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(self.verifier.encode()).digest()).rstrip(b"=")
         params = {
@@ -96,7 +96,17 @@ class Flow:
             "state": "the client's state",
             "resource": self.base + "/mcp",
         } | extra
-        response = await self.http.get(self.base + "/authorize", params=params)
+        return await self.http.get(self.base + "/authorize", params=params)
+
+    async def refused(self, **extra: str) -> str:
+        """The error /authorize sends the browser back to the client with."""
+        response = await self.authorize(**extra)
+        assert response.status_code == 302, response.text
+        return parse_qs(urlsplit(response.headers["location"]).query)["error"][0]
+
+    async def consent_page(self, **extra: str) -> str:
+        """The URL of the consent page /authorize sends the browser to."""
+        response = await self.authorize(**extra)
         assert response.status_code == 302, response.text
         location = response.headers["location"]
         assert location.startswith(self.base + "/oauth/consent?request=")
@@ -302,19 +312,7 @@ async def test_the_token_endpoint_checks_the_pkce_verifier_redirect_uri_and_clie
                 assert (await attempt).status_code == 400
             assert (await client.redeem(code)).status_code == 200  # none of those used the code up
             # A token for another resource is not this server's to issue.
-            elsewhere = await http.get(
-                client.base + "/authorize",
-                params={
-                    "response_type": "code",
-                    "client_id": client.client_id,
-                    "redirect_uri": REDIRECT,
-                    "code_challenge": "x" * 43,
-                    "code_challenge_method": "S256",
-                    "resource": "https://other.example.com/mcp",
-                },
-            )
-            assert elsewhere.status_code == 302
-            assert parse_qs(urlsplit(elsewhere.headers["location"]).query)["error"] == ["invalid_target"]
+            assert await client.refused(resource="https://other.example.com/mcp") == "invalid_target"
 
 
 async def test_the_consent_page_grants_nothing_to_wrong_passwords_read_only_operators_or_other_sites(
@@ -573,28 +571,5 @@ async def test_registration_admits_only_redirect_uris_a_code_may_go_to_and_small
             client = await flow(url, http)
             for _ in range(10):
                 await client.consent_page()
-            crowded = await http.get(
-                base + "/authorize",
-                params={
-                    "response_type": "code",
-                    "client_id": client.client_id,
-                    "redirect_uri": REDIRECT,
-                    "code_challenge": "x" * 43,
-                    "code_challenge_method": "S256",
-                    "state": "s" * 2000,
-                },
-            )
-            assert crowded.status_code == 302
-            assert parse_qs(urlsplit(crowded.headers["location"]).query)["error"] == ["invalid_request"]
-            crowded = await http.get(
-                base + "/authorize",
-                params={
-                    "response_type": "code",
-                    "client_id": client.client_id,
-                    "redirect_uri": REDIRECT,
-                    "code_challenge": "x" * 43,
-                    "code_challenge_method": "S256",
-                },
-            )
-            answer = parse_qs(urlsplit(crowded.headers["location"]).query)
-            assert answer["error"] == ["temporarily_unavailable"]
+            assert await client.refused(state="s" * 2000) == "invalid_request"
+            assert await client.refused() == "temporarily_unavailable"
