@@ -109,6 +109,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     (folder / "config.json").write_text(json.dumps(config))
     port = _free_port()
     command = [sys.executable, "-m", "mcp_server", "--config", str(folder / "config.json")]
+    migrating = await asyncio.create_subprocess_exec(
+        *command, "migrate"
+    )  # PostgreSQL is not migrated by serve
+    if await migrating.wait() != 0:
+        raise RuntimeError("mcp-task-server migrate failed")
     command += ["serve", "--transport", "http", "--port", str(port)]
     with (folder / "server.log").open("wb") as log:
         process = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT)
@@ -124,7 +129,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         return results
     finally:
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         await asyncio.wait_for(process.wait(), 20)
 
 

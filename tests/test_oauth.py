@@ -12,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from sqlalchemy import text
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.config import OperatorConfig, Settings
 from mcp_server.db import Database
+from mcp_server.oauth import VERIFIED_SECONDS
 from mcp_server.operators import hash_password, sign_in
 from tests.conftest import call, call_error, free_port, http_client, http_server, wait_for_port
 from tests.test_http import INITIALIZE, audit_rows, entity_rows, post
@@ -573,3 +575,22 @@ async def test_registration_admits_only_redirect_uris_a_code_may_go_to_and_small
                 await client.consent_page()
             assert await client.refused(state="s" * 2000) == "invalid_request"
             assert await client.refused() == "temporarily_unavailable"
+
+
+async def test_a_revocation_reaches_another_server_process_within_the_verified_time(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = oauth_config(database_url)
+    with http_server(tmp_path, config) as first, http_server(tmp_path, config) as second:
+        async with httpx2.AsyncClient() as http:
+            client = await flow(first, http)
+            tokens = await client.tokens()
+            assert (await post(second, tokens["access_token"], json=INITIALIZE)).status_code == 200
+            form = {"client_id": client.client_id, "client_secret": "", "token": tokens["refresh_token"]}
+            assert (await http.post(client.base + "/revoke", data=form)).status_code == 200
+            assert (await post(first, tokens["access_token"], json=INITIALIZE)).status_code == 401  # at once
+            revoked_at = time.monotonic()
+            with anyio.fail_after(VERIFIED_SECONDS + 10):
+                while (await post(second, tokens["access_token"], json=INITIALIZE)).status_code == 200:  # noqa: ASYNC110  -- another process answers
+                    await anyio.sleep(0.2)
+            assert time.monotonic() - revoked_at <= VERIFIED_SECONDS + 1
