@@ -35,7 +35,8 @@ async def test_a_task_waits_for_its_blockers_and_finishing_them_reports_what_it_
 
         done = await call(planner, "update_task", {"task_id": design, "status": "completed"})
         assert done["unblocked"] == [build]
-        await call(planner, "update_task", {"task_id": build, "status": "completed"})
+        built = await call(planner, "update_task", {"task_id": build, "status": "completed"})
+        assert built["unblocked"] == []  # ship still waits for test
         cancelled = await call(planner, "update_task", {"task_id": test, "status": "cancelled"})
         assert cancelled["unblocked"] == [ship]  # cancelled work holds nothing back either
         assert (await call(planner, "update_task", {"task_id": ship, "status": "completed"}))[
