@@ -85,9 +85,7 @@ async def claim_task(
     """Take a task for `lease_seconds`: the given one, or the next free one matching the filter."""
     now = utcnow()
     if task_id is None:
-        order = tuple((item.field, item.direction == "desc") for item in order_by or DEFAULT_ORDER)
-        if len({field for field, _ in order}) != len(order):
-            raise InvalidInputError("order_by names a field twice; give each field once")
+        order = tasks.sort_order(order_by, DEFAULT_ORDER)
         shape, params = (None, {}) if filter is None else filters.parse(filter)
         found = (await session.exec(_next_free(shape, order), params=params | {"now": now})).first()
         if found is None:

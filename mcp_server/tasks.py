@@ -221,6 +221,14 @@ _SORTABLE: dict[str, tuple[Any, Any, Any]] = {
 SortOrder = tuple[tuple[str, bool], ...]  # (field, descending), most significant first
 
 
+def sort_order(order_by: Sequence[OrderBy], default: Sequence[OrderBy]) -> SortOrder:
+    """An agent's order_by (or the default) as (field, descending) pairs; a field named twice is refused."""
+    order = tuple((item.field, item.direction == "desc") for item in order_by or default)
+    if len({field for field, _ in order}) != len(order):
+        raise InvalidInputError("order_by names a field twice; give each field once")
+    return order
+
+
 def sort_column(field: str, descending: bool) -> Any:
     """The ORDER BY term of a sortable field."""
     column = col(_SORTABLE[field][0])
@@ -274,9 +282,7 @@ async def search_tasks(
     include_deleted: bool,
     include_total: bool,
 ) -> TaskPage:
-    order: SortOrder = tuple((item.field, item.direction == "desc") for item in order_by or DEFAULT_ORDER)
-    if len({field for field, _ in order}) != len(order):
-        raise InvalidInputError("order_by names a field twice; give each field once")
+    order = sort_order(order_by, DEFAULT_ORDER)
     shape, params = (None, {}) if filter is None else filters.parse(filter)
     keys = _sort_keys(order)
     query = paging.fingerprint(shape, params, order, include_deleted)
