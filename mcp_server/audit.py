@@ -10,14 +10,25 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, FromClause, Insert, RowMapping, String, bindparam, insert, literal
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Insert,
+    RowMapping,
+    String,
+    and_,
+    bindparam,
+    insert,
+    literal,
+    or_,
+)
 from sqlalchemy import select as sql_select  # a Core SELECT of nine columns, inserted as it is
 from sqlalchemy.orm import QueryableAttribute
-from sqlmodel import col
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from mcp_server import chain, db, paging
+from mcp_server import chain, db, paging, scopes
 from mcp_server.errors import NotFoundError
 from mcp_server.identity import Call
 from mcp_server.models import (
@@ -31,7 +42,8 @@ from mcp_server.models import (
     utcnow,
 )
 from mcp_server.schemas import AuditEntryPublic, AuditTrail, EntityRef, iso_time
-from mcp_server.sql import iso_text, json_object
+from mcp_server.scopes import Scope
+from mcp_server.sql import iso_text, json_object, one_of
 
 MAX_RECORDED_ARGUMENTS = 20_000
 
@@ -193,8 +205,11 @@ def _trail_statement(narrowed_by: tuple[str, ...], first: bool, limit: int) -> S
     conditions = [
         compare(column, bindparam(name, type_=column.type))
         for name in narrowed_by
+        if name != "scope"
         for column, compare in [_NARROWING[name]]
     ]
+    if "scope" in narrowed_by:
+        conditions.append(col(AuditEntry.entity_id).in_(_IN_SCOPE))
     statement: Select[*tuple[Any, ...]] = Select(*_ENTRY_ROW)
     if "entity_id" in narrowed_by:
         statement = Select(Entity, *_ENTRY_ROW).join_from(AuditEntry, Entity, _ENTITY)
@@ -202,6 +217,13 @@ def _trail_statement(narrowed_by: tuple[str, ...], first: bool, limit: int) -> S
 
 
 _ENTITY = cast(QueryableAttribute[Entity], AuditEntry.entity)  # SQLModel types it as the value
+# The entities of the projects bound as `scope`, deleted or not: the projects and their tasks.
+_IN_SCOPE = select(Entity.id).where(
+    or_(
+        one_of(col(Entity.project_id), "scope"),
+        and_(col(Entity.kind) == EntityKind.PROJECT.value, one_of(col(Entity.id), "scope")),
+    )
+)
 
 
 def _entry_public(entry: RowMapping, *, with_entity: bool) -> AuditEntryPublic:
@@ -245,12 +267,24 @@ async def get_audit_trail(
     until: datetime | None,
     limit: int,
     page_token: str | None,
+    scope: Scope,
 ) -> AuditTrail:
+    """A page of the audit trail, newest first. A scoped agent sees the entries of its projects and
+    their tasks only; an entity outside them is refused."""
+    if entity_id is not None and scope is not None:
+        named = await session.get(Entity, entity_id)
+        if named is not None:
+            project_id = named.id if named.kind == EntityKind.PROJECT.value else named.project_id
+            scopes.require(scope, cast(int, project_id), f"{named.kind} {entity_id}")
     given = {"entity_id": entity_id, "request_id": request_id, "changed_by": changed_by, "action": action}
-    params = {
+    params: dict[str, Any] = {
         name: value for name, value in (given | {"since": since, "until": until}).items() if value is not None
     }
-    query = paging.fingerprint("audit", entity_id, request_id, changed_by, action, since, until)
+    if scope is not None and entity_id is None:
+        params["scope"] = sorted(scope)
+    query = paging.fingerprint(
+        "audit", entity_id, request_id, changed_by, action, since, until, scope and sorted(scope)
+    )
     statement = _trail_statement(tuple(params), page_token is None, limit)
     params |= paging.page_params(_TRAIL_KEYS, page_token=page_token, query=query)
     entries = db.named_rows(await session.exec(statement, params=params))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 from typing import Any
 
@@ -99,7 +100,10 @@ class _JwtKeys:
             logger.info("rejected a JWT: its %s claim is not a usable identity", config.identity_claim)
             return None
         scopes = _scopes(claims)
-        granted = [config.scopes[scope] for scope in scopes if scope in config.scopes]
+        granted = Permissions.union([config.scopes[scope] for scope in scopes if scope in config.scopes])
+        if named := _project_scopes(scopes):
+            # project:<id> scopes narrow what the other scopes grant to those projects.
+            granted = granted.narrowed_to(named)
         return AgentToken(
             token=token,
             client_id=identity,
@@ -108,7 +112,7 @@ class _JwtKeys:
             scopes=scopes,
             expires_at=int(claims["exp"]),
             claims={"iss": claims["iss"]},
-            permissions=Permissions.union(granted),
+            permissions=granted,
         )
 
     def _signing_key(self, token: str) -> Any:
@@ -124,3 +128,11 @@ def _scopes(claims: dict[str, Any]) -> list[str]:
     if isinstance(scope, str):
         return scope.split()
     return [s for s in scope if isinstance(s, str)] if isinstance(scope, list) else []
+
+
+_PROJECT_SCOPE = re.compile(r"project:([1-9][0-9]{0,15})")
+
+
+def _project_scopes(scopes: list[str]) -> frozenset[int]:
+    """The project ids of a token's `project:<id>` scopes."""
+    return frozenset(int(found[1]) for scope in scopes if (found := _PROJECT_SCOPE.fullmatch(scope)))

@@ -25,7 +25,7 @@ from sqlalchemy import and_, bindparam, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import audit, filters, graph, tasks
+from mcp_server import audit, filters, graph, scopes, tasks
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError
 from mcp_server.filters import Shape
 from mcp_server.identity import Call
@@ -86,7 +86,8 @@ async def claim_task(
     now = utcnow()
     if task_id is None:
         order = tasks.sort_order(order_by, DEFAULT_ORDER)
-        shape, params = (None, {}) if filter is None else filters.parse(filter)
+        parsed = (None, {}) if filter is None else filters.parse(filter)
+        shape, params = scopes.narrow(call.permissions.projects, *parsed)
         found = (await session.exec(_next_free(shape, order), params=params | {"now": now})).first()
         if found is None:
             raise NotFoundError(
@@ -99,7 +100,7 @@ async def claim_task(
         task_id = found
     elif filter is not None or order_by:
         raise InvalidInputError("give task_id, or filter and order_by to take the next free task; not both")
-    task = tasks.live(await tasks.find(session, task_id, to_change=True))
+    task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects, to_change=True))
     holder = tasks.holder_of(task, now)
     if holder == call.agent_id:
         return tasks.public(task)  # a repeat (a retry): the lease as it is; renew_claim extends it
@@ -132,7 +133,12 @@ async def renew_claim(
     """Extend the caller's lease to `lease_seconds` from now. A lease that lapsed is renewed too,
     as long as nobody claimed the task since (the fencing token says so)."""
     now = utcnow()
-    task = _held(await tasks.find(session, task_id, to_change=True), call, fencing_token, now)
+    task = _held(
+        await tasks.find(session, task_id, scope=call.permissions.projects, to_change=True),
+        call,
+        fencing_token,
+        now,
+    )
     old = _lease_fields(task)
     task.claim_expires_at = now + timedelta(seconds=lease_seconds)
     task.updated_at = now
@@ -144,7 +150,7 @@ async def release_claim(session: AsyncSession, call: Call, task_id: int, fencing
     """Give the task up before the lease ends. Releasing a claim already released (the same
     token, nobody holding the task) is a repeat and changes nothing."""
     now = utcnow()
-    task = tasks.live(await tasks.find(session, task_id, to_change=True))
+    task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects, to_change=True))
     if task.claimed_by is None and task.fencing_token == fencing_token:
         return tasks.public(task)
     task = _held(task, call, fencing_token, now)

@@ -15,6 +15,7 @@ from mcp_server import audit, tasks
 from mcp_server.identity import Call
 from mcp_server.models import AuditAction, TaskComment, utcnow
 from mcp_server.schemas import CommentPage, CommentPublic, iso_time
+from mcp_server.scopes import Scope
 
 
 def _public(comment: TaskComment) -> CommentPublic:
@@ -29,7 +30,7 @@ def _public(comment: TaskComment) -> CommentPublic:
 
 
 async def add_comment(session: AsyncSession, call: Call, task_id: int, body: str) -> CommentPublic:
-    task = tasks.live(await tasks.find(session, task_id))
+    task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects))
     now = utcnow()
     comment = TaskComment(task_id=task_id, author=call.agent_id, body=body, created_at=now)
     session.add(comment)
@@ -40,8 +41,10 @@ async def add_comment(session: AsyncSession, call: Call, task_id: int, body: str
     return _public(comment)
 
 
-async def list_comments(session: AsyncSession, task_id: int, *, after: int | None, limit: int) -> CommentPage:
-    tasks.live(await tasks.find(session, task_id))
+async def list_comments(
+    session: AsyncSession, task_id: int, *, after: int | None, limit: int, scope: Scope
+) -> CommentPage:
+    tasks.live(await tasks.find(session, task_id, scope=scope))
     query = (
         select(TaskComment)
         .where(col(TaskComment.task_id) == task_id, col(TaskComment.id) > (after or 0))

@@ -46,6 +46,33 @@ MIN_SCRYPT_N = 2**14
 AgentId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")]
 
 
+class WriteBudget(BaseModel):
+    """How much an agent may write per window of time, across all server processes (budgets.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calls: int | None = Field(default=None, ge=1, description="Most writing calls per window.")
+    rows: int | None = Field(default=None, ge=1, description="Most rows changed per window.")
+    window_seconds: int = Field(default=60, ge=1, le=86_400)
+
+    @classmethod
+    def largest(cls, budgets: list[WriteBudget]) -> WriteBudget:
+        """The most generous of the budgets: each limit taken as a rate over the shortest of their
+        windows, and the largest kept (an agent holding several JWT scopes)."""
+        window = min(budget.window_seconds for budget in budgets)
+
+        def most(limits: list[tuple[int | None, int]]) -> int | None:
+            if any(limit is None for limit, _ in limits):
+                return None
+            return max(-(-limit * window // seconds) for limit, seconds in limits if limit is not None)
+
+        return cls(
+            calls=most([(budget.calls, budget.window_seconds) for budget in budgets]),
+            rows=most([(budget.rows, budget.window_seconds) for budget in budgets]),
+            window_seconds=window,
+        )
+
+
 class Permissions(BaseModel):
     """What an agent may do. The default grants everything; each field narrows it."""
 
@@ -56,6 +83,12 @@ class Permissions(BaseModel):
     max_bulk_rows: int | None = Field(
         default=None, ge=1, description="Most tasks one bulk update may change."
     )
+    projects: frozenset[int] | None = Field(
+        default=None, description="Ids of the projects it may read and change; null: all (scopes.py)."
+    )
+    write_budget: WriteBudget | None = Field(
+        default=None, description="The most writing calls and changed rows per window (budgets.py)."
+    )
 
     @classmethod
     def union(cls, grants: list[Permissions]) -> Permissions:
@@ -64,10 +97,22 @@ class Permissions(BaseModel):
             return cls(read_only=True, tools=frozenset())
         tools = [grant.tools for grant in grants]
         limits = [grant.max_bulk_rows for grant in grants]
+        projects = [grant.projects for grant in grants]
+        budgets = [grant.write_budget for grant in grants]
         return cls(
             read_only=all(grant.read_only for grant in grants),
             tools=None if None in tools else frozenset().union(*(t for t in tools if t is not None)),
             max_bulk_rows=None if None in limits else max(limit for limit in limits if limit is not None),
+            projects=None if None in projects else frozenset().union(*(p for p in projects if p is not None)),
+            write_budget=None
+            if None in budgets
+            else WriteBudget.largest([b for b in budgets if b is not None]),
+        )
+
+    def narrowed_to(self, projects: frozenset[int]) -> Permissions:
+        """These permissions on only those of `projects` they reach (a JWT's project:<id> scopes)."""
+        return self.model_copy(
+            update={"projects": projects if self.projects is None else self.projects & projects}
         )
 
 

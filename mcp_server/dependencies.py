@@ -34,8 +34,8 @@ async def add_dependency(session: AsyncSession, call: Call, task_id: int, blocke
         raise InvalidInputError("blocked_by: a task cannot wait for itself; give another task's id")
     if session.get_bind().dialect.name == "postgresql":
         await session.exec(select(func.pg_advisory_xact_lock(GRAPH_LOCK_KEY)))
-    task = tasks.live(await tasks.find(session, task_id, to_change=True))
-    tasks.live(await tasks.find(session, blocked_by))
+    task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects, to_change=True))
+    tasks.live(await tasks.find(session, blocked_by, scope=call.permissions.projects))
     before = await _blocked_by(session, task_id)
     if blocked_by in before:
         return await _shown(session, task)
@@ -52,7 +52,7 @@ async def add_dependency(session: AsyncSession, call: Call, task_id: int, blocke
 
 async def remove_dependency(session: AsyncSession, call: Call, task_id: int, blocked_by: int) -> TaskPublic:
     """Stop `task_id` waiting for `blocked_by`; removing an edge that is not there changes nothing."""
-    task = tasks.live(await tasks.find(session, task_id, to_change=True))
+    task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects, to_change=True))
     before = await _blocked_by(session, task_id)
     if blocked_by not in before:
         return await _shown(session, task)

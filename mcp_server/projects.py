@@ -10,12 +10,14 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
-from mcp_server import audit, paging
+from mcp_server import audit, paging, scopes
 from mcp_server.errors import ConflictError, NotFoundError, is_unique_violation
 from mcp_server.filters import contains, escape_like
 from mcp_server.identity import Call
 from mcp_server.models import AuditAction, Project, utcnow
 from mcp_server.schemas import ProjectPage, ProjectPublic, iso_time
+from mcp_server.scopes import Scope
+from mcp_server.sql import one_of
 
 _KEYS = (
     paging.SortKey("title", Project.title, False, str, str),
@@ -43,11 +45,12 @@ def not_live(project_id: int) -> NotFoundError:
 _BY_ID = select(Project).where(col(Project.id) == bindparam("project_id"))
 
 
-async def load_live(session: AsyncSession, project_id: int) -> Project:
-    """The project, unless it does not exist or is deleted."""
+async def load_live(session: AsyncSession, project_id: int, scope: Scope) -> Project:
+    """The project, unless it does not exist or is deleted; one outside `scope` is refused."""
     project = (await session.exec(_BY_ID, params={"project_id": project_id})).first()
     if project is None:
         raise not_live(project_id)
+    scopes.require(scope, project_id, f"project {project_id}")
     return project
 
 
@@ -55,6 +58,7 @@ _NAMED = select(Project.id).where(Project.title == bindparam("name", type_=Strin
 
 
 async def create_project(session: AsyncSession, call: Call, name: str, description: str) -> ProjectPublic:
+    scopes.require_all(call.permissions.projects)
     existing = (await session.exec(_NAMED, params={"name": name})).first()
     if existing is not None:
         raise ConflictError(
@@ -76,20 +80,25 @@ async def create_project(session: AsyncSession, call: Call, name: str, descripti
 
 
 @lru_cache(maxsize=64)
-def _list_statement(named: bool, first: bool, limit: int) -> SelectOfScalar[Project]:
+def _list_statement(named: bool, scoped: bool, first: bool, limit: int) -> SelectOfScalar[Project]:
     statement = select(Project)
+    if scoped:
+        statement = statement.where(one_of(col(Project.id), "scope"))
     if named:
         statement = statement.where(contains(Project.title, bindparam("name_contains", type_=String)))
     return paging.paged(statement, _KEYS, first=first, limit=limit)
 
 
 async def list_projects(
-    session: AsyncSession, *, name_contains: str | None, limit: int, page_token: str | None
+    session: AsyncSession, *, name_contains: str | None, limit: int, page_token: str | None, scope: Scope
 ) -> ProjectPage:
-    params = {} if not name_contains else {"name_contains": escape_like(name_contains)}
-    query = paging.fingerprint("projects", name_contains)
+    """A page of the live projects within `scope`, by name."""
+    params: dict[str, object] = {} if not name_contains else {"name_contains": escape_like(name_contains)}
+    if scope is not None:
+        params["scope"] = sorted(scope)
+    query = paging.fingerprint("projects", name_contains, params.get("scope"))
     found = await session.exec(
-        _list_statement(bool(name_contains), page_token is None, limit),
+        _list_statement(bool(name_contains), scope is not None, page_token is None, limit),
         params=params | paging.page_params(_KEYS, page_token=page_token, query=query),
     )
     page = paging.cut(found.all(), _KEYS, limit=limit, query=query)

@@ -28,11 +28,14 @@ from mcp_server import projects, tasks
 from mcp_server.filters import Condition, FilterField, Operator
 from mcp_server.models import Project
 from mcp_server.schemas import MAX_ID
+from mcp_server.scopes import Scope
+from mcp_server.sql import one_of
 
 JSON = "application/json"
 PROJECT_TASKS_PAGE = 100
 
-Read = Callable[[AsyncSession], Awaitable[Mapping[str, Any]]]
+# A read in the reader's session, within its projects (scopes.py).
+Read = Callable[[AsyncSession, Scope], Awaitable[Mapping[str, Any]]]
 # The server's part: who is reading, may they (as the named tool), one read session, the result as JSON.
 Reader = Callable[[Context[Any, Any], str, Read], Awaitable[str]]
 
@@ -47,7 +50,7 @@ def register(server: MCPServer[Any], reader: Reader) -> None:
     )
     async def task(task_id: str, ctx: Context[Any, Any]) -> str:
         number = _id("task", task_id)
-        return await reader(ctx, "get_task", lambda session: tasks.get_task(session, number))
+        return await reader(ctx, "get_task", lambda session, scope: tasks.get_task(session, number, scope))
 
     @server.resource(
         "project://{project_id}",
@@ -59,8 +62,8 @@ def register(server: MCPServer[Any], reader: Reader) -> None:
     async def project(project_id: str, ctx: Context[Any, Any]) -> str:
         number = _id("project", project_id)
 
-        async def read(session: AsyncSession) -> Mapping[str, Any]:
-            return projects.project_public(await projects.load_live(session, number))
+        async def read(session: AsyncSession, scope: Scope) -> Mapping[str, Any]:
+            return projects.project_public(await projects.load_live(session, number, scope))
 
         return await reader(ctx, "list_projects", read)
 
@@ -75,8 +78,9 @@ def register(server: MCPServer[Any], reader: Reader) -> None:
         number = _id("project", project_id)
         in_project = Condition(field=FilterField.PROJECT_ID, op=Operator.EQ, value=number)
 
-        async def read(session: AsyncSession) -> Mapping[str, Any]:
-            await projects.load_live(session, number)  # a missing project is an error, not an empty list
+        async def read(session: AsyncSession, scope: Scope) -> Mapping[str, Any]:
+            # A missing project is an error, not an empty list; one outside the scope, a refusal.
+            await projects.load_live(session, number, scope)
             return await tasks.search_tasks(
                 session,
                 filter=in_project,
@@ -85,6 +89,7 @@ def register(server: MCPServer[Any], reader: Reader) -> None:
                 page_token=None,
                 include_deleted=False,
                 include_total=False,
+                scope=scope,
             )
 
         return await reader(ctx, "search_tasks", read)
@@ -102,13 +107,20 @@ _PROJECT_IDS = (
     .order_by(col(Project.id))
     .limit(MOST_COMPLETIONS + 1)
 )
+_PROJECT_IDS_IN_SCOPE = _PROJECT_IDS.where(one_of(col(Project.id), "scope"))
 
 
-async def complete(session: AsyncSession, template: str, argument: str, typed: str) -> Completion:
-    """The values `argument` of `template` may take that begin with `typed`."""
+async def complete(
+    session: AsyncSession, template: str, argument: str, typed: str, scope: Scope
+) -> Completion:
+    """The values `argument` of `template` may take that begin with `typed`, within `scope`."""
     if template not in PROJECT_TEMPLATES or argument != "project_id" or not (typed == "" or typed.isdigit()):
         return Completion(values=[])
-    ids = (await session.exec(_PROJECT_IDS, params={"prefix": typed})).all()
+    if scope is None:
+        ids = (await session.exec(_PROJECT_IDS, params={"prefix": typed})).all()
+    else:
+        found = await session.exec(_PROJECT_IDS_IN_SCOPE, params={"prefix": typed, "scope": sorted(scope)})
+        ids = found.all()
     return Completion(
         values=[str(project_id) for project_id in ids[:MOST_COMPLETIONS]],
         has_more=len(ids) > MOST_COMPLETIONS,

@@ -285,13 +285,14 @@ async def search_tasks(
             page_token=page_token,
             include_deleted=include_deleted,
             include_total=include_total,
+            scope=request.call.permissions.projects,
         )
 
 
 async def get_task(request: ToolCall, task_id: TaskId) -> TaskPublic:
     """One task with its project; a deleted one is an error (restore_task brings it back)."""
     async with _session(request, write=False) as session:
-        return await tasks.get_task(session, task_id)
+        return await tasks.get_task(session, task_id, request.call.permissions.projects)
 
 
 async def create_task(
@@ -521,7 +522,9 @@ async def list_comments(
 ) -> CommentPage:
     """A task's comments, oldest first; with after, only what was said since."""
     async with _session(request, write=False) as session:
-        return await comments.list_comments(session, task_id, after=after, limit=limit)
+        return await comments.list_comments(
+            session, task_id, after=after, limit=limit, scope=request.call.permissions.projects
+        )
 
 
 async def get_audit_trail(
@@ -552,6 +555,7 @@ async def get_audit_trail(
             until=until,
             limit=limit,
             page_token=page_token,
+            scope=request.call.permissions.projects,
         )
 
 
@@ -586,7 +590,11 @@ async def list_projects(
     """Live projects by name, a page at a time."""
     async with _session(request, write=False) as session:
         return await projects.list_projects(
-            session, name_contains=name_contains, limit=limit, page_token=page_token
+            session,
+            name_contains=name_contains,
+            limit=limit,
+            page_token=page_token,
+            scope=request.call.permissions.projects,
         )
 
 
@@ -595,9 +603,9 @@ async def _read_resource(ctx: ToolContext, tool: str, read: resources.Read) -> s
     to call `tool`, one read session, the value as JSON; a failure as a resource error."""
     app: AppState = ctx.request_context.lifespan_context
     _, permissions = _agent_of(app.settings, ctx.request_context.request)
+    # Refusals are recorded as a refused tool call is; the entry names the URI asked for.
+    uri = str((ctx.request_context.params or {}).get("uri", ""))
     if not may_call(permissions, tool, writes=False):
-        # Recorded as a refused tool call is; the entry names the URI asked for.
-        uri = str((ctx.request_context.params or {}).get("uri", ""))
         recorded = await _record_refusal(app, _call_of(ctx, READ_RESOURCE), f"tool:{tool}", {"uri": uri})
         raise MCPError(  # a refusal, not a failure of the server's (a ResourceError is -32603)
             code=INVALID_REQUEST,
@@ -606,7 +614,12 @@ async def _read_resource(ctx: ToolContext, tool: str, read: resources.Read) -> s
         )
     try:
         async with _transaction(app, write=False) as session:
-            value = await read(session)
+            value = await read(session, permissions.projects)
+    except PermissionDeniedError as exc:
+        recorded = await _record_refusal(app, _call_of(ctx, READ_RESOURCE), exc.permission, {"uri": uri})
+        raise MCPError(
+            code=INVALID_REQUEST, message=f"permission denied: {exc}. {_recorded_or_not(recorded)}"
+        ) from None
     except ToolError as exc:
         missing = isinstance(exc.__cause__, NotFoundError)
         raise (ResourceNotFoundError if missing else ResourceError)(str(exc)) from None
@@ -628,7 +641,7 @@ async def _complete(
     try:
         async with _transaction(app, write=False) as session:
             completion = await resources.complete(
-                session, ref.uri, params.argument.name, params.argument.value
+                session, ref.uri, params.argument.name, params.argument.value, permissions.projects
             )
     except ToolError as exc:
         raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from None

@@ -41,7 +41,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
-from mcp_server import audit, db, filters, graph, paging, projects
+from mcp_server import audit, db, filters, graph, paging, projects, scopes
 from mcp_server.db import INCLUDE_DELETED
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition, Shape
@@ -71,6 +71,7 @@ from mcp_server.schemas import (
     TaskUpdate,
     iso_time,
 )
+from mcp_server.scopes import Scope
 from mcp_server.sql import iso_text, one_of
 
 MAX_CHANGED_IDS = 500
@@ -281,9 +282,11 @@ async def search_tasks(
     page_token: str | None,
     include_deleted: bool,
     include_total: bool,
+    scope: Scope,
 ) -> TaskPage:
+    """A page of the tasks matching `filter` within `scope`'s projects."""
     order = sort_order(order_by, DEFAULT_ORDER)
-    shape, params = (None, {}) if filter is None else filters.parse(filter)
+    shape, params = scopes.narrow(scope, *((None, {}) if filter is None else filters.parse(filter)))
     keys = _sort_keys(order)
     query = paging.fingerprint(shape, params, order, include_deleted)
     options = INCLUDE_DELETED if include_deleted else {}
@@ -307,8 +310,8 @@ async def search_tasks(
     return result
 
 
-async def get_task(session: AsyncSession, task_id: int) -> TaskPublic:
-    shown = public(live(await find(session, task_id)))
+async def get_task(session: AsyncSession, task_id: int, scope: Scope) -> TaskPublic:
+    shown = public(live(await find(session, task_id, scope=scope)))
     if blockers := await graph.blockers(session, task_id, unfinished_only=False):
         shown["blocked_by"] = blockers
     return shown
@@ -320,8 +323,9 @@ _BY_ID = select(Task).options(_WITH_PROJECT).where(col(Task.id) == bindparam("ta
 _BY_ID_TO_CHANGE = _BY_ID.with_for_update(of=Task)
 
 
-async def find(session: AsyncSession, task_id: int, *, to_change: bool = False) -> Task:
-    """The task, deleted or not, with its project; locked until the call ends `to_change` it."""
+async def find(session: AsyncSession, task_id: int, *, scope: Scope, to_change: bool = False) -> Task:
+    """The task, deleted or not, with its project; locked until the call ends `to_change` it. One
+    outside `scope`'s projects is refused (scopes.require)."""
     statement = _BY_ID_TO_CHANGE if to_change else _BY_ID
     found = await session.exec(statement, params={"task_id": task_id}, execution_options=INCLUDE_DELETED)
     task = found.first()
@@ -329,6 +333,7 @@ async def find(session: AsyncSession, task_id: int, *, to_change: bool = False) 
         raise NotFoundError(
             f"task {task_id} does not exist; search_tasks finds tasks by title or other fields"
         )
+    scopes.require(scope, cast(int, task.project_id), f"task {task_id}")
     return task
 
 
@@ -391,6 +396,7 @@ _CREATED = db.one_change(
 
 
 async def create_task(session: AsyncSession, call: Call, data: TaskCreate) -> TaskPublic:
+    scopes.require(call.permissions.projects, data.project_id, f"project {data.project_id}")
     now = utcnow()
     new = {
         "title": data.title,
@@ -437,12 +443,15 @@ _DELETED = db.one_change(
 async def soft_delete_task(
     session: AsyncSession, call: Call, task_id: int, *, fencing_token: int | None = None
 ) -> TaskPublic:
+    if (scope := call.permissions.projects) is not None:
+        # Held locked from here, so the task cannot be moved out of scope before it is deleted.
+        await find(session, task_id, scope=scope, to_change=True)
     now = utcnow()
     params = {"task_id": task_id, "given_fencing_token": fencing_token}
     params |= audit.entry_params(call, now, {"deleted_at": None}, {"deleted_at": now})
     task = await db.run_one_change(session, _DELETED, params)
     if task is None:
-        found = await find(session, task_id)  # missing: says so
+        found = await find(session, task_id, scope=call.permissions.projects)  # missing: says so
         if found.deleted_at is not None:
             # Deleted already: the tool is idempotent, so a repeat changes nothing and says how it is.
             return public(found)
@@ -452,7 +461,7 @@ async def soft_delete_task(
 
 
 async def restore_task(session: AsyncSession, call: Call, task_id: int) -> TaskPublic:
-    task = await find(session, task_id, to_change=True)
+    task = await find(session, task_id, scope=call.permissions.projects, to_change=True)
     if task.deleted_at is None:
         return public(task)  # live already: a repeat, which changes nothing
     now = utcnow()
@@ -476,7 +485,7 @@ async def update_task(
         raise InvalidInputError(
             "give at least one field to change: title, description, status, priority, project_id"
         )
-    task = live(await find(session, task_id, to_change=True))
+    task = live(await find(session, task_id, scope=call.permissions.projects, to_change=True))
     now = utcnow()
     check_claim(task, call, fencing_token, now)
     if expected_version is not None and task.version != expected_version:
@@ -491,7 +500,9 @@ async def update_task(
     if new.get("status") in graph.NEEDS_UNBLOCKED:
         await _refuse_if_blocked(session, task_id, new["status"])
     if "project_id" in new:
-        set_committed_value(task, "project", await projects.load_live(session, new["project_id"]))
+        set_committed_value(
+            task, "project", await projects.load_live(session, new["project_id"], call.permissions.projects)
+        )
     for name in new:
         setattr(task, name, requested[name])
     if new.get("status") in FINISHED:
@@ -530,7 +541,7 @@ async def bulk_update_status(
     max_bulk_rows changing tasks refuses the whole call (the caller rolls back). The call's
     progress hears of the start and of each step as it ends.
     """
-    shape, params = await _target(session, call.agent_id, status, filter=filter, task_ids=task_ids)
+    shape, params = await _target(session, call, status, filter=filter, task_ids=task_ids)
     params |= audit.call_params(call, utcnow())
     statements = _bulk_statements(shape)
     if session.get_bind().dialect.name == "postgresql":
@@ -612,7 +623,7 @@ async def preview_status_change(
     task_ids: Sequence[int] | None,
 ) -> BulkUpdateResult:
     """What bulk_update_status would change, read without locking, changing or auditing anything."""
-    shape, params = await _target(session, call.agent_id, status, filter=filter, task_ids=task_ids)
+    shape, params = await _target(session, call, status, filter=filter, task_ids=task_ids)
     statements = _bulk_statements(shape)
     # The statements say themselves that only live tasks change.
     count = (await session.exec(statements.counting, params=params, execution_options=INCLUDE_DELETED)).one()
@@ -672,30 +683,39 @@ def _bulk_statements(shape: Shape | None) -> _BulkStatements:
 
 async def _target(
     session: AsyncSession,
-    agent_id: str,
+    call: Call,
     status: TaskStatus,
     *,
     filter: FilterTree | None,
     task_ids: Sequence[int] | None,
 ) -> tuple[Shape | None, dict[str, Any]]:
-    """The shape of what a status change reaches (see _bulk_statements) and the values it binds."""
+    """The shape of what a status change reaches (see _bulk_statements) and the values it binds:
+    within the caller's projects (a filter is narrowed to them; a listed task outside is refused)."""
     if (filter is None) == (task_ids is None):
         raise InvalidInputError("give either filter or task_ids, not both and not neither")
     if task_ids is not None:
-        await _require_live(session, task_ids)
+        await _require_live(session, task_ids, call.permissions.projects)
         shape, params = None, {"task_ids": list(task_ids)}
     else:
         assert filter is not None
-        shape, params = filters.parse(filter)
-    return shape, params | {"target_status": status.value, CLAIMS_NOW: utcnow(), "claimer": agent_id}
+        shape, params = scopes.narrow(call.permissions.projects, *filters.parse(filter))
+    return shape, params | {"target_status": status.value, CLAIMS_NOW: utcnow(), "claimer": call.agent_id}
 
 
-_LIVE_AMONG = select(Task.id).where(one_of(col(Task.id), "task_ids"))
+_LIVE_AMONG = select(Task.id, Task.project_id).where(one_of(col(Task.id), "task_ids"))
 
 
-async def _require_live(session: AsyncSession, task_ids: Sequence[int]) -> None:
-    found = set((await session.exec(_LIVE_AMONG, params={"task_ids": list(task_ids)})).all())
-    missing = sorted(set(task_ids) - found)
+async def _require_live(session: AsyncSession, task_ids: Sequence[int], scope: Scope) -> None:
+    """Every listed task is live and within `scope`, or the call is refused."""
+    found = db.named_rows(await session.exec(_LIVE_AMONG, params={"task_ids": list(task_ids)}))
+    missing = sorted(set(task_ids) - {row["id"] for row in found})
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise NotFoundError(f"these tasks do not exist or are deleted: {shown}; nothing was changed")
+    if scope is not None and (outside := sorted({row["project_id"] for row in found} - scope)):
+        raise PermissionDeniedError(
+            ",".join(scopes.permission(project_id) for project_id in outside[:20]),
+            "some of these tasks are in projects outside the ones you may use: "
+            f"{', '.join(map(str, outside[:20]))} (permission {scopes.permission(outside[0])} is "
+            "missing); nothing was changed",
+        )
