@@ -398,6 +398,18 @@ class AuditCheckpoint(SQLModel, table=True):
     signature: str = Field(sa_type=String(200), nullable=False)
 
 
+class WriteBudgetUse(SQLModel, table=True):
+    """What an agent has written in its current budget window (budgets.py): one row per agent,
+    started over when a new window begins, shared by every server process on the database."""
+
+    __tablename__ = "write_budget"
+
+    agent_id: str = Field(sa_type=String(200), primary_key=True)
+    window_start: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    calls_used: int = Field(nullable=False)
+    rows_used: int = Field(sa_type=BigInteger, nullable=False)
+
+
 class IdempotencyRecord(SQLModel, table=True):
     """The first result of a writing call made with an idempotency key, replayed to its retries."""
 

@@ -54,6 +54,7 @@ from mcp_server import (
     arguments,
     audit,
     auth,
+    budgets,
     chain,
     changes,
     claims,
@@ -190,19 +191,25 @@ async def _write(
     arguments: dict[str, Any],
     run: Callable[[AsyncSession], Awaitable[R]],
 ) -> R:
-    """One write, in one transaction; with an idempotency key, a retry gets the first call's result."""
+    """One write, in one transaction, within the agent's write budget (budgets.py); with an
+    idempotency key, a retry gets the first call's result."""
     async with _session(request, write=True) as session:
+        await budgets.check(session, request.call)
         if key is None:
-            return await run(session)
-        return await idempotency.once(
-            session,
-            agent_id=request.call.agent_id,
-            key=key,
-            tool=request.call.tool,
-            arguments=arguments,
-            ttl=timedelta(seconds=request.app.settings.idempotency_ttl_seconds),
-            run=lambda: run(session),
-        )
+            result = await run(session)
+        else:
+            result = await idempotency.once(
+                session,
+                agent_id=request.call.agent_id,
+                key=key,
+                tool=request.call.tool,
+                arguments=arguments,
+                ttl=timedelta(seconds=request.app.settings.idempotency_ttl_seconds),
+                run=lambda: run(session),
+            )
+        # A bulk change reports how many rows it changed; any other write changes one.
+        await budgets.spend(session, request.call, int(result.get("changed_count", 1)))
+        return result
 
 
 # --- parameter types shared by several tools -------------------------------------------------

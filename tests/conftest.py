@@ -120,8 +120,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await conn.execute(
             text(
                 "TRUNCATE audit_entry, audit_seal, audit_checkpoint, entity, idempotency_key, "
-                "oauth_secret, oauth_grant, oauth_client, operator_sign_in, task_dependency, task_comment "
-                "RESTART IDENTITY CASCADE"
+                "oauth_secret, oauth_grant, oauth_client, operator_sign_in, task_dependency, task_comment, "
+                "write_budget RESTART IDENTITY CASCADE"
             )
         )
         await conn.execute(
