@@ -194,6 +194,9 @@ class Entity(SQLModel, table=True):
     claimed_by: str | None = Field(default=None, sa_type=String(200))
     claim_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     fencing_token: int = Field(default=0, sa_column=_FENCING_TOKEN)
+    # A task's title as the duplicate guard compares it (titles.key): a create is refused when a live
+    # task in the same project has the same key. NULL for projects.
+    title_key: str | None = Field(default=None, sa_type=String(32))
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind", "version_id_col": _VERSION}
 
@@ -265,6 +268,16 @@ Index(
     ENTITY_TABLE.c.id,
     postgresql_where=text(QUEUE_WHERE),
     sqlite_where=text(QUEUE_WHERE),
+)
+
+# The duplicate guard (tasks.create_task): a live task of a project by its title's key.
+TITLE_KEY_WHERE = "kind = 'task' AND deleted_at IS NULL"
+Index(
+    "ix_entity_title_key",
+    ENTITY_TABLE.c.project_id,
+    ENTITY_TABLE.c.title_key,
+    postgresql_where=text(TITLE_KEY_WHERE),
+    sqlite_where=text(TITLE_KEY_WHERE),
 )
 
 # The agent holding a live claim on a task, in SQL: none once the lease has run out, whatever the

@@ -309,17 +309,21 @@ async def create_task(
     description: Annotated[Description, Field(description="Longer text.")] = "",
     status: Annotated[TaskStatus, Field(description="Initial status.")] = TaskStatus.PENDING,
     priority: Annotated[Priority, Field(description="Urgency.")] = Priority.MEDIUM,
+    allow_duplicate: Annotated[
+        bool, Field(description="Create it even if a live task in the project has the same title.")
+    ] = False,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskWritten:
-    """Create a task in a live project (list_projects, create_project). Returns the task."""
+    """Create a task in a live project (list_projects, create_project). A live task of the same
+    title there (ignoring case, spacing, Unicode forms) refuses it, naming that task."""
     data = TaskCreate(
         title=title, project_id=project_id, description=description, status=status, priority=priority
     )
     return await _write(
         request,
         idempotency_key,
-        data.model_dump(),
-        lambda session: tasks.create_task(session, request.call, data),
+        data.model_dump() | {"allow_duplicate": allow_duplicate},
+        lambda session: tasks.create_task(session, request.call, data, allow_duplicate=allow_duplicate),
     )
 
 

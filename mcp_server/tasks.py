@@ -26,6 +26,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    exists,
     func,
     insert,
     literal,
@@ -41,7 +42,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
-from mcp_server import audit, db, filters, graph, paging, projects, scopes
+from mcp_server import audit, db, filters, graph, paging, projects, scopes, titles
 from mcp_server.db import INCLUDE_DELETED
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition, Shape
@@ -364,40 +365,81 @@ def _new(name: str) -> Any:
 
 # A change defined by a condition (a live project to create the task in, a live task to delete)
 # needs no read before it: the change, its audit entry and the task as changed, in one go.
-_CREATED = db.one_change(
-    Task,
-    insert(Task).from_select(
-        [
-            "kind",
-            "title",
-            "description",
-            "status",
-            "priority",
-            "project_id",
-            "created_at",
-            "updated_at",
-            "version",
-        ],
-        sql_select(
-            literal(EntityKind.TASK.value),
-            _new("title"),
-            _new("description"),
-            _new("status"),
-            _new("priority"),
-            col(Project.id),
-            bindparam("at", type_=UTCDateTime()),
-            bindparam("at", type_=UTCDateTime()),
-            literal(1),
-        ).where(col(Project.id) == bindparam("project_id"), col(Project.deleted_at).is_(None)),
-    ),
-    lambda changed: audit.entry_of(changed, AuditAction.CREATED),
-    _with_project,
+_OTHER = ENTITY_TABLE.alias("other")
+# A live task of the project with the new task's title key: the duplicate guard (titles.py).
+_SAME_TITLE = exists().where(
+    _OTHER.c.project_id == col(Project.id),
+    _OTHER.c.title_key == bindparam("new_title_key", type_=String),
+    _OTHER.c.kind == EntityKind.TASK.value,
+    _OTHER.c.deleted_at.is_(None),
 )
 
 
-async def create_task(session: AsyncSession, call: Call, data: TaskCreate) -> TaskPublic:
+def _creating(*, guarded: bool) -> db.OneChange[Task]:
+    """The statements of a create in a live project; `guarded`, only when no live task of the
+    project has the same title key (the index ix_entity_title_key answers that)."""
+    condition = [col(Project.id) == bindparam("project_id"), col(Project.deleted_at).is_(None)]
+    if guarded:
+        condition.append(~_SAME_TITLE)
+    return db.one_change(
+        Task,
+        insert(Task).from_select(
+            [
+                "kind",
+                "title",
+                "title_key",
+                "description",
+                "status",
+                "priority",
+                "project_id",
+                "created_at",
+                "updated_at",
+                "version",
+            ],
+            sql_select(
+                literal(EntityKind.TASK.value),
+                _new("title"),
+                _new("title_key"),
+                _new("description"),
+                _new("status"),
+                _new("priority"),
+                col(Project.id),
+                bindparam("at", type_=UTCDateTime()),
+                bindparam("at", type_=UTCDateTime()),
+                literal(1),
+            ).where(*condition),
+        ),
+        lambda changed: audit.entry_of(changed, AuditAction.CREATED),
+        _with_project,
+    )
+
+
+_CREATED = _creating(guarded=False)
+_CREATED_UNLESS_SAME_TITLE = _creating(guarded=True)
+# PostgreSQL: creates of one title in one project take turns from the guard's check to their
+# commit, so two at once cannot both find no duplicate. (SQLite's writers take turns anyway.)
+TITLE_LOCK_SPACE = 72_430_171
+_TITLE_LOCK = select(
+    func.pg_advisory_xact_lock(
+        literal(TITLE_LOCK_SPACE), func.hashtext(bindparam("title_lock", type_=String))
+    )
+)
+_SAME_TITLE_TASK = (
+    select(Task.id, Task.title)
+    .where(col(Task.project_id) == bindparam("project_id"), col(Task.title_key) == bindparam("title_key"))
+    .order_by(col(Task.id))
+    .limit(1)
+)
+
+
+async def create_task(
+    session: AsyncSession, call: Call, data: TaskCreate, *, allow_duplicate: bool = False
+) -> TaskPublic:
+    """Create a task in a live project; unless `allow_duplicate`, refused when a live task there
+    has the same title as titles.py compares them, naming it."""
     scopes.require(call.permissions.projects, data.project_id, f"project {data.project_id}")
     now = utcnow()
+    title_key = titles.key(data.title)
     new = {
         "title": data.title,
         "description": data.description,
@@ -406,10 +448,24 @@ async def create_task(session: AsyncSession, call: Call, data: TaskCreate) -> Ta
         "project_id": data.project_id,
     }
     params = {f"new_{name}": value for name, value in new.items() if name != "project_id"}
-    params |= {"project_id": data.project_id} | audit.entry_params(call, now, None, new)
-    task = await db.run_one_change(session, _CREATED, params)
-    if task is None:  # the INSERT read no live project to create the task in
-        raise projects.not_live(data.project_id)
+    params |= {"project_id": data.project_id, "new_title_key": title_key}
+    params |= audit.entry_params(call, now, None, new)
+    if not allow_duplicate and session.get_bind().dialect.name == "postgresql":
+        await session.exec(_TITLE_LOCK, params={"title_lock": f"{data.project_id}:{title_key}"})
+    statements = _CREATED if allow_duplicate else _CREATED_UNLESS_SAME_TITLE
+    task = await db.run_one_change(session, statements, params)
+    if task is None:  # the INSERT read no live project, or found the same title there
+        await projects.load_live(session, data.project_id, call.permissions.projects)
+        same = {"project_id": data.project_id, "title_key": title_key}
+        rows = db.named_rows(await session.exec(_SAME_TITLE_TASK, params=same))
+        if not rows:
+            raise ConflictError(f"project {data.project_id} changed while the task was being created; retry")
+        raise ConflictError(
+            f"project {data.project_id} already has a live task with this title: task {rows[0]['id']} "
+            f"{rows[0]['title']!r} (titles are compared ignoring case, spacing and Unicode width and "
+            "compatibility forms); nothing was created. Work on that task, or pass allow_duplicate=true "
+            "if a second task of that title is meant"
+        )
     return public(task)
 
 
@@ -505,6 +561,8 @@ async def update_task(
         )
     for name in new:
         setattr(task, name, requested[name])
+    if "title" in new:
+        task.title_key = titles.key(task.title)
     if new.get("status") in FINISHED:
         release(task)  # finished work is nobody's to hold
     task.updated_at = now
