@@ -205,6 +205,33 @@ class ProjectPage(TypedDict):
     next_page_token: NotRequired[NextPageToken]
 
 
+class BulkDeleteResult(TypedDict):
+    dry_run: Annotated[
+        bool, Field(description="True for a preview: nothing was changed and nothing audited.")
+    ]
+    changed_count: Annotated[int, Field(description="How many tasks were deleted, or would be.")]
+    changed_ids: Annotated[list[int], Field(description="Ids of those tasks, ascending, at most 500.")]
+    changed_ids_truncated: Annotated[
+        bool, Field(description="True when more tasks were deleted than changed_ids lists.")
+    ]
+    request_id: NotRequired[
+        Annotated[str, Field(description="Not on a preview: shared by the audit entries of this call.")]
+    ]
+
+
+class ProjectChanged(TypedDict):
+    project: ProjectPublic
+    deleted: Annotated[bool, Field(description="Whether the project is deleted now.")]
+    tasks: NotRequired[
+        Annotated[
+            Literal["deleted", "moved", "restored"],
+            Field(description="What happened to its live tasks (deleted ones, on a restore)."),
+        ]
+    ]
+    changed_count: Annotated[int, Field(description="How many of its tasks that changed.")]
+    request_id: Annotated[str, Field(description="Shared by the audit entries of this call.")]
+
+
 class BulkUpdateResult(TypedDict):
     status: Annotated[TaskStatus, Field(description="The status the changed tasks now have.")]
     dry_run: Annotated[

@@ -66,6 +66,7 @@ from mcp_server import (
     identity,
     logs,
     oauth,
+    project_changes,
     projects,
     resources,
     tasks,
@@ -89,6 +90,7 @@ from mcp_server.models import AuditAction, Priority, TaskStatus
 from mcp_server.schemas import (
     COUNT_CAP,
     AuditTrail,
+    BulkDeleteResult,
     BulkUpdateResult,
     CommentBody,
     CommentPage,
@@ -97,6 +99,7 @@ from mcp_server.schemas import (
     Id,
     Name,
     OrderBy,
+    ProjectChanged,
     ProjectPage,
     ProjectPublic,
     RowVersion,
@@ -428,6 +431,30 @@ async def bulk_update_status(
     )
 
 
+async def bulk_delete_tasks(
+    request: ToolCall,
+    filter: Annotated[
+        Filter, Field(description="As in search_tasks. Give filter or task_ids, not both.")
+    ] = None,
+    task_ids: Annotated[
+        list[Id] | None, Field(min_length=1, max_length=MAX_BULK_IDS, description="The tasks' ids.")
+    ] = None,
+    dry_run: Annotated[bool, Field(description="Only report what would be deleted.")] = False,
+    idempotency_key: IdempotencyKey = None,
+) -> BulkDeleteResult:
+    """Delete every live task a filter or task_ids names, all or none, but for tasks another agent
+    holds; try dry_run first. restore_task brings one back."""
+    if dry_run:
+        async with _session(request, write=False) as session:
+            return await tasks.preview_deletion(session, request.call, filter=filter, task_ids=task_ids)
+    return await _write(
+        request,
+        idempotency_key,
+        {"filter": filter, "task_ids": task_ids},
+        lambda session: tasks.bulk_delete_tasks(session, request.call, filter=filter, task_ids=task_ids),
+    )
+
+
 async def claim_task(
     request: ToolCall,
     task_id: Annotated[Id | None, Field(description="This task; without it, the next free one.")] = None,
@@ -592,6 +619,57 @@ async def create_project(
     )
 
 
+ProjectId = Annotated[Id, Field(description="The project's id.")]
+
+
+async def delete_project(
+    request: ToolCall,
+    project_id: ProjectId,
+    live_tasks: Annotated[
+        Literal["delete", "move"] | None,
+        Field(description="Required if it has live tasks: delete them too, or move them (move_to)."),
+    ] = None,
+    move_to: Annotated[Id | None, Field(description="With live_tasks=move: the project they go to.")] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> ProjectChanged:
+    """Delete a project; restore_project brings it back with the tasks deleted with it."""
+    return await _write(
+        request,
+        idempotency_key,
+        {"project_id": project_id, "live_tasks": live_tasks, "move_to": move_to},
+        lambda session: project_changes.delete_project(
+            session, request.call, project_id, live_tasks=live_tasks, move_to=move_to
+        ),
+    )
+
+
+async def restore_project(
+    request: ToolCall, project_id: ProjectId, idempotency_key: IdempotencyKey = None
+) -> ProjectChanged:
+    """Bring back a deleted project, and the tasks its deletion deleted."""
+    return await _write(
+        request,
+        idempotency_key,
+        {"project_id": project_id},
+        lambda session: project_changes.restore_project(session, request.call, project_id),
+    )
+
+
+async def rename_project(
+    request: ToolCall,
+    project_id: ProjectId,
+    name: Annotated[Name, Field(description="Unique among live projects.")],
+    idempotency_key: IdempotencyKey = None,
+) -> ProjectChanged:
+    """Give a live project a new name."""
+    return await _write(
+        request,
+        idempotency_key,
+        {"project_id": project_id, "name": name},
+        lambda session: project_changes.rename_project(session, request.call, project_id, name),
+    )
+
+
 async def list_projects(
     request: ToolCall,
     name_contains: Annotated[Name | None, Field(description="Only names containing this.")] = None,
@@ -677,6 +755,7 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (soft_delete_task, "Delete a task", _annotations(destructive=True, idempotent=True)),
     (restore_task, "Restore a task", _annotations(destructive=False, idempotent=True)),
     (bulk_update_status, "Bulk status change", _annotations(destructive=True, idempotent=True)),
+    (bulk_delete_tasks, "Bulk delete", _annotations(destructive=True, idempotent=True)),
     (claim_task, "Claim a task", _annotations(destructive=False, idempotent=False)),
     (renew_claim, "Renew a claim", _annotations(destructive=False, idempotent=True)),
     (release_claim, "Release a claim", _annotations(destructive=False, idempotent=True)),
@@ -687,6 +766,9 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (get_audit_trail, "Audit trail", READ_ONLY),
     (verify_audit_log, "Verify the audit log", READ_ONLY),
     (create_project, "Create a project", _annotations(destructive=False, idempotent=False)),
+    (rename_project, "Rename a project", _annotations(destructive=True, idempotent=True)),
+    (delete_project, "Delete a project", _annotations(destructive=True, idempotent=True)),
+    (restore_project, "Restore a project", _annotations(destructive=False, idempotent=True)),
     (list_projects, "List projects", READ_ONLY),
 ]
 

@@ -41,11 +41,12 @@ from sqlalchemy.orm.interfaces import ORMOption
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
+from typing_extensions import TypedDict
 
 from mcp_server import audit, db, filters, graph, paging, projects, scopes, titles
 from mcp_server.db import INCLUDE_DELETED
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
-from mcp_server.filters import AllOf, AnyOf, Condition, Shape
+from mcp_server.filters import AllOf, AnyOf, Condition, FilterField, Operator, Shape
 from mcp_server.identity import Call
 from mcp_server.models import (
     CLAIMS_NOW,
@@ -64,6 +65,7 @@ from mcp_server.models import (
 )
 from mcp_server.schemas import (
     COUNT_CAP,
+    BulkDeleteResult,
     BulkUpdateResult,
     OrderBy,
     TaskCreate,
@@ -407,7 +409,11 @@ def _creating(*, guarded: bool) -> db.OneChange[Task]:
                 bindparam("at", type_=UTCDateTime()),
                 bindparam("at", type_=UTCDateTime()),
                 literal(1),
-            ).where(*condition),
+            )
+            .where(*condition)
+            # PostgreSQL: wait for a deletion of the project under way (project_changes.py), then
+            # see it deleted, rather than create a task in it.
+            .with_for_update(key_share=True),
         ),
         lambda changed: audit.entry_of(changed, AuditAction.CREATED),
         _with_project,
@@ -583,6 +589,21 @@ async def _refuse_if_blocked(session: AsyncSession, task_id: int, status: str) -
         )
 
 
+# --- bulk changes: a status for many tasks, or deleting many tasks ----------------------------
+#
+# Both are set-based. On PostgreSQL one statement, as a plain application would write it: lock the
+# tasks that change, update them, insert their entries, and return the first ids with the count.
+# On SQLite, which has no data-modifying CTE, three (`_bulk_in_steps`). Both leave alone a task
+# another agent holds a live claim on, and reach only the caller's projects (`_target`). More
+# than the caller's max_bulk_rows changing tasks refuses the whole call (the caller rolls back).
+# The call's progress hears of the start and of each step as it ends.
+
+STATUS = "status"
+DELETE = "delete"
+MOVE = "move"
+RESTORE = "restore"
+
+
 async def bulk_update_status(
     session: AsyncSession,
     call: Call,
@@ -591,36 +612,142 @@ async def bulk_update_status(
     filter: FilterTree | None,
     task_ids: Sequence[int] | None,
 ) -> BulkUpdateResult:
-    """Set `status` on every live matching task, set-based, with one audit entry per task changed.
+    """Set `status` on every live matching task, with one audit entry per task changed."""
+    shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
+    params |= {"target_status": status.value}
+    changed, ids = await _run_bulk(session, call, _bulk_statements(shape, STATUS), params)
+    return {"status": status, "dry_run": False, **_changed(changed, ids), "request_id": call.request_id}
 
-    On PostgreSQL this is one statement, as a plain application would write it: lock the tasks
-    that change, update them, insert their entries, and return the first ids with the count. On
-    SQLite, which has no data-modifying CTE, three (`_bulk_in_steps`). More than the caller's
-    max_bulk_rows changing tasks refuses the whole call (the caller rolls back). The call's
-    progress hears of the start and of each step as it ends.
-    """
-    shape, params = await _target(session, call, status, filter=filter, task_ids=task_ids)
-    params |= audit.call_params(call, utcnow())
-    statements = _bulk_statements(shape)
-    if session.get_bind().dialect.name == "postgresql":
-        await call.progress(0, 1, "changing the tasks and writing their audit entries")
-        # The statement says itself that only live tasks change.
-        found = await session.exec(statements.combined, params=params, execution_options=INCLUDE_DELETED)
-        rows = db.named_rows(found)
-        changed = rows[0]["changed_count"] if rows else 0
-        _check_bulk_rows(call, changed)
-        ids = [row["entity_id"] for row in rows]
-        await call.progress(1, 1, f"{changed:,} tasks changed and audited; committing")
-    else:
-        changed, ids = await _bulk_in_steps(session, call, statements, params)
+
+async def bulk_delete_tasks(
+    session: AsyncSession, call: Call, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+) -> BulkDeleteResult:
+    """Soft-delete every live matching task, with one audit entry per task deleted (as
+    soft_delete_task writes it); a deleted task's claim ends with it."""
+    shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
+    params |= _deletion(params["at"])
+    changed, ids = await _run_bulk(session, call, _bulk_statements(shape, DELETE), params)
+    return {"dry_run": False, **_changed(changed, ids), "request_id": call.request_id}
+
+
+async def delete_project_tasks(session: AsyncSession, call: Call, project_id: int) -> int:
+    """Soft-delete every live task of a project, as bulk_delete_tasks does (for delete_project)."""
+    params = _bulk_params(call) | {"f0": project_id}
+    statements = _bulk_statements(_IN_PROJECT, DELETE)
+    changed, _ = await _run_bulk(session, call, statements, params | _deletion(params["at"]))
+    return changed
+
+
+async def move_project_tasks(session: AsyncSession, call: Call, project_id: int, to: int) -> int:
+    """Move every live task of a project to project `to`, set-based, one audit entry each (for
+    delete_project)."""
+    params = _bulk_params(call) | {"f0": project_id, "target_project": to}
+    params |= {"audit_old": {"project_id": project_id}, "audit_new": {"project_id": to}}
+    changed, _ = await _run_bulk(session, call, _bulk_statements(_IN_PROJECT, MOVE), params)
+    return changed
+
+
+async def restore_project_tasks(
+    session: AsyncSession, call: Call, deleted_by: str, deleted_at: datetime
+) -> int:
+    """Restore the tasks the call `deleted_by` (a request id) deleted and that are deleted still
+    (for restore_project), set-based, one audit entry each."""
+    params = _bulk_params(call) | {"deleted_by_request": deleted_by}
+    params |= {"audit_old": {"deleted_at": iso_time(deleted_at)}, "audit_new": {"deleted_at": None}}
+    changed, _ = await _run_bulk(session, call, _bulk_statements(None, RESTORE), params)
+    return changed
+
+
+async def held_by_others(session: AsyncSession, call: Call, project_id: int) -> list[tuple[int, str]]:
+    """The live tasks of a project another agent holds a live claim on (the first 20): id, holder."""
+    params = {"project_id": project_id, CLAIMS_NOW: utcnow(), "claimer": call.agent_id}
+    return [
+        (row["id"], row["holder"])
+        for row in db.named_rows(await session.exec(_HELD_BY_OTHERS, params=params))
+    ]
+
+
+_IN_PROJECT: Shape = (FilterField.PROJECT_ID, Operator.EQ, None)
+_HELD_BY_OTHERS = (
+    select(Task.id, LIVE_HOLDER.label("holder"))
+    .where(
+        col(Task.project_id) == bindparam("project_id"),
+        LIVE_HOLDER.is_not(None),
+        bindparam("claimer", type_=String) != LIVE_HOLDER,
+    )
+    .order_by(col(Task.id))
+    .limit(20)
+)
+
+
+async def preview_status_change(
+    session: AsyncSession,
+    call: Call,
+    status: TaskStatus,
+    *,
+    filter: FilterTree | None,
+    task_ids: Sequence[int] | None,
+) -> BulkUpdateResult:
+    """What bulk_update_status would change, read without locking, changing or auditing anything."""
+    shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
+    params |= {"target_status": status.value}
+    changes = await _preview(session, _bulk_statements(shape, STATUS), params)
+    return cast(BulkUpdateResult, {"status": status, "dry_run": True, **changes})  # no request_id
+
+
+async def preview_deletion(
+    session: AsyncSession, call: Call, *, filter: FilterTree | None, task_ids: Sequence[int] | None
+) -> BulkDeleteResult:
+    """What bulk_delete_tasks would delete, read without locking, changing or auditing anything."""
+    shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
+    changes = await _preview(session, _bulk_statements(shape, DELETE), params)
+    return cast(BulkDeleteResult, {"dry_run": True, **changes})  # no request_id
+
+
+class _Changes(TypedDict):
+    changed_count: int
+    changed_ids: list[int]
+    changed_ids_truncated: bool
+
+
+def _changed(count: int, ids: Sequence[int]) -> _Changes:
     return {
-        "status": status,
-        "dry_run": False,
-        "changed_count": changed,
-        "changed_ids": ids[:MAX_CHANGED_IDS],
+        "changed_count": count,
+        "changed_ids": list(ids[:MAX_CHANGED_IDS]),
         "changed_ids_truncated": len(ids) > MAX_CHANGED_IDS,
-        "request_id": call.request_id,
     }
+
+
+async def _preview(session: AsyncSession, statements: _BulkStatements, params: dict[str, Any]) -> _Changes:
+    # The statements say themselves that only live tasks change.
+    count = (await session.exec(statements.counting, params=params, execution_options=INCLUDE_DELETED)).one()
+    ids = (await session.exec(statements.first_ids, params=params, execution_options=INCLUDE_DELETED)).all()
+    return {
+        "changed_count": count,
+        "changed_ids": [id for id in ids if id is not None],
+        "changed_ids_truncated": count > MAX_CHANGED_IDS,
+    }
+
+
+def _deletion(at: datetime) -> dict[str, Any]:
+    """The values a deletion's entries bind: the same before and after as soft_delete_task's."""
+    return {"audit_old": {"deleted_at": None}, "audit_new": {"deleted_at": iso_time(at)}}
+
+
+async def _run_bulk(
+    session: AsyncSession, call: Call, statements: _BulkStatements, params: dict[str, Any]
+) -> tuple[int, list[int]]:
+    """Run a bulk change: how many tasks changed, and the first MAX_CHANGED_IDS + 1 ids."""
+    if session.get_bind().dialect.name != "postgresql":
+        return await _bulk_in_steps(session, call, statements, params)
+    await call.progress(0, 1, "changing the tasks and writing their audit entries")
+    # The statement says itself that only live tasks change.
+    found = await session.exec(statements.combined, params=params, execution_options=INCLUDE_DELETED)
+    rows = db.named_rows(found)
+    changed = rows[0]["changed_count"] if rows else 0
+    _check_bulk_rows(call, changed)
+    await call.progress(1, 1, f"{changed:,} tasks changed and audited; committing")
+    return changed, [row["entity_id"] for row in rows]
 
 
 async def _bulk_in_steps(
@@ -634,7 +761,7 @@ async def _bulk_in_steps(
     _check_bulk_rows(call, written.rowcount)
     await call.progress(1, BULK_STEPS, f"{written.rowcount:,} audit entries written; updating the tasks")
     updated = await session.exec(
-        _BULK_UPDATE, params=params, execution_options={"synchronize_session": False}
+        statements.update, params=params, execution_options={"synchronize_session": False}
     )
     await call.progress(2, BULK_STEPS, f"{updated.rowcount:,} tasks updated; listing their ids")
     ids = (await session.exec(_CHANGED_IDS, params=params)).all()
@@ -648,84 +775,91 @@ def _check_bulk_rows(call: Call, count: int) -> None:
         raise PermissionDeniedError(
             "max_bulk_rows",
             f"this call would change {count} tasks, and you may change at most {max_rows} in one bulk "
-            "update (permission max_bulk_rows); nothing was changed. Narrow the filter or split the work",
+            "change (permission max_bulk_rows); nothing was changed. Narrow the filter or split the work",
         )
 
 
 _THIS_CALL = select(AuditEntry.entity_id).where(AuditEntry.request_id == bindparam("audit_request_id"))
-# What a status change sets, besides the version.
 FINISHED = frozenset({TaskStatus.COMPLETED.value, TaskStatus.CANCELLED.value})
 _FINISHING = bindparam("target_status", type_=String).in_(sorted(FINISHED))
 _NEEDS_UNBLOCKED = bindparam("target_status", type_=String).in_(graph.NEEDS_UNBLOCKED)
-_NEW_VALUES = {
-    "status": bindparam("target_status", type_=String),
-    "updated_at": bindparam("at"),
-    # Finished work is nobody's to hold: a bulk completion lets go of the tasks' claims.
-    "claimed_by": case((_FINISHING, None), else_=col(Task.claimed_by)),
-    "claim_expires_at": case((_FINISHING, None), else_=col(Task.claim_expires_at)),
+# What each bulk change sets, besides the version.
+_NEW_VALUES: dict[str, dict[str, Any]] = {
+    STATUS: {
+        "status": bindparam("target_status", type_=String),
+        "updated_at": bindparam("at"),
+        # Finished work is nobody's to hold: a bulk completion lets go of the tasks' claims.
+        "claimed_by": case((_FINISHING, None), else_=col(Task.claimed_by)),
+        "claim_expires_at": case((_FINISHING, None), else_=col(Task.claim_expires_at)),
+    },
+    DELETE: {
+        "deleted_at": bindparam("at"),
+        "updated_at": bindparam("at"),
+        "claimed_by": None,
+        "claim_expires_at": None,
+    },
+    RESTORE: {"deleted_at": None, "updated_at": bindparam("at")},
+    MOVE: {
+        "project_id": bindparam("target_project", type_=ENTITY_TABLE.c.project_id.type),
+        "updated_at": bindparam("at"),
+    },
 }
-_BULK_UPDATE = (
-    update(Task)
-    .where(col(Task.id).in_(_THIS_CALL.scalar_subquery()))
-    .values(**_NEW_VALUES, version=Task.version + 1)
+# The audit action of each bulk change whose entries bind their before and after (audit.bound_changed).
+_BOUND_ACTION = {DELETE: AuditAction.DELETED, MOVE: AuditAction.UPDATED, RESTORE: AuditAction.RESTORED}
+# The tasks a call deleted (bound as deleted_by_request): what restore_project brings back.
+_DELETED_BY_REQUEST = col(Task.id).in_(
+    select(AuditEntry.entity_id).where(
+        col(AuditEntry.request_id) == bindparam("deleted_by_request", type_=String),
+        col(AuditEntry.action) == AuditAction.DELETED.value,
+    )
 )
 _CHANGED_IDS = _THIS_CALL.order_by(col(AuditEntry.entity_id)).limit(MAX_CHANGED_IDS + 1)
-
-
-async def preview_status_change(
-    session: AsyncSession,
-    call: Call,
-    status: TaskStatus,
-    *,
-    filter: FilterTree | None,
-    task_ids: Sequence[int] | None,
-) -> BulkUpdateResult:
-    """What bulk_update_status would change, read without locking, changing or auditing anything."""
-    shape, params = await _target(session, call, status, filter=filter, task_ids=task_ids)
-    statements = _bulk_statements(shape)
-    # The statements say themselves that only live tasks change.
-    count = (await session.exec(statements.counting, params=params, execution_options=INCLUDE_DELETED)).one()
-    ids = (await session.exec(statements.first_ids, params=params, execution_options=INCLUDE_DELETED)).all()
-    return {
-        "status": status,
-        "dry_run": True,
-        "changed_count": count,
-        "changed_ids": [id for id in ids if id is not None],
-        "changed_ids_truncated": count > MAX_CHANGED_IDS,
-    }
 
 
 class _BulkStatements(NamedTuple):
     combined: Any  # PostgreSQL: lock, change and record in one statement; the first ids, the count
     record: Any  # SQLite: the audit entries of the tasks that change
+    update: Any  # SQLite: the change of the tasks those entries name
     counting: SelectOfScalar[int]  # how many would change
     first_ids: SelectOfScalar[int] | SelectOfScalar[None]  # the first MAX_CHANGED_IDS of them
 
 
 @lru_cache(maxsize=256)
-def _bulk_statements(shape: Shape | None) -> _BulkStatements:
-    """The statements of a status change over the live tasks a filter of this shape matches (None:
-    the tasks listed in task_ids), less those already in the target status."""
+def _bulk_statements(shape: Shape | None, operation: str) -> _BulkStatements:
+    """The statements of a bulk `operation` (STATUS, DELETE, MOVE) over the live tasks a filter of
+    this shape matches (None: the tasks listed in task_ids); for a status, less those already in it.
+    RESTORE: the tasks a call deleted that are deleted still (_DELETED_BY_REQUEST)."""
     matching = one_of(col(Task.id), "task_ids") if shape is None else filters.clause(shape)
-    changing = and_(
+    conditions = [
         matching,
         col(Task.deleted_at).is_(None),
-        col(Task.status) != bindparam("target_status", type_=String),
         # A task another agent holds a live claim on is left to its holder.
         or_(LIVE_HOLDER.is_(None), LIVE_HOLDER == bindparam("claimer", type_=String)),  # noqa: SIM300
-        # A task that waits for unfinished work is not started or completed.
-        or_(~_NEEDS_UNBLOCKED, ~graph.BLOCKED),
-    )
+    ]
+    if operation == RESTORE:
+        conditions = [_DELETED_BY_REQUEST, col(Task.deleted_at).is_not(None)]
+    if operation == STATUS:
+        conditions += [
+            col(Task.status) != bindparam("target_status", type_=String),
+            # A task that waits for unfinished work is not started or completed.
+            or_(~_NEEDS_UNBLOCKED, ~graph.BLOCKED),
+        ]
+    changing = and_(*conditions)
     entity = ENTITY_TABLE
     old = sql_select(col(Task.id), col(Task.status)).where(changing).with_for_update().cte("old")
     changed = (
         update(entity)
         .where(entity.c.id == old.c.id)
-        .values(**_NEW_VALUES, version=entity.c.version + 1)
+        .values(**_NEW_VALUES[operation], version=entity.c.version + 1)
         .returning(entity.c.id, old.c.status.label("old_status"))
         .cte("changed")
     )
-    written = audit.status_changed(changed).returning(col(AuditEntry.entity_id)).cte("written")
+    if operation == STATUS:
+        entries, record = audit.status_changed(changed), audit.status_changes(changing)
+    else:
+        entries = audit.bound_changed(changed, _BOUND_ACTION[operation])
+        record = audit.bound_changes(changing, _BOUND_ACTION[operation])
+    written = entries.returning(col(AuditEntry.entity_id)).cte("written")
     combined = (
         sql_select(written.c.entity_id, func.count().over().label("changed_count"))
         .order_by(written.c.entity_id)
@@ -733,21 +867,26 @@ def _bulk_statements(shape: Shape | None) -> _BulkStatements:
     )
     return _BulkStatements(
         combined=combined,
-        record=audit.status_changes(changing),
+        record=record,
+        update=update(Task)
+        .where(col(Task.id).in_(_THIS_CALL.scalar_subquery()))
+        .values(**_NEW_VALUES[operation], version=Task.version + 1),
         counting=select(func.count()).select_from(Task).where(changing),
         first_ids=select(Task.id).where(changing).order_by(col(Task.id)).limit(MAX_CHANGED_IDS),
     )
 
 
+def _bulk_params(call: Call) -> dict[str, Any]:
+    """What every bulk statement binds besides the filter's values: who, when, and the time that
+    decides which claims are live."""
+    now = utcnow()
+    return audit.call_params(call, now) | {CLAIMS_NOW: now, "claimer": call.agent_id}
+
+
 async def _target(
-    session: AsyncSession,
-    call: Call,
-    status: TaskStatus,
-    *,
-    filter: FilterTree | None,
-    task_ids: Sequence[int] | None,
+    session: AsyncSession, call: Call, *, filter: FilterTree | None, task_ids: Sequence[int] | None
 ) -> tuple[Shape | None, dict[str, Any]]:
-    """The shape of what a status change reaches (see _bulk_statements) and the values it binds:
+    """The shape of what a bulk change reaches (see _bulk_statements) and the values it binds:
     within the caller's projects (a filter is narrowed to them; a listed task outside is refused)."""
     if (filter is None) == (task_ids is None):
         raise InvalidInputError("give either filter or task_ids, not both and not neither")
@@ -757,7 +896,7 @@ async def _target(
     else:
         assert filter is not None
         shape, params = scopes.narrow(call.permissions.projects, *filters.parse(filter))
-    return shape, params | {"target_status": status.value, CLAIMS_NOW: utcnow(), "claimer": call.agent_id}
+    return shape, params | _bulk_params(call)
 
 
 _LIVE_AMONG = select(Task.id, Task.project_id).where(one_of(col(Task.id), "task_ids"))

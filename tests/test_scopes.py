@@ -81,6 +81,10 @@ async def test_every_tool_refuses_a_task_or_project_outside_the_scope_names_it_a
         "get_audit_trail": {"entity_id": theirs},
         "create_task": {"title": "smuggled", "project_id": ids["theirs"]},
         "bulk_update_status": {"status": "completed", "task_ids": [ours, theirs]},
+        "bulk_delete_tasks": {"task_ids": [ours, theirs]},
+        "rename_project": {"project_id": ids["theirs"], "name": "mine now"},
+        "delete_project": {"project_id": ids["theirs"], "live_tasks": "delete"},
+        "restore_project": {"project_id": ids["theirs"]},
     }
     before = await entity_rows(db)
     async with connect(scoped(settings, {ids["ours"]}), era, name="scoped") as agent:  # type: ignore[arg-type]
@@ -122,6 +126,15 @@ async def test_a_bulk_change_by_filter_never_touches_tasks_outside_the_scope(
         assert sorted(preview["changed_ids"]) == sorted(ids["our_tasks"])
         done = await call(agent, "bulk_update_status", {"status": "cancelled", "filter": everything})
         assert sorted(done["changed_ids"]) == sorted(ids["our_tasks"])
+        # Deleting by filter too; and moving its tasks out to a project beyond its scope is refused.
+        preview = await call(
+            agent, "bulk_delete_tasks", {"filter": {"field": "id", "op": "ne", "value": 0}, "dry_run": True}
+        )
+        assert sorted(preview["changed_ids"]) == sorted(ids["our_tasks"])
+        moving = {"project_id": ids["ours"], "live_tasks": "move", "move_to": ids["theirs"]}
+        assert f"permission project:{ids['theirs']} is missing" in await call_error(
+            agent, "delete_project", moving
+        )
     async with connect(settings, era, name="owner") as owner:
         for task_id in ids["their_tasks"]:
             assert (await call(owner, "get_task", {"task_id": task_id}))["status"] == "pending"
