@@ -29,7 +29,7 @@ from mcp_server import audit, filters, graph, scopes, tasks
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError
 from mcp_server.filters import Shape
 from mcp_server.identity import Call
-from mcp_server.models import AuditAction, Task, TaskStatus, utcnow
+from mcp_server.models import CLAIMS_NOW, AuditAction, Task, TaskStatus, utcnow
 from mcp_server.schemas import OrderBy, TaskPublic
 
 DEFAULT_LEASE_SECONDS = 300
@@ -88,7 +88,9 @@ async def claim_task(
         order = tasks.sort_order(order_by, DEFAULT_ORDER)
         parsed = (None, {}) if filter is None else filters.parse(filter)
         shape, params = scopes.narrow(call.permissions.projects, *parsed)
-        found = (await session.exec(_next_free(shape, order), params=params | {"now": now})).first()
+        found = (
+            await session.exec(_next_free(shape, order), params=params | {"now": now, CLAIMS_NOW: now})
+        ).first()
         if found is None:
             raise NotFoundError(
                 "no task is free to claim"
