@@ -19,6 +19,7 @@ import logging
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -159,9 +160,10 @@ async def profile(url: str, repeat: int) -> dict[str, dict[str, dict[str, float]
         project = await raw.fetchval(
             "SELECT min(id) FROM entity WHERE kind = 'project' AND deleted_at IS NULL"
         )
-        data = TaskCreate(title="profiled task", project_id=project)
 
         async def create() -> Any:
+            # A distinct title each time, as real work has: the duplicate guard refuses a repeat.
+            data = TaskCreate(title=f"profiled task {uuid.uuid4().hex[:12]}", project_id=project)
             async with database.session(write=True) as session:
                 return await tasks.create_task(session, call, data)
 

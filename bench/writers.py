@@ -148,7 +148,9 @@ async def bulk(url: str, server: StdioServer, projects: list[int], rounds: int) 
 
 def _stdio_create(server: StdioServer, project: int) -> Create:
     async def create(n: int) -> object:
-        return await server.call("create_task", {"title": f"agent {n}", "project_id": project})
+        # A distinct title each time, as real work has: the duplicate guard refuses a repeat.
+        title = f"agent {n} task {uuid.uuid4().hex[:12]}"
+        return await server.call("create_task", {"title": title, "project_id": project})
 
     return create
 
@@ -256,7 +258,7 @@ async def http_writers(url: str, agents: int, seconds: float, project: int, logs
 
             async def create(n: int) -> object:
                 result = await clients[n].call_tool(
-                    "create_task", {"title": f"http {n}", "project_id": project}
+                    "create_task", {"title": f"http {n} task {uuid.uuid4().hex[:12]}", "project_id": project}
                 )
                 if result.is_error:
                     raise RuntimeError(f"create_task over HTTP failed: {result.content}")
