@@ -846,7 +846,16 @@ def _bulk_statements(shape: Shape | None, operation: str) -> _BulkStatements:
         ]
     changing = and_(*conditions)
     entity = ENTITY_TABLE
-    old = sql_select(col(Task.id), col(Task.status)).where(changing).with_for_update().cte("old")
+    # Locked in id order: two bulk changes over the same tasks then queue on the first one they
+    # share, where in the order a scan met them (which differs by the row versions each snapshot
+    # sees) they deadlocked.
+    old = (
+        sql_select(col(Task.id), col(Task.status))
+        .where(changing)
+        .order_by(col(Task.id))
+        .with_for_update()
+        .cte("old")
+    )
     changed = (
         update(entity)
         .where(entity.c.id == old.c.id)
