@@ -102,7 +102,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = logs / "config.json"
     agents = [{"id": agent, "token_sha256": token_sha256(token)} for agent, token in tokens.items()]
     config.write_text(json.dumps({"database_url": url, "log_level": "WARNING", "agents": agents}))
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter(dict.fromkeys(("claims", "completed", "conflicts", "empty claims"), 0))
     dead: dict[str, dict[str, Any]] = {}
     async with server(config, logs, "first") as first, server(config, logs, "second") as second:
         servers = [first, second]
@@ -153,6 +153,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         def remaining() -> int:
             return args.tasks - counts["completed"]
 
+        logger.info("%d tasks made; the race begins", args.tasks)
         started = time.perf_counter()
         await asyncio.gather(*(work(agent, servers[n % 2]) for n, agent in enumerate(sorted(tokens))))
         elapsed = time.perf_counter() - started
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    for name in ("httpx", "httpx2"):  # a line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     results = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"race-{results['database']}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, exists, not_, select
+from sqlalchemy import and_, bindparam, exists, not_, select
 from sqlalchemy.orm import aliased
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server.models import ENTITY_TABLE, LIVE_HOLDER, Task, TaskDependency, TaskStatus
 from mcp_server.schemas import BlockerRef
+from mcp_server.sql import one_of
 
 FINISHED = (TaskStatus.COMPLETED.value, TaskStatus.CANCELLED.value)
 # Statuses a task may not move to while something blocks it.
@@ -50,32 +51,45 @@ BLOCKED: Any = waits(ENTITY_TABLE.c.id)
 READY: Any = and_(ENTITY_TABLE.c.status.in_(CLAIMABLE), LIVE_HOLDER.is_(None), not_(BLOCKED))
 
 
+# The other end of a task's edges, read first: most tasks have none, and then nothing else is
+# read; and whatever the statistics say (a young database may not have been analyzed yet), the
+# task rows that follow are found by primary key, never by a scan of the tasks.
+_BLOCKED_BY = select(_EDGE.c.blocked_by).where(_EDGE.c.task_id == bindparam("task_id"))
+_WAITING = select(_EDGE.c.task_id).where(_EDGE.c.blocked_by == bindparam("task_id"))
+
+
 async def blockers(session: AsyncSession, task_id: int, *, unfinished_only: bool) -> list[BlockerRef]:
     """The tasks `task_id` waits for, by id: id, title and status (deleted ones left out)."""
+    ids = list((await session.exec(_BLOCKED_BY, params={"task_id": task_id})).scalars())  # type: ignore[call-overload]
+    if not ids:
+        return []
     query = (
         select(col(_blocker.id), col(_blocker.title), col(_blocker.status))
-        .join(_EDGE, _EDGE.c.blocked_by == _blocker.id)
-        .where(_EDGE.c.task_id == task_id, col(_blocker.deleted_at).is_(None))
+        .where(one_of(col(_blocker.id), "ids"), col(_blocker.deleted_at).is_(None))
         .order_by(col(_blocker.id))
     )
     if unfinished_only:
         query = query.where(col(_blocker.status).not_in(FINISHED))
-    rows = (await session.exec(query)).all()  # type: ignore[call-overload]
+    rows = (await session.exec(query, params={"ids": ids})).all()  # type: ignore[call-overload]
     return [{"id": row.id, "title": row.title, "status": row.status} for row in rows]
+
+
+_waiting = aliased(Task, name="waiting")
+_UNBLOCKED = (
+    select(col(_waiting.id))
+    .where(
+        one_of(col(_waiting.id), "ids"),
+        col(_waiting.deleted_at).is_(None),
+        col(_waiting.status).not_in(FINISHED),
+        ~waits(_waiting.id),
+    )
+    .order_by(col(_waiting.id))
+)
 
 
 async def unblocked_by(session: AsyncSession, task_id: int) -> list[int]:
     """The live tasks that waited for `task_id` and, now that it is finished, wait for nothing."""
-    waiting = aliased(Task, name="waiting")
-    query = (
-        select(col(waiting.id))
-        .join(_EDGE, _EDGE.c.task_id == waiting.id)
-        .where(
-            _EDGE.c.blocked_by == task_id,
-            col(waiting.deleted_at).is_(None),
-            col(waiting.status).not_in(FINISHED),
-            ~waits(waiting.id),
-        )
-        .order_by(col(waiting.id))
-    )
-    return list((await session.exec(query)).scalars())  # type: ignore[call-overload]
+    ids = list((await session.exec(_WAITING, params={"task_id": task_id})).scalars())  # type: ignore[call-overload]
+    if not ids:
+        return []
+    return list((await session.exec(_UNBLOCKED, params={"ids": ids})).scalars())  # type: ignore[call-overload]

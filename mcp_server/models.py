@@ -270,8 +270,11 @@ Index(
     sqlite_where=text(QUEUE_WHERE),
 )
 
-# The duplicate guard (tasks.create_task): a live task of a project by its title's key.
-TITLE_KEY_WHERE = "kind = 'task' AND deleted_at IS NULL"
+# The duplicate guard (tasks.create_task): a live task of a project by its title's key. The
+# predicate names title_key, so that no query but the guard's (whose `title_key = ...` implies it)
+# can use the index: without it, on a young database whose statistics said "few tasks", the
+# planner took this index for a cheap list of all live tasks and looped over it.
+TITLE_KEY_WHERE = "kind = 'task' AND deleted_at IS NULL AND title_key IS NOT NULL"
 Index(
     "ix_entity_title_key",
     ENTITY_TABLE.c.project_id,

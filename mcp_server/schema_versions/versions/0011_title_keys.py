@@ -6,7 +6,7 @@ Create Date: 2026-12-07
 
 A nullable column on `entity`, filled for every task (deleted ones too, which may be restored)
 from its title by the server's own function (titles.key), in batches of 10,000 by id; then the
-partial index. Linear in the number of tasks: about a minute for a million on PostgreSQL.
+partial index (of keyed live tasks only, so that no other query can use it). Linear in the number of tasks: about a minute for a million on PostgreSQL.
 """
 
 from collections.abc import Sequence
@@ -22,7 +22,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 BATCH = 10_000
-_LIVE_TASK = sa.text("kind = 'task' AND deleted_at IS NULL")
+_LIVE_TASK = sa.text("kind = 'task' AND deleted_at IS NULL AND title_key IS NOT NULL")
 _NEXT = sa.text("SELECT id, title FROM entity WHERE kind = 'task' AND id > :after ORDER BY id LIMIT :batch")
 _FILL_POSTGRESQL = sa.text(
     "UPDATE entity SET title_key = filled.key FROM unnest(CAST(:ids AS bigint[]), CAST(:keys AS text[])) "
