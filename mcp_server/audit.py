@@ -105,18 +105,7 @@ def entry_of(changed: FromClause, action: AuditAction) -> Insert:
     """The audit entry of the changed row `changed` (a whole row of the entity table, see
     db.one_change). Who, when and the values before and after are bound (see `entry_params`)."""
     return insert(AuditEntry).from_select(
-        list(_WRITTEN),
-        sql_select(
-            changed.c.id,
-            changed.c.kind,
-            literal(action.value),
-            bindparam("audit_changed_by", type_=String),
-            bindparam("audit_client_name", type_=String),
-            bindparam("at", type_=UTCDateTime()),
-            bindparam("audit_request_id", type_=String),
-            bindparam("audit_old", type_=JSONValue),
-            bindparam("audit_new", type_=JSONValue),
-        ),
+        list(_WRITTEN), sql_select(*_bound_entry(changed.c.id, changed.c.kind, action))
     )
 
 
@@ -150,21 +139,24 @@ def bound_changes(matching: ColumnElement[bool], action: AuditAction) -> Any:
     """As `status_changes`, one entry per task matching `matching`, of `action`, with the same
     before and after for every task, bound as audit_old and audit_new (a bulk deletion's, or a
     move out of one project)."""
-    source = sql_select(*_bound_entry(col(Task.id), action)).where(matching).with_for_update()
+    source = sql_select(*_bound_entry(col(Task.id), literal(EntityKind.TASK.value), action))
+    source = source.where(matching).with_for_update()
     return insert(AuditEntry).from_select(list(_WRITTEN), source)
 
 
 def bound_changed(changed: FromClause, action: AuditAction) -> Insert:
     """As `status_changed`, one entry per row of `changed` (its `id`), with before and after bound
     as in `bound_changes`."""
-    return insert(AuditEntry).from_select(list(_WRITTEN), sql_select(*_bound_entry(changed.c.id, action)))
+    source = sql_select(*_bound_entry(changed.c.id, literal(EntityKind.TASK.value), action))
+    return insert(AuditEntry).from_select(list(_WRITTEN), source)
 
 
-def _bound_entry(task_id: Any, action: AuditAction) -> tuple[Any, ...]:
-    """The values of an entry whose before and after are bound, in the order of _WRITTEN."""
+def _bound_entry(entity_id: Any, kind: Any, action: AuditAction) -> tuple[Any, ...]:
+    """The values of an entry of `action` whose who, when, before and after are bound (see
+    `entry_params`), in the order of _WRITTEN."""
     return (
-        task_id,
-        literal(EntityKind.TASK.value),
+        entity_id,
+        kind,
         literal(action.value),
         bindparam("audit_changed_by", type_=String),
         bindparam("audit_client_name", type_=String),

@@ -238,6 +238,12 @@ Filter = Annotated[
     ),
 ]
 
+# What a bulk change reaches: a filter, or the tasks' ids.
+BulkFilter = Annotated[Filter, Field(description="As in search_tasks. Give filter or task_ids, not both.")]
+TaskIds = Annotated[
+    list[Id] | None, Field(min_length=1, max_length=MAX_BULK_IDS, description="The tasks' ids.")
+]
+
 IdempotencyKey = Annotated[
     Text | None,
     Field(
@@ -399,17 +405,8 @@ async def restore_task(
 async def bulk_update_status(
     request: ToolCall,
     status: Annotated[TaskStatus, Field(description="The new status.")],
-    filter: Annotated[
-        Filter, Field(description="As in search_tasks. Give filter or task_ids, not both.")
-    ] = None,
-    task_ids: Annotated[
-        list[Id] | None,
-        Field(
-            min_length=1,
-            max_length=MAX_BULK_IDS,
-            description="The tasks' ids.",
-        ),
-    ] = None,
+    filter: BulkFilter = None,
+    task_ids: TaskIds = None,
     dry_run: Annotated[bool, Field(description="Only report what would change.")] = False,
     idempotency_key: IdempotencyKey = None,
 ) -> BulkUpdateResult:
@@ -433,12 +430,8 @@ async def bulk_update_status(
 
 async def bulk_delete_tasks(
     request: ToolCall,
-    filter: Annotated[
-        Filter, Field(description="As in search_tasks. Give filter or task_ids, not both.")
-    ] = None,
-    task_ids: Annotated[
-        list[Id] | None, Field(min_length=1, max_length=MAX_BULK_IDS, description="The tasks' ids.")
-    ] = None,
+    filter: BulkFilter = None,
+    task_ids: TaskIds = None,
     dry_run: Annotated[bool, Field(description="Only report what would be deleted.")] = False,
     idempotency_key: IdempotencyKey = None,
 ) -> BulkDeleteResult:

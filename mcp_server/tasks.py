@@ -5,8 +5,9 @@ tasks is read as named rows. A change that reads its task first (update, restore
 loaded object and flushes it with its audit entry, the ORM checking the task's version on the way
 (a change made meanwhile is a conflict, never a lost update). A change chosen by a condition
 (create in a live project, delete a live task) is one statement with its audit entry
-(db.one_change). A bulk status change is set-based: one statement on PostgreSQL, three on SQLite,
-whatever the number of tasks.
+(db.one_change). A bulk change (a status, a deletion, and for project_changes.py a move or a
+restore of a project's tasks) is set-based: one statement on PostgreSQL, three on SQLite, whatever
+the number of tasks. Every read and change is within the caller's project scope (scopes.py).
 """
 
 from __future__ import annotations
