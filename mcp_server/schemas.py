@@ -205,6 +205,18 @@ class ProjectPage(TypedDict):
     next_page_token: NotRequired[NextPageToken]
 
 
+class LeftAsItIs(TypedDict):
+    task_id: int
+    reason: str
+
+
+class RevertResult(TypedDict):
+    reverted_request: str
+    reverted: Annotated[list[int], Field(description="Tasks put back.")]
+    left: Annotated[list[LeftAsItIs], Field(description="Tasks left as they are, and why.")]
+    request_id: str
+
+
 class BulkDeleteResult(TypedDict):
     dry_run: Annotated[
         bool, Field(description="True for a preview: nothing was changed and nothing audited.")

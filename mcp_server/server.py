@@ -69,6 +69,7 @@ from mcp_server import (
     project_changes,
     projects,
     resources,
+    reverts,
     tasks,
     telemetry,
 )
@@ -102,6 +103,7 @@ from mcp_server.schemas import (
     ProjectChanged,
     ProjectPage,
     ProjectPublic,
+    RevertResult,
     RowVersion,
     TaskClaimed,
     TaskCreate,
@@ -448,6 +450,23 @@ async def bulk_delete_tasks(
     )
 
 
+async def revert_request(
+    request: ToolCall,
+    request_id: Annotated[
+        Text, Field(max_length=64, description="The call to undo (its result's request_id).")
+    ],
+    atomic: Annotated[bool, Field(description="Refuse it all if any task cannot be put back.")] = False,
+) -> RevertResult:
+    """Undo one call's task changes from the audit log, as a new change. A task changed since is
+    left, and listed with who changed it."""
+    return await _write(
+        request,
+        None,
+        {},
+        lambda session: reverts.revert_request(session, request.call, request_id, atomic=atomic),
+    )
+
+
 async def claim_task(
     request: ToolCall,
     task_id: Annotated[Id | None, Field(description="This task; without it, the next free one.")] = None,
@@ -749,6 +768,7 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (restore_task, "Restore a task", _annotations(destructive=False, idempotent=True)),
     (bulk_update_status, "Bulk status change", _annotations(destructive=True, idempotent=True)),
     (bulk_delete_tasks, "Bulk delete", _annotations(destructive=True, idempotent=True)),
+    (revert_request, "Revert a call", _annotations(destructive=True, idempotent=False)),
     (claim_task, "Claim a task", _annotations(destructive=False, idempotent=False)),
     (renew_claim, "Renew a claim", _annotations(destructive=False, idempotent=True)),
     (release_claim, "Release a claim", _annotations(destructive=False, idempotent=True)),

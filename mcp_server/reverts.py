@@ -1,0 +1,160 @@
+"""Undo: a call's changes to tasks put back from its audit entries' before-values, as a new change.
+
+`revert_request` reads the entries a call wrote (its request id) and undoes each, newest first: an
+update sets the fields it changed back to their before-values; a deletion restores the task, a
+restore deletes it again, a creation deletes the task it made. Each undo is an ordinary audited
+change of the calling agent, whose after-value names the request it reverts (`reverts`).
+
+A task changed again since (any later entry of another call) is never overwritten: it is left,
+and the result says who changed it and when; with `atomic`, the whole revert is refused instead,
+changing nothing. So is a task another agent holds a claim on. What has no before-value to put
+back (claims, comments, dependency edges, refused calls, project changes) is left and said so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import String, bindparam
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from mcp_server import audit, projects, tasks, titles
+from mcp_server.errors import ConflictError, NotFoundError
+from mcp_server.identity import Call
+from mcp_server.models import AuditAction, AuditEntry, EntityKind, Priority, Task, TaskStatus, utcnow
+from mcp_server.schemas import LeftAsItIs, RevertResult, iso_time
+
+MAX_ENTRIES = 10_000
+# The task fields an update's entry records and a revert may set back.
+FIELDS = frozenset({"title", "description", "status", "priority", "project_id"})
+_REVERTIBLE = frozenset(
+    {
+        AuditAction.CREATED.value,
+        AuditAction.UPDATED.value,
+        AuditAction.DELETED.value,
+        AuditAction.RESTORED.value,
+    }
+)
+
+_ENTRIES = (
+    select(AuditEntry)
+    .where(col(AuditEntry.request_id) == bindparam("request_id", type_=String))
+    .order_by(col(AuditEntry.id).desc())
+    .limit(MAX_ENTRIES + 1)
+)
+_LATER = (
+    select(AuditEntry.changed_by, AuditEntry.changed_at, AuditEntry.action)
+    .where(
+        col(AuditEntry.entity_id) == bindparam("entity_id"),
+        col(AuditEntry.id) > bindparam("after"),
+        col(AuditEntry.request_id) != bindparam("request_id", type_=String),
+    )
+    .order_by(col(AuditEntry.id))
+    .limit(1)
+)
+
+
+async def revert_request(session: AsyncSession, call: Call, request_id: str, *, atomic: bool) -> RevertResult:
+    entries = list((await session.exec(_ENTRIES, params={"request_id": request_id})).all())
+    if not entries:
+        raise NotFoundError(
+            f"no change was recorded under request {request_id!r}; a result's request_id, or "
+            "get_audit_trail, gives the id of a call that changed something"
+        )
+    if len(entries) > MAX_ENTRIES:
+        raise ConflictError(
+            f"request {request_id} changed more than {MAX_ENTRIES:,} rows; a revert this large is not "
+            "offered, nothing was changed"
+        )
+    now = utcnow()
+    reverted: list[int] = []
+    left: list[LeftAsItIs] = []
+    for entry in entries:  # newest first
+        assert entry.id is not None
+        reason = await _why_not(session, call, request_id, entry)
+        if reason is None:
+            task = await tasks.find(
+                session, entry.entity_id or 0, scope=call.permissions.projects, to_change=True
+            )
+            if (holder := tasks.holder_of(task, now)) not in (None, call.agent_id):
+                reason = f"{holder} holds a claim on it until {tasks.claim_end(task)}"
+            else:
+                await _undo(session, call, request_id, entry, task, now)
+                reverted.append(task.id or 0)
+                continue
+        if atomic:
+            raise ConflictError(
+                f"task {entry.entity_id} cannot be reverted: {reason}; with atomic, nothing was changed. "
+                "Without atomic, the rest is reverted and this task left as it is"
+            )
+        left.append({"task_id": entry.entity_id or 0, "reason": reason})
+    await session.flush()
+    return {
+        "reverted_request": request_id,
+        "reverted": sorted(set(reverted)),
+        "left": left,
+        "request_id": call.request_id,
+    }
+
+
+async def _why_not(session: AsyncSession, call: Call, request_id: str, entry: AuditEntry) -> str | None:
+    """Why the entry's change cannot be undone, or None when it can."""
+    if entry.entity_type != EntityKind.TASK.value or entry.entity_id is None:
+        return "only changes to tasks are reverted (this is a change to a project, or a refused call)"
+    if entry.action not in _REVERTIBLE:
+        return f"a {entry.action} entry has no before-value to put back"
+    if entry.action == AuditAction.UPDATED.value and not set(entry.old_value or {}) <= FIELDS:
+        return "a change of its dependencies is undone with add_dependency or remove_dependency"
+    params = {"entity_id": entry.entity_id, "after": entry.id, "request_id": request_id}
+    later = (await session.exec(_LATER, params=params)).first()
+    if later is not None:
+        by, at, action = later
+        return f"it was {action} again since, by {by} at {iso_time(at)}"
+    return None
+
+
+async def _undo(
+    session: AsyncSession, call: Call, request_id: str, entry: AuditEntry, task: Task, now: Any
+) -> None:
+    """Put the task back as it was before `entry`, recording the change."""
+    marker = {"reverts": request_id}
+    if entry.action in (AuditAction.CREATED.value, AuditAction.RESTORED.value):
+        if task.deleted_at is None:
+            task.deleted_at, task.updated_at = now, now
+            tasks.release(task)
+            session.add(
+                audit.entry(
+                    call, AuditAction.DELETED, now, task, {"deleted_at": None}, {"deleted_at": now} | marker
+                )
+            )
+        return
+    if entry.action == AuditAction.DELETED.value:
+        if task.deleted_at is not None:
+            old = {"deleted_at": task.deleted_at}
+            task.deleted_at, task.updated_at = None, now
+            session.add(
+                audit.entry(call, AuditAction.RESTORED, now, task, old, {"deleted_at": None} | marker)
+            )
+        return
+    before = entry.old_value or {}
+    current = tasks.snapshot(task)
+    old = {name: current[name] for name in before}
+    if "project_id" in before:
+        project = await projects.load_live(session, before["project_id"], call.permissions.projects)
+        task.project_id = before["project_id"]
+        set_committed_value(task, "project", project)
+    for name in ("title", "description"):
+        if name in before:
+            setattr(task, name, before[name])
+    if "status" in before:
+        task.status = TaskStatus(before["status"])
+        if before["status"] in tasks.FINISHED:
+            tasks.release(task)
+    if "priority" in before:
+        task.priority = Priority(before["priority"])
+    if "title" in before:
+        task.title_key = titles.key(task.title)
+    task.updated_at = now
+    session.add(audit.entry(call, AuditAction.UPDATED, now, task, old, dict(before) | marker))
