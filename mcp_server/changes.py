@@ -47,11 +47,13 @@ from sqlalchemy import Integer, bindparam, func, or_
 from sqlmodel import col, select
 from sqlmodel.sql.expression import Select
 
+from mcp_server import scopes
 from mcp_server.client_logs import connection_of
 from mcp_server.db import INCLUDE_DELETED, Database, named_rows
 from mcp_server.errors import DATABASE_ERRORS
 from mcp_server.models import AuditAction, AuditEntry, AuditSeal, Entity, EntityKind
 from mcp_server.resources import resource_id
+from mcp_server.scopes import Scope
 from mcp_server.sql import one_of
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ LISTEN = "subscriptions/listen"
 UNSUBSCRIBE = "resources/unsubscribe"
 MOST_PER_SESSION = 1000
 _URI = re.compile(r"^(task|project)://([^/]*)(/tasks)?$")
+_PROJECT_OF = select(Entity.project_id).where(
+    col(Entity.id) == bindparam("task_id"), col(Entity.kind) == EntityKind.TASK.value
+)
 # The tool whose reading a subscription follows: an agent subscribes to what it may read.
 _READ_AS = {
     ("task", False): "get_task",
@@ -124,10 +129,12 @@ class Subscriptions:
     def __init__(
         self,
         may_read: Callable[[ServerRequestContext[Any, Any], str], bool],
+        scope_of: Callable[[ServerRequestContext[Any, Any]], Scope],
         poll_seconds: float,
         bus: SubscriptionBus,
     ) -> None:
         self._may_read = may_read  # may the calling agent call this tool
+        self._scope_of = scope_of  # the projects the calling agent may read (scopes.py)
         self._poll_seconds = poll_seconds
         self._subscribers: dict[int, _Subscriber] = {}  # by id() of the client's connection
         self._bus = bus
@@ -151,7 +158,7 @@ class Subscriptions:
         self, ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams
     ) -> EmptyResult:
         uri = str(params.uri)
-        self._check(ctx, uri)
+        await self._check(ctx, uri)
         subscriber = self._subscribers.setdefault(id(connection_of(ctx)), _Subscriber(ctx.session))
         if uri not in subscriber.uris and len(subscriber.uris) >= MOST_PER_SESSION:
             raise MCPError(
@@ -169,7 +176,7 @@ class Subscriptions:
         by the SDK until the client goes; the resources are read for while it lasts."""
         uris = frozenset(params.notifications.resource_subscriptions or ())
         for uri in uris:
-            self._check(ctx, uri)
+            await self._check(ctx, uri)
         stream = object()
         if uris:
             self._listening[stream] = uris
@@ -179,8 +186,10 @@ class Subscriptions:
         finally:
             self._listening.pop(stream, None)
 
-    def _check(self, ctx: ServerRequestContext[Any, Any], uri: str) -> None:
-        """A resource this server serves, which the calling agent may read."""
+    async def _check(self, ctx: ServerRequestContext[Any, Any], uri: str) -> None:
+        """A resource this server serves, which the calling agent may read: as the tool that shows
+        it, and within its projects (a task's, looked up; a scoped agent may not watch an id that
+        names no task yet, which could become one outside its projects)."""
         if (named := parse(uri)) is None:
             raise MCPError(
                 code=INVALID_PARAMS,
@@ -192,6 +201,29 @@ class Subscriptions:
                 code=INVALID_REQUEST,
                 message=f"permission denied: {uri} shows what {tool} shows (tool:{tool} is missing)",
             )
+        if (scope := self._scope_of(ctx)) is None:
+            return
+        kind, number, _ = named
+        project_id = number if kind == EntityKind.PROJECT.value else await self._project_of(number)
+        if project_id is None:
+            raise MCPError(
+                code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: no task has id {number}"
+            )
+        if project_id not in scope:
+            raise MCPError(
+                code=INVALID_REQUEST,
+                message=f"permission denied: {uri} is in project {project_id}, outside the projects you "
+                f"may use (permission {scopes.permission(project_id)} is missing)",
+            )
+
+    async def _project_of(self, task_id: int) -> int | None:
+        """The project of the task `task_id`, deleted or not; None when there is no such task."""
+        assert self._db is not None, "opened by the server's lifespan"
+        async with self._db.session(write=False) as session:
+            found = await session.exec(
+                _PROJECT_OF, params={"task_id": task_id}, execution_options=INCLUDE_DELETED
+            )
+            return found.first()
 
     async def unsubscribe(
         self, ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams

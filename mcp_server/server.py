@@ -1039,6 +1039,7 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
     bus = InMemorySubscriptionBus()  # this process's listen streams; the audit chain connects processes
     subscriptions = changes.Subscriptions(
         lambda ctx, tool: may_call(_agent_of(settings, ctx.request)[1], tool, writes=False),
+        lambda ctx: _agent_of(settings, ctx.request)[1].projects,
         settings.change_poll_ms / 1000,
         bus,
     )

@@ -181,3 +181,22 @@ async def test_jwt_project_scopes_narrow_what_the_other_scopes_grant() -> None:
     assert (await permissions("team.a project:2 project:3")).projects == {2}  # only within what it grants
     nothing = await permissions("project:7")  # a project scope alone grants no tool
     assert nothing.read_only and nothing.tools == frozenset()
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")  # the handshake era's form
+async def test_a_scoped_agent_may_subscribe_only_to_resources_of_its_projects(
+    settings: Settings, db: Database
+) -> None:
+    ids = await two_projects(settings, "legacy")
+    async with connect(scoped(settings, {ids["ours"]}), "legacy", name="scoped") as agent:  # type: ignore[arg-type]
+        await agent.subscribe_resource(f"task://{ids['our_tasks'][0]}")
+        await agent.subscribe_resource(f"project://{ids['ours']}/tasks")
+        for uri in (
+            f"task://{ids['their_tasks'][0]}",
+            f"project://{ids['theirs']}",
+            f"project://{ids['theirs']}/tasks",
+        ):
+            with pytest.raises(MCPError, match=f"permission project:{ids['theirs']} is missing"):
+                await agent.subscribe_resource(uri)
+        with pytest.raises(MCPError, match="no task has id 999999"):
+            await agent.subscribe_resource("task://999999")
