@@ -53,6 +53,7 @@ async def add_dependency(session: AsyncSession, call: Call, task_id: int, blocke
 async def remove_dependency(session: AsyncSession, call: Call, task_id: int, blocked_by: int) -> TaskPublic:
     """Stop `task_id` waiting for `blocked_by`; removing an edge that is not there changes nothing."""
     task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects, to_change=True))
+    await tasks.find(session, blocked_by, scope=call.permissions.projects)  # both ends within the scope
     before = await _blocked_by(session, task_id)
     if blocked_by not in before:
         return await _shown(session, task)

@@ -93,13 +93,13 @@ async def delete_project(
             "release them first, or their leases end; nothing was changed"
         )
     changed, tasks_were = 0, None
+    now = utcnow()  # the project's deletion time, and its tasks'
     if count and live_tasks == "move":
         assert move_to is not None
         await projects.load_live(session, move_to, call.permissions.projects)
         changed, tasks_were = await tasks.move_project_tasks(session, call, project_id, move_to), "moved"
     elif count:
-        changed, tasks_were = await tasks.delete_project_tasks(session, call, project_id), "deleted"
-    now = utcnow()
+        changed, tasks_were = await tasks.delete_project_tasks(session, call, project_id, now), "deleted"
     new = (
         {"deleted_at": now}
         | ({"tasks": tasks_were} if tasks_were else {})
@@ -124,7 +124,9 @@ async def restore_project(session: AsyncSession, call: Call, project_id: int) ->
     deleted_by = (await session.exec(_DELETED_BY, params={"project_id": project_id})).first()
     deleted_at = project.deleted_at
     changed = (
-        0 if deleted_by is None else await tasks.restore_project_tasks(session, call, deleted_by, deleted_at)
+        0
+        if deleted_by is None
+        else await tasks.restore_project_tasks(session, call, project_id, deleted_by, deleted_at)
     )
     now = utcnow()
     project.deleted_at, project.updated_at = None, now

@@ -54,6 +54,11 @@ async def load_live(session: AsyncSession, project_id: int, scope: Scope) -> Pro
     return project
 
 
+async def is_live(session: AsyncSession, project_id: int) -> bool:
+    """Whether the project exists and is not deleted."""
+    return (await session.exec(_BY_ID, params={"project_id": project_id})).first() is not None
+
+
 _NAMED = select(Project.id).where(Project.title == bindparam("name", type_=String))
 
 

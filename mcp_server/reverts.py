@@ -13,14 +13,14 @@ back (claims, comments, dependency edges, refused calls, project changes) is lef
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import String, bindparam
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import audit, projects, tasks, titles
+from mcp_server import audit, graph, projects, tasks, titles
 from mcp_server.errors import ConflictError, NotFoundError
 from mcp_server.identity import Call
 from mcp_server.models import AuditAction, AuditEntry, EntityKind, Priority, Task, TaskStatus, utcnow
@@ -78,9 +78,8 @@ async def revert_request(session: AsyncSession, call: Call, request_id: str, *, 
             task = await tasks.find(
                 session, entry.entity_id or 0, scope=call.permissions.projects, to_change=True
             )
-            if (holder := tasks.holder_of(task, now)) not in (None, call.agent_id):
-                reason = f"{holder} holds a claim on it until {tasks.claim_end(task)}"
-            else:
+            reason = await _why_not_now(session, call, entry, task, now)
+            if reason is None:
                 await _undo(session, call, request_id, entry, task, now)
                 reverted.append(task.id or 0)
                 continue
@@ -93,6 +92,7 @@ async def revert_request(session: AsyncSession, call: Call, request_id: str, *, 
     await session.flush()
     return {
         "reverted_request": request_id,
+        "changed_count": len(reverted),
         "reverted": sorted(set(reverted)),
         "left": left,
         "request_id": call.request_id,
@@ -112,6 +112,27 @@ async def _why_not(session: AsyncSession, call: Call, request_id: str, entry: Au
     if later is not None:
         by, at, action = later
         return f"it was {action} again since, by {by} at {iso_time(at)}"
+    return None
+
+
+async def _why_not_now(
+    session: AsyncSession, call: Call, entry: AuditEntry, task: Task, now: Any
+) -> str | None:
+    """Why the task, as it is now, cannot be put back as `entry` found it; None when it can. Putting
+    it back must not break what any change would be held to."""
+    if (holder := tasks.holder_of(task, now)) not in (None, call.agent_id):
+        return f"{holder} holds a claim on it until {tasks.claim_end(task)}"
+    before = entry.old_value or {}
+    if entry.action == AuditAction.DELETED.value or "project_id" in before:
+        project_id = cast(int, before.get("project_id", task.project_id))
+        if not await projects.is_live(session, project_id):
+            return f"its project {project_id} is deleted (restore_project first)"
+    waiting_for = []
+    if before.get("status") in graph.NEEDS_UNBLOCKED:
+        waiting_for = await graph.blockers(session, task.id or 0, unfinished_only=True)
+    if waiting_for:
+        listed = ", ".join(str(blocker["id"]) for blocker in waiting_for[:20])
+        return f"it would be {before['status']} while it waits for unfinished tasks ({listed})"
     return None
 
 

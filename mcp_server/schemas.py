@@ -212,6 +212,7 @@ class LeftAsItIs(TypedDict):
 
 class RevertResult(TypedDict):
     reverted_request: str
+    changed_count: Annotated[int, Field(description="How many tasks were put back.")]
     reverted: Annotated[list[int], Field(description="Tasks put back.")]
     left: Annotated[list[LeftAsItIs], Field(description="Tasks left as they are, and why.")]
     request_id: str

@@ -50,6 +50,7 @@ from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, P
 from mcp_server.filters import AllOf, AnyOf, Condition, FilterField, Operator, Shape
 from mcp_server.identity import Call
 from mcp_server.models import (
+    AUDIT_TABLE,
     CLAIMS_NOW,
     ENTITY_TABLE,
     LIVE_HOLDER,
@@ -527,6 +528,12 @@ async def restore_task(session: AsyncSession, call: Call, task_id: int) -> TaskP
     task = await find(session, task_id, scope=call.permissions.projects, to_change=True)
     if task.deleted_at is None:
         return public(task)  # live already: a repeat, which changes nothing
+    if not await projects.is_live(session, cast(int, task.project_id)):
+        raise ConflictError(
+            f"task {task_id} is in project {task.project_id}, which is deleted; restore_project brings "
+            "it back with the tasks its deletion deleted, and then this one can be restored; nothing "
+            "was changed"
+        )
     now = utcnow()
     old = {"deleted_at": task.deleted_at}
     task.deleted_at, task.updated_at = None, now
@@ -631,9 +638,9 @@ async def bulk_delete_tasks(
     return {"dry_run": False, **_changed(changed, ids), "request_id": call.request_id}
 
 
-async def delete_project_tasks(session: AsyncSession, call: Call, project_id: int) -> int:
-    """Soft-delete every live task of a project, as bulk_delete_tasks does (for delete_project)."""
-    params = _bulk_params(call) | {"f0": project_id}
+async def delete_project_tasks(session: AsyncSession, call: Call, project_id: int, at: datetime) -> int:
+    """Soft-delete every live task of a project at `at`, as bulk_delete_tasks does (for delete_project)."""
+    params = _bulk_params(call) | {"f0": project_id, "at": at}
     statements = _bulk_statements(_IN_PROJECT, DELETE)
     changed, _ = await _run_bulk(session, call, statements, params | _deletion(params["at"]))
     return changed
@@ -649,11 +656,11 @@ async def move_project_tasks(session: AsyncSession, call: Call, project_id: int,
 
 
 async def restore_project_tasks(
-    session: AsyncSession, call: Call, deleted_by: str, deleted_at: datetime
+    session: AsyncSession, call: Call, project_id: int, deleted_by: str, deleted_at: datetime
 ) -> int:
-    """Restore the tasks the call `deleted_by` (a request id) deleted and that are deleted still
-    (for restore_project), set-based, one audit entry each."""
-    params = _bulk_params(call) | {"deleted_by_request": deleted_by}
+    """Restore the tasks of the project that the call `deleted_by` (a request id) deleted and that
+    nothing changed since (for restore_project), set-based, one audit entry each."""
+    params = _bulk_params(call) | {"deleted_by_request": deleted_by, "restoring_project": project_id}
     params |= {"audit_old": {"deleted_at": iso_time(deleted_at)}, "audit_new": {"deleted_at": None}}
     changed, _ = await _run_bulk(session, call, _bulk_statements(None, RESTORE), params)
     return changed
@@ -807,12 +814,18 @@ _NEW_VALUES: dict[str, dict[str, Any]] = {
 }
 # The audit action of each bulk change whose entries bind their before and after (audit.bound_changed).
 _BOUND_ACTION = {DELETE: AuditAction.DELETED, MOVE: AuditAction.UPDATED, RESTORE: AuditAction.RESTORED}
-# The tasks a call deleted (bound as deleted_by_request): what restore_project brings back.
-_DELETED_BY_REQUEST = col(Task.id).in_(
-    select(AuditEntry.entity_id).where(
-        col(AuditEntry.request_id) == bindparam("deleted_by_request", type_=String),
-        col(AuditEntry.action) == AuditAction.DELETED.value,
-    )
+# What restore_project brings back: the tasks of the project (bound as restoring_project) whose
+# latest change is their deletion by the project's deletion (bound as deleted_by_request). A task
+# restored, moved or deleted again since is another call's to answer for.
+_DELETION, _LATER = AUDIT_TABLE.alias("deletion"), AUDIT_TABLE.alias("later")
+_DELETED_BY_REQUEST = and_(
+    col(Task.project_id) == bindparam("restoring_project"),
+    exists().where(
+        _DELETION.c.entity_id == col(Task.id),
+        _DELETION.c.request_id == bindparam("deleted_by_request", type_=String),
+        _DELETION.c.action == AuditAction.DELETED.value,
+        ~exists().where(_LATER.c.entity_id == _DELETION.c.entity_id, _LATER.c.id > _DELETION.c.id),
+    ),
 )
 _CHANGED_IDS = _THIS_CALL.order_by(col(AuditEntry.entity_id)).limit(MAX_CHANGED_IDS + 1)
 
@@ -829,7 +842,7 @@ class _BulkStatements(NamedTuple):
 def _bulk_statements(shape: Shape | None, operation: str) -> _BulkStatements:
     """The statements of a bulk `operation` (STATUS, DELETE, MOVE) over the live tasks a filter of
     this shape matches (None: the tasks listed in task_ids); for a status, less those already in it.
-    RESTORE: the tasks a call deleted that are deleted still (_DELETED_BY_REQUEST)."""
+    RESTORE: the tasks of a project its deletion deleted, untouched since (_DELETED_BY_REQUEST)."""
     matching = one_of(col(Task.id), "task_ids") if shape is None else filters.clause(shape)
     conditions = [
         matching,

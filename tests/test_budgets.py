@@ -28,8 +28,8 @@ DAY = 86_400
 
 
 def budgeted(settings: Settings, **budget: Any) -> Settings:
-    agent = AgentConfig(id="runaway", write_budget=WriteBudget(**budget))
-    return settings.model_copy(update={"agents": (agent,)})
+    agents = [AgentConfig(id=name, write_budget=WriteBudget(**budget)) for name in ("runaway", "spender")]
+    return settings.model_copy(update={"agents": tuple(agents)})
 
 
 async def a_project(settings: Settings, era: str) -> int:
@@ -78,6 +78,12 @@ async def test_a_row_budget_counts_the_rows_each_call_changes_and_refuses_a_bulk
         await call(agent, "update_task", {"task_id": ids[4], "status": "in_progress"})
         message = await call_error(agent, "update_task", {"task_id": ids[5], "status": "in_progress"})
         assert "5 changed rows of 5" in message
+    # A revert counts every task it puts back.
+    async with connect(settings, era, name="owner") as owner:
+        removed = await call(owner, "bulk_delete_tasks", {"task_ids": ids})
+    async with connect(budgeted(settings, rows=5, window_seconds=DAY), era, name="spender") as spender:
+        message = await call_error(spender, "revert_request", {"request_id": removed["request_id"]})
+        assert "this call would change 6 rows and 5 of 5 are left" in message
 
 
 async def test_a_new_window_gives_the_budget_back(settings: Settings, era: str, db: Database) -> None:

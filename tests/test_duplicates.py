@@ -35,6 +35,8 @@ CONFUSABLE = [
     "ﬁx the login page",  # the fi ligature
     "Fix the log\u200bin page",  # a zero-width space
     "\ufeffFix the login page\u200d",  # a byte-order mark and a zero-width joiner
+    "Fix the login page\u034f\ufe0f",  # a combining grapheme joiner and a variation selector
+    "Fix\u3164the\u2800login page",  # a Hangul filler and the braille blank for spaces
 ]
 DIFFERENT = ["Fix the login pages", "Fix the logout page", "Fix the 1ogin page", "Fix thelogin page"]
 

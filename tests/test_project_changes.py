@@ -196,3 +196,34 @@ async def test_renaming_a_project_is_audited_and_names_stay_unique_among_live_pr
         assert "a live project is named 'Second'" in clash
         await call(client, "rename_project", {"project_id": first, "name": "Primary"})
         assert not (await call(client, "restore_project", {"project_id": second}))["deleted"]
+
+
+async def test_a_project_restore_brings_back_its_own_untouched_tasks_and_none_live_in_a_deleted_project(
+    settings: Settings, era: str, db: Database
+) -> None:
+    async with connect(settings, era) as client:
+        old, other = await make_project(client, "Old"), await make_project(client, "Other")
+        left_alone = (await make_task(client, old, "left alone"))["id"]
+        wandered = (await make_task(client, old, "wandered"))["id"]
+        deleted = await call(client, "delete_project", {"project_id": old, "live_tasks": "delete"})
+        # A task of a deleted project stays deleted until its project is back.
+        refused = await call_error(client, "restore_task", {"task_id": wandered})
+        assert f"project {old}, which is deleted; restore_project" in refused
+        undo = await call(client, "revert_request", {"request_id": deleted["request_id"]})
+        assert undo["reverted"] == [] and {item["task_id"] for item in undo["left"]} == {
+            left_alone,
+            wandered,
+            old,
+        }
+        assert all(
+            "deleted (restore_project first)" in i["reason"] for i in undo["left"] if i["task_id"] != old
+        )
+        # Restored, moved elsewhere and deleted again by later calls: that task is not the
+        # project's to bring back.
+        await call(client, "restore_project", {"project_id": old})
+        await call(client, "update_task", {"task_id": wandered, "project_id": other})
+        await call(client, "delete_project", {"project_id": old, "live_tasks": "delete"})
+        await call(client, "soft_delete_task", {"task_id": wandered})
+        assert (await call(client, "restore_project", {"project_id": old}))["changed_count"] == 1
+        assert [task["id"] for task in await tasks_of(client, old)] == [left_alone]
+        assert await tasks_of(client, other) == []

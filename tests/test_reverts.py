@@ -104,3 +104,24 @@ async def test_what_has_no_before_value_is_left_and_an_unknown_request_is_an_err
         assert undo["reverted"] == [] and "a claimed entry has no before-value" in undo["left"][0]["reason"]
         missing = await call_error(client, "revert_request", {"request_id": "f" * 32})
         assert "no change was recorded under request" in missing
+
+
+async def test_a_revert_never_starts_a_task_that_waits_for_unfinished_work(
+    settings: Settings, era: str, db: Database
+) -> None:
+    async with connect(settings, era) as client:
+        project = await make_project(client)
+        blocker, waiting = (
+            (await make_task(client, project, "blocker"))["id"],
+            (await make_task(client, project, "waiting"))["id"],
+        )
+        await call(client, "update_task", {"task_id": waiting, "status": "in_progress"})
+        await call(client, "add_dependency", {"task_id": waiting, "blocked_by": blocker})
+        set_aside = await call(client, "bulk_update_status", {"status": "blocked", "task_ids": [waiting]})
+        undo = await call(client, "revert_request", {"request_id": set_aside["request_id"]})
+        assert undo["reverted"] == []
+        assert (
+            f"would be in_progress while it waits for unfinished tasks ({blocker})"
+            in undo["left"][0]["reason"]
+        )
+        assert (await call(client, "get_task", {"task_id": waiting}))["status"] == "blocked"

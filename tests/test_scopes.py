@@ -97,6 +97,8 @@ async def test_every_tool_refuses_a_task_or_project_outside_the_scope_names_it_a
         assert f"permission project:{ids['theirs']} is missing" in moved
         made = await call_error(agent, "create_project", {"name": "new"})
         assert "permission project:* is missing" in made
+        unlinked = await call_error(agent, "remove_dependency", {"task_id": ours, "blocked_by": theirs})
+        assert f"permission project:{ids['theirs']} is missing" in unlinked
         # A resource of the other project is refused the same way, and recorded.
         for uri in (f"task://{theirs}", f"project://{ids['theirs']}", f"project://{ids['theirs']}/tasks"):
             with pytest.raises(MCPError, match=f"permission project:{ids['theirs']} is missing"):
@@ -110,6 +112,7 @@ async def test_every_tool_refuses_a_task_or_project_outside_the_scope_names_it_a
         ("scoped", "update_task", f"project:{ids['theirs']}"),
         ("scoped", "create_project", "project:*"),
     ]
+    expected += [("scoped", "remove_dependency", f"project:{ids['theirs']}")]
     expected += [("scoped", "resources/read", f"project:{ids['theirs']}")] * 3
     assert recorded == expected
 
