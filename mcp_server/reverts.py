@@ -1,4 +1,5 @@
-"""Undo: a call's changes to tasks put back from its audit entries' before-values, as a new change.
+"""Undo, and the past: a call's changes to tasks put back from its audit entries' before-values, as
+a new change; and a task as it was at a given time, rebuilt from its audit trail.
 
 `revert_request` reads the entries a call wrote (its request id) and undoes each, newest first: an
 update sets the fields it changed back to their before-values; a deletion restores the task, a
@@ -13,6 +14,7 @@ back (claims, comments, dependency edges, refused calls, project changes) is lef
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import String, bindparam
@@ -23,8 +25,18 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from mcp_server import audit, graph, projects, tasks, titles
 from mcp_server.errors import ConflictError, NotFoundError
 from mcp_server.identity import Call
-from mcp_server.models import AuditAction, AuditEntry, EntityKind, Priority, Task, TaskStatus, utcnow
-from mcp_server.schemas import LeftAsItIs, RevertResult, iso_time
+from mcp_server.models import (
+    AuditAction,
+    AuditEntry,
+    EntityKind,
+    Priority,
+    Task,
+    TaskStatus,
+    UTCDateTime,
+    utcnow,
+)
+from mcp_server.schemas import LeftAsItIs, RevertResult, TaskAsOf, iso_time
+from mcp_server.scopes import Scope
 
 MAX_ENTRIES = 10_000
 # The task fields an update's entry records and a revert may set back.
@@ -179,3 +191,56 @@ async def _undo(
         task.title_key = titles.key(task.title)
     task.updated_at = now
     session.add(audit.entry(call, AuditAction.UPDATED, now, task, old, dict(before) | marker))
+
+
+# --- a task as it was --------------------------------------------------------------------------
+
+_UNTIL = (
+    select(AuditEntry)
+    .where(
+        col(AuditEntry.entity_id) == bindparam("task_id"),
+        col(AuditEntry.changed_at) <= bindparam("at", type_=UTCDateTime()),
+    )
+    .order_by(col(AuditEntry.id))
+)
+
+
+async def task_as_of(session: AsyncSession, task_id: int, at: datetime, scope: Scope) -> TaskAsOf:
+    """The task as its audit trail says it was at `at`: the fields its creation recorded, with every
+    later change up to `at` applied in order (the trail's after-values), and whether it was deleted."""
+    await tasks.find(session, task_id, scope=scope)  # missing, or outside the scope: says so
+    state: dict[str, Any] = {}
+    deleted = False
+    last: AuditEntry | None = None
+    for entry in (await session.exec(_UNTIL, params={"task_id": task_id, "at": at})).all():
+        after = entry.new_value or {}
+        if entry.action in (AuditAction.CREATED.value, AuditAction.UPDATED.value):
+            state |= {name: value for name, value in after.items() if name in FIELDS}
+        elif entry.action == AuditAction.DELETED.value:
+            deleted = True
+        elif entry.action == AuditAction.RESTORED.value:
+            deleted = False
+        else:
+            continue  # claims and comments change none of these fields
+        last = entry
+    if last is None or not set(state) >= FIELDS:
+        raise NotFoundError(
+            f"task {task_id} has no recorded state at {iso_time(at)}: it was created after that "
+            "(get_audit_trail shows when)"
+        )
+    return {
+        "id": task_id,
+        "as_of": iso_time(at),
+        "title": state["title"],
+        "description": state["description"],
+        "status": state["status"],
+        "priority": state["priority"],
+        "project_id": state["project_id"],
+        "deleted": deleted,
+        "last_change": {
+            "action": last.action,
+            "changed_by": last.changed_by,
+            "changed_at": iso_time(last.changed_at),
+            "request_id": last.request_id,
+        },
+    }

@@ -205,6 +205,25 @@ class ProjectPage(TypedDict):
     next_page_token: NotRequired[NextPageToken]
 
 
+class LastChange(TypedDict):
+    action: str
+    changed_by: str
+    changed_at: Time
+    request_id: str
+
+
+class TaskAsOf(TypedDict):
+    id: int
+    as_of: Time
+    title: str
+    description: str
+    status: TaskStatus
+    priority: Priority
+    project_id: int
+    deleted: Annotated[bool, Field(description="Whether it was deleted at that time.")]
+    last_change: Annotated[LastChange, Field(description="The last change at or before that time.")]
+
+
 class LeftAsItIs(TypedDict):
     task_id: int
     reason: str

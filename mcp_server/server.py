@@ -105,6 +105,7 @@ from mcp_server.schemas import (
     ProjectPublic,
     RevertResult,
     RowVersion,
+    TaskAsOf,
     TaskClaimed,
     TaskCreate,
     TaskPage,
@@ -467,6 +468,16 @@ async def revert_request(
     )
 
 
+async def get_task_as_of(
+    request: ToolCall,
+    task_id: TaskId,
+    at: Annotated[UTCTime, Field(description="The time (ISO 8601).")],
+) -> TaskAsOf:
+    """A task as it was at a time, rebuilt from its audit trail, deleted or not."""
+    async with _session(request, write=False) as session:
+        return await reverts.task_as_of(session, task_id, at, request.call.permissions.projects)
+
+
 async def claim_task(
     request: ToolCall,
     task_id: Annotated[Id | None, Field(description="This task; without it, the next free one.")] = None,
@@ -762,6 +773,7 @@ def _annotations(*, destructive: bool, idempotent: bool) -> ToolAnnotations:
 TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (search_tasks, "Search tasks", READ_ONLY),
     (get_task, "Get a task", READ_ONLY),
+    (get_task_as_of, "A task as it was", READ_ONLY),
     (create_task, "Create a task", _annotations(destructive=False, idempotent=False)),
     (update_task, "Update a task", _annotations(destructive=True, idempotent=True)),
     (soft_delete_task, "Delete a task", _annotations(destructive=True, idempotent=True)),

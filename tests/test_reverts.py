@@ -125,3 +125,34 @@ async def test_a_revert_never_starts_a_task_that_waits_for_unfinished_work(
             in undo["left"][0]["reason"]
         )
         assert (await call(client, "get_task", {"task_id": waiting}))["status"] == "blocked"
+
+
+async def test_a_task_as_it_was_at_any_time_is_rebuilt_from_its_audit_trail(
+    settings: Settings, era: str, db: Database
+) -> None:
+    async with connect(settings, era) as client:
+        project = await make_project(client)
+        task = await make_task(client, project, "draft", priority="low")
+        await call(client, "update_task", {"task_id": task["id"], "title": "final", "status": "in_progress"})
+        await call(client, "claim_task", {"task_id": task["id"]})  # changes none of its fields
+        await call(client, "bulk_delete_tasks", {"task_ids": [task["id"]]})
+        trail = (await call(client, "get_audit_trail", {"entity_id": task["id"]}))["items"][::-1]
+        created, updated, _, deleted = (entry["changed_at"] for entry in trail)
+
+        def as_of(at: str) -> dict[str, Any]:
+            return {"task_id": task["id"], "at": at}
+
+        first = await call(client, "get_task_as_of", as_of(created))
+        assert (first["title"], first["status"], first["priority"], first["deleted"]) == (
+            "draft",
+            "pending",
+            "low",
+            False,
+        )
+        assert first["last_change"]["action"] == "created"
+        later = await call(client, "get_task_as_of", as_of(updated))
+        assert (later["title"], later["status"], later["deleted"]) == ("final", "in_progress", False)
+        gone = await call(client, "get_task_as_of", as_of(deleted))
+        assert gone["deleted"] and gone["title"] == "final" and gone["last_change"]["action"] == "deleted"
+        message = await call_error(client, "get_task_as_of", as_of("2020-01-01T00:00:00Z"))
+        assert "has no recorded state at 2020-01-01T00:00:00.000000Z" in message
