@@ -126,7 +126,15 @@ async def test_the_tools_setting_lists_and_serves_only_the_chosen_tools(settings
 
 
 READING_TOOLS = frozenset(
-    {"search_tasks", "get_task", "get_audit_trail", "verify_audit_log", "list_projects", "list_comments"}
+    {
+        "search_tasks",
+        "get_task",
+        "get_task_as_of",
+        "get_audit_trail",
+        "verify_audit_log",
+        "list_projects",
+        "list_comments",
+    }
 )
 
 
