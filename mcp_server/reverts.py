@@ -18,11 +18,10 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import String, bindparam
-from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import audit, graph, projects, tasks, titles
+from mcp_server import audit, graph, projects, tasks
 from mcp_server.errors import ConflictError, NotFoundError
 from mcp_server.identity import Call
 from mcp_server.models import (
@@ -174,21 +173,13 @@ async def _undo(
     before = entry.old_value or {}
     current = tasks.snapshot(task)
     old = {name: current[name] for name in before}
-    if "project_id" in before:
-        project = await projects.load_live(session, before["project_id"], call.permissions.projects)
-        task.project_id = before["project_id"]
-        set_committed_value(task, "project", project)
-    for name in ("title", "description"):
-        if name in before:
-            setattr(task, name, before[name])
-    if "status" in before:
-        task.status = TaskStatus(before["status"])
-        if before["status"] in tasks.FINISHED:
-            tasks.release(task)
-    if "priority" in before:
-        task.priority = Priority(before["priority"])
-    if "title" in before:
-        task.title_key = titles.key(task.title)
+    # The audit form of the values (plain text) as the task's fields hold them.
+    values = dict(before)
+    if "status" in values:
+        values["status"] = TaskStatus(values["status"])
+    if "priority" in values:
+        values["priority"] = Priority(values["priority"])
+    await tasks.change_fields(session, call, task, values)
     task.updated_at = now
     session.add(audit.entry(call, AuditAction.UPDATED, now, task, old, dict(before) | marker))
 

@@ -13,7 +13,7 @@ the number of tasks. Every read and change is within the caller's project scope 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, NamedTuple, cast
@@ -569,22 +569,28 @@ async def update_task(
         return public(task)
     if new.get("status") in graph.NEEDS_UNBLOCKED:
         await _refuse_if_blocked(session, task_id, new["status"])
-    if "project_id" in new:
-        set_committed_value(
-            task, "project", await projects.load_live(session, new["project_id"], call.permissions.projects)
-        )
-    for name in new:
-        setattr(task, name, requested[name])
-    if "title" in new:
-        task.title_key = titles.key(task.title)
-    if new.get("status") in FINISHED:
-        release(task)  # finished work is nobody's to hold
+    await change_fields(session, call, task, {name: requested[name] for name in new})
     task.updated_at = now
     session.add(audit.entry(call, AuditAction.UPDATED, now, task, old, new))
     shown = await flush(session, task)
     if new.get("status") in FINISHED:
         shown["unblocked"] = await graph.unblocked_by(session, task_id)
     return shown
+
+
+async def change_fields(session: AsyncSession, call: Call, task: Task, values: Mapping[str, Any]) -> None:
+    """Set the task's fields to `values`, by name, with what follows from them: a new project
+    (live, and within the caller's scope) loaded with it, the title's duplicate-guard key, and a
+    finished task's claim let go (finished work is nobody's to hold)."""
+    if "project_id" in values:
+        project = await projects.load_live(session, values["project_id"], call.permissions.projects)
+        set_committed_value(task, "project", project)
+    for name, value in values.items():
+        setattr(task, name, value)
+    if "title" in values:
+        task.title_key = titles.key(task.title)
+    if values.get("status") in FINISHED:
+        release(task)
 
 
 async def _refuse_if_blocked(session: AsyncSession, task_id: int, status: str) -> None:
@@ -621,8 +627,7 @@ async def bulk_update_status(
     task_ids: Sequence[int] | None,
 ) -> BulkUpdateResult:
     """Set `status` on every live matching task, with one audit entry per task changed."""
-    shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
-    params |= {"target_status": status.value}
+    shape, params = await _status_target(session, call, status, filter=filter, task_ids=task_ids)
     changed, ids = await _run_bulk(session, call, _bulk_statements(shape, STATUS), params)
     return {"status": status, "dry_run": False, **_changed(changed, ids), "request_id": call.request_id}
 
@@ -642,7 +647,7 @@ async def delete_project_tasks(session: AsyncSession, call: Call, project_id: in
     """Soft-delete every live task of a project at `at`, as bulk_delete_tasks does (for delete_project)."""
     params = _bulk_params(call) | {"f0": project_id, "at": at}
     statements = _bulk_statements(_IN_PROJECT, DELETE)
-    changed, _ = await _run_bulk(session, call, statements, params | _deletion(params["at"]))
+    changed, _ = await _run_bulk(session, call, statements, params | _deletion(at))
     return changed
 
 
@@ -697,8 +702,7 @@ async def preview_status_change(
     task_ids: Sequence[int] | None,
 ) -> BulkUpdateResult:
     """What bulk_update_status would change, read without locking, changing or auditing anything."""
-    shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
-    params |= {"target_status": status.value}
+    shape, params = await _status_target(session, call, status, filter=filter, task_ids=task_ids)
     changes = await _preview(session, _bulk_statements(shape, STATUS), params)
     return cast(BulkUpdateResult, {"status": status, "dry_run": True, **changes})  # no request_id
 
@@ -843,15 +847,15 @@ def _bulk_statements(shape: Shape | None, operation: str) -> _BulkStatements:
     """The statements of a bulk `operation` (STATUS, DELETE, MOVE) over the live tasks a filter of
     this shape matches (None: the tasks listed in task_ids); for a status, less those already in it.
     RESTORE: the tasks of a project its deletion deleted, untouched since (_DELETED_BY_REQUEST)."""
-    matching = one_of(col(Task.id), "task_ids") if shape is None else filters.clause(shape)
-    conditions = [
-        matching,
-        col(Task.deleted_at).is_(None),
-        # A task another agent holds a live claim on is left to its holder.
-        or_(LIVE_HOLDER.is_(None), LIVE_HOLDER == bindparam("claimer", type_=String)),  # noqa: SIM300
-    ]
     if operation == RESTORE:
         conditions = [_DELETED_BY_REQUEST, col(Task.deleted_at).is_not(None)]
+    else:
+        conditions = [
+            one_of(col(Task.id), "task_ids") if shape is None else filters.clause(shape),
+            col(Task.deleted_at).is_(None),
+            # A task another agent holds a live claim on is left to its holder.
+            or_(LIVE_HOLDER.is_(None), LIVE_HOLDER == bindparam("claimer", type_=String)),  # noqa: SIM300
+        ]
     if operation == STATUS:
         conditions += [
             col(Task.status) != bindparam("target_status", type_=String),
@@ -904,6 +908,19 @@ def _bulk_params(call: Call) -> dict[str, Any]:
     decides which claims are live."""
     now = utcnow()
     return audit.call_params(call, now) | {CLAIMS_NOW: now, "claimer": call.agent_id}
+
+
+async def _status_target(
+    session: AsyncSession,
+    call: Call,
+    status: TaskStatus,
+    *,
+    filter: FilterTree | None,
+    task_ids: Sequence[int] | None,
+) -> tuple[Shape | None, dict[str, Any]]:
+    """What a status change reaches (`_target`), with the status it sets bound."""
+    shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
+    return shape, params | {"target_status": status.value}
 
 
 async def _target(
