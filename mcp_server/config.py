@@ -89,6 +89,14 @@ class Permissions(BaseModel):
     write_budget: WriteBudget | None = Field(
         default=None, description="The most writing calls and changed rows per window (budgets.py)."
     )
+    approval_over_rows: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "A change of more tasks than this waits for a person's approval (changesets.py); "
+            "0: every change to tasks does; null: none does."
+        ),
+    )
 
     @classmethod
     def union(cls, grants: list[Permissions]) -> Permissions:
@@ -99,6 +107,7 @@ class Permissions(BaseModel):
         limits = [grant.max_bulk_rows for grant in grants]
         projects = [grant.projects for grant in grants]
         budgets = [grant.write_budget for grant in grants]
+        approvals = [grant.approval_over_rows for grant in grants]
         return cls(
             read_only=all(grant.read_only for grant in grants),
             tools=None if None in tools else frozenset().union(*(t for t in tools if t is not None)),
@@ -107,6 +116,9 @@ class Permissions(BaseModel):
             write_budget=None
             if None in budgets
             else WriteBudget.largest([b for b in budgets if b is not None]),
+            approval_over_rows=None
+            if None in approvals
+            else max(limit for limit in approvals if limit is not None),
         )
 
     def narrowed_to(self, projects: frozenset[int]) -> Permissions:
@@ -202,6 +214,8 @@ class Settings(BaseModel):
     public_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
     http_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    # How long a changeset (a preview, or a change held for approval) may still be applied.
+    changeset_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     statement_timeout_ms: int = Field(default=30_000, ge=0)
     lock_timeout_ms: int = Field(default=10_000, ge=0)
     pool_size: int = Field(default=5, ge=1, le=100)

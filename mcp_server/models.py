@@ -70,6 +70,9 @@ class AuditAction(StrEnum):
     RENEWED = "renewed"  # the holder extended its lease
     RELEASED = "released"  # the holder gave the task up before its lease ran out
     COMMENTED = "commented"  # an agent left a comment on a task (comments.py)
+    HELD = "held"  # a change waits for a person's approval as a changeset (changesets.py)
+    APPROVED = "approved"  # an operator approved a changeset; its changes share the entry's request
+    REJECTED = "rejected"  # an operator rejected a changeset; it never applies
 
 
 def utcnow() -> datetime:
@@ -424,6 +427,49 @@ class WriteBudgetUse(SQLModel, table=True):
     window_start: datetime = Field(sa_type=UTCDateTime, nullable=False)
     calls_used: int = Field(nullable=False)
     rows_used: int = Field(sa_type=BigInteger, nullable=False)
+
+
+class ChangesetState(StrEnum):
+    PROPOSED = "proposed"  # a preview's changeset: its agent may apply it (apply_changeset)
+    PENDING = "pending"  # held for a person's approval
+    APPLIED = "applied"
+    REJECTED = "rejected"
+
+
+class Changeset(SQLModel, table=True):
+    """A change bound to what it changes (changesets.py): the tasks, each at the version it was
+    read at with its before and after (`ChangesetItem`), and the SHA-256 of all of it."""
+
+    __tablename__ = "changeset"
+    __table_args__ = (Index("ix_changeset_state_created", "state", "created_at"),)
+
+    id: str = Field(primary_key=True, sa_type=String(32))
+    created_by: str = Field(sa_type=String(200), nullable=False)
+    tool: str = Field(sa_type=String(40), nullable=False)
+    # What it does: {"op": "status", "status": ...}, {"op": "delete"} or {"op": "update", "changes": ...}.
+    operation: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
+    summary: str = Field(sa_type=String(300), nullable=False)
+    task_count: int = Field(nullable=False)
+    digest: str = Field(sa_type=String(64), nullable=False)
+    state: ChangesetState = Field(sa_type=String(16), nullable=False)
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    decided_by: str | None = Field(default=None, sa_type=String(200))
+    decided_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The request whose audit entries are its changes, once applied.
+    applied_request_id: str | None = Field(default=None, sa_type=String(64))
+
+
+class ChangesetItem(SQLModel, table=True):
+    """One task of a changeset: the version it must still have, and its values before and after."""
+
+    __tablename__ = "changeset_item"
+
+    changeset_id: str = Field(primary_key=True, foreign_key="changeset.id", sa_type=String(32))
+    task_id: int = Field(primary_key=True, foreign_key="entity.id", sa_type=IdType)
+    version: int = Field(nullable=False)
+    before: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
+    after: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
 
 
 class IdempotencyRecord(SQLModel, table=True):

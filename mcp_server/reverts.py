@@ -51,7 +51,11 @@ _REVERTIBLE = frozenset(
 
 _ENTRIES = (
     select(AuditEntry)
-    .where(col(AuditEntry.request_id) == bindparam("request_id", type_=String))
+    .where(
+        col(AuditEntry.request_id) == bindparam("request_id", type_=String),
+        # An operator's approval shares the request of the changes it let through; it is no change.
+        col(AuditEntry.action) != AuditAction.APPROVED.value,
+    )
     .order_by(col(AuditEntry.id).desc())
     .limit(MAX_ENTRIES + 1)
 )

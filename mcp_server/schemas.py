@@ -113,6 +113,63 @@ class BlockerRef(TypedDict):
     status: TaskStatus
 
 
+ShownState = Literal["proposed", "pending", "applied", "rejected", "expired"]
+
+
+class ChangesetRef(TypedDict):
+    id: Annotated[str, Field(description="apply_changeset takes it; get_changeset shows it.")]
+    state: Annotated[
+        ShownState,
+        Field(description="proposed: yours to apply; pending: waits for a person's approval."),
+    ]
+    summary: str
+    task_count: Annotated[int, Field(description="How many tasks it changes.")]
+    digest: Annotated[str, Field(description="SHA-256 of every task, version, before and after in it.")]
+    expires_at: Time
+
+
+class ChangesetItemPublic(TypedDict):
+    task_id: int
+    version: Annotated[int, Field(description="The version it must still have when applied.")]
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+class ChangesetPublic(ChangesetRef):
+    tool: str
+    created_by: str
+    created_at: Time
+    items: Annotated[list[ChangesetItemPublic], Field(description="Its tasks by id, the first 100.")]
+    items_truncated: bool
+    current: NotRequired[
+        Annotated[bool, Field(description="Undecided: whether every task is still at its version.")]
+    ]
+    decided_by: NotRequired[str]
+    decided_at: NotRequired[Time]
+    applied_request_id: NotRequired[
+        Annotated[str, Field(description="The request whose audit entries are its changes.")]
+    ]
+
+
+class ChangesetApplied(TypedDict):
+    changeset: ChangesetRef
+    changed_count: int
+    changed_ids: Annotated[list[int], Field(description="Ids of the changed tasks, at most 500.")]
+    changed_ids_truncated: bool
+    request_id: str
+
+
+Held = Annotated[
+    ChangesetRef,
+    Field(
+        description=(
+            "On a preview: apply it with apply_changeset. On a change your policy holds for a "
+            "person's approval (state pending): nothing changed yet; poll get_changeset."
+        )
+    ),
+]
+
+
 class TaskPublic(TypedDict):
     id: int
     title: str
@@ -133,6 +190,12 @@ class TaskPublic(TypedDict):
     unblocked: NotRequired[
         Annotated[list[int], Field(description="On finishing it: the tasks that now wait for nothing.")]
     ]
+
+
+class TaskHeld(TaskPublic):
+    """A task whose change an approval policy holds: as it is, with the pending changeset."""
+
+    changeset: Held
 
 
 class TaskWritten(TypedDict):
@@ -246,6 +309,7 @@ class BulkDeleteResult(TypedDict):
     changed_ids_truncated: Annotated[
         bool, Field(description="True when more tasks were deleted than changed_ids lists.")
     ]
+    changeset: NotRequired[Held]
     request_id: NotRequired[
         Annotated[str, Field(description="Not on a preview: shared by the audit entries of this call.")]
     ]
@@ -277,6 +341,7 @@ class BulkUpdateResult(TypedDict):
     changed_ids_truncated: Annotated[
         bool, Field(description="True when more tasks changed than changed_ids lists.")
     ]
+    changeset: NotRequired[Held]
     request_id: NotRequired[
         Annotated[str, Field(description="Not on a preview: shared by the audit entries of this call.")]
     ]

@@ -57,6 +57,7 @@ from mcp_server import (
     budgets,
     chain,
     changes,
+    changesets,
     claims,
     client_logs,
     comments,
@@ -93,6 +94,8 @@ from mcp_server.schemas import (
     AuditTrail,
     BulkDeleteResult,
     BulkUpdateResult,
+    ChangesetApplied,
+    ChangesetPublic,
     CommentBody,
     CommentPage,
     CommentPublic,
@@ -130,7 +133,8 @@ MAX_BULK_IDS = 1000
 INSTRUCTIONS = (
     "Tasks belong to projects. Find tasks with search_tasks, change them with update_task or "
     "bulk_update_status. Every change is recorded in an audit log under your agent identity "
-    "(get_audit_trail). Deleting is soft: restore_task undoes it."
+    "(get_audit_trail). Deleting is soft: restore_task undoes it. If your approval policy holds a "
+    "change for a person, its result carries a pending changeset: poll get_changeset."
 )
 
 
@@ -358,6 +362,21 @@ async def update_task(
     changes = TaskUpdate(
         title=title, description=description, status=status, priority=priority, project_id=project_id
     )
+    if changesets.needs_approval(request.call, 1):
+        return await _write(
+            request,
+            idempotency_key,
+            {"task_id": task_id, "changes": changes.model_dump(), "expected_version": expected_version},
+            lambda session: changesets.hold_update(
+                session,
+                request.call,
+                _changeset_ttl(request),
+                task_id,
+                changes,
+                expected_version=expected_version,
+                fencing_token=fencing_token,
+            ),
+        )
     return await _write(
         request,
         idempotency_key,
@@ -385,6 +404,15 @@ async def soft_delete_task(
     idempotency_key: IdempotencyKey = None,
 ) -> TaskWritten:
     """Delete a task: it leaves searches and reads, and restore_task brings it back."""
+    if changesets.needs_approval(request.call, 1):
+        return await _write(
+            request,
+            idempotency_key,
+            {"task_id": task_id},
+            lambda session: changesets.hold_deletion(
+                session, request.call, _changeset_ttl(request), task_id, fencing_token
+            ),
+        )
     return await _write(
         request,
         idempotency_key,
@@ -414,18 +442,20 @@ async def bulk_update_status(
     idempotency_key: IdempotencyKey = None,
 ) -> BulkUpdateResult:
     """Set the status of every live task a filter or task_ids names, all or none, but for tasks
-    another agent holds; try dry_run first. Lists 500 changed ids at most: get_audit_trail with its
-    request_id lists all."""
-    if dry_run:
-        async with _session(request, write=False) as session:
-            return await tasks.preview_status_change(
-                session, request.call, status, filter=filter, task_ids=task_ids
-            )
-    return await _write(
+    another agent holds; try dry_run first, then apply_changeset. Lists 500 changed ids at most:
+    get_audit_trail with its request_id lists all."""
+    return await _bulk(
         request,
         idempotency_key,
         {"status": status, "filter": filter, "task_ids": task_ids},
-        lambda session: tasks.bulk_update_status(
+        dry_run=dry_run,
+        status=status,
+        filter=filter,
+        task_ids=task_ids,
+        preview=lambda session: tasks.preview_status_change(
+            session, request.call, status, filter=filter, task_ids=task_ids
+        ),
+        change=lambda session: tasks.bulk_update_status(
             session, request.call, status, filter=filter, task_ids=task_ids
         ),
     )
@@ -440,15 +470,87 @@ async def bulk_delete_tasks(
 ) -> BulkDeleteResult:
     """Delete every live task a filter or task_ids names, all or none, but for tasks another agent
     holds; try dry_run first. restore_task brings one back."""
-    if dry_run:
-        async with _session(request, write=False) as session:
-            return await tasks.preview_deletion(session, request.call, filter=filter, task_ids=task_ids)
-    return await _write(
+    return await _bulk(
         request,
         idempotency_key,
         {"filter": filter, "task_ids": task_ids},
-        lambda session: tasks.bulk_delete_tasks(session, request.call, filter=filter, task_ids=task_ids),
+        dry_run=dry_run,
+        status=None,
+        filter=filter,
+        task_ids=task_ids,
+        preview=lambda session: tasks.preview_deletion(
+            session, request.call, filter=filter, task_ids=task_ids
+        ),
+        change=lambda session: tasks.bulk_delete_tasks(
+            session, request.call, filter=filter, task_ids=task_ids
+        ),
     )
+
+
+B = TypeVar("B", BulkUpdateResult, BulkDeleteResult)
+
+
+async def _bulk(
+    request: ToolCall,
+    key: str | None,
+    arguments: dict[str, Any],
+    *,
+    dry_run: bool,
+    status: TaskStatus | None,
+    filter: FilterNode | None,
+    task_ids: list[int] | None,
+    preview: Callable[[AsyncSession], Awaitable[B]],
+    change: Callable[[AsyncSession], Awaitable[B]],
+) -> B:
+    """A bulk change, its preview, or its hold for approval (changesets.py).
+
+    A dry run writes the changeset that binds what it shows, unless the agent is read-only (it
+    could never apply one): then it only reads. An agent with an approval policy has every change
+    counted into a changeset first, and held when the policy says so."""
+    call = request.call
+    ttl = _changeset_ttl(request)
+    if dry_run and call.permissions.read_only:
+        async with _session(request, write=False) as session:
+            return await preview(session)
+    if dry_run:
+        async with _session(request, write=True) as session:
+            shown = await changesets.preview(
+                session, call, ttl, status=status, filter=filter, task_ids=task_ids
+            )
+            return cast(B, shown)
+    if call.permissions.approval_over_rows is None:
+        return await _write(request, key, arguments, change)
+    return cast(
+        B,
+        await _write(
+            request,
+            key,
+            arguments,
+            lambda session: changesets.change_or_hold(
+                session, call, ttl, lambda: change(session), status=status, filter=filter, task_ids=task_ids
+            ),
+        ),
+    )
+
+
+def _changeset_ttl(request: ToolCall) -> timedelta:
+    return timedelta(seconds=request.app.settings.changeset_ttl_seconds)
+
+
+ChangesetId = Annotated[Text, Field(max_length=32, description="A changeset's id (its dry run's result).")]
+
+
+async def apply_changeset(request: ToolCall, changeset_id: ChangesetId) -> ChangesetApplied:
+    """Apply a dry run's changeset: exactly its tasks, or nothing if any changed since."""
+    return await _write(
+        request, None, {}, lambda session: changesets.apply_own(session, request.call, changeset_id)
+    )
+
+
+async def get_changeset(request: ToolCall, changeset_id: ChangesetId) -> ChangesetPublic:
+    """One of your changesets: its state, tasks, before and after."""
+    async with _session(request, write=False) as session:
+        return await changesets.get_changeset(session, changeset_id, created_by=request.call.agent_id)
 
 
 async def revert_request(
@@ -780,6 +882,8 @@ TOOLS: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
     (restore_task, "Restore a task", _annotations(destructive=False, idempotent=True)),
     (bulk_update_status, "Bulk status change", _annotations(destructive=True, idempotent=True)),
     (bulk_delete_tasks, "Bulk delete", _annotations(destructive=True, idempotent=True)),
+    (apply_changeset, "Apply a changeset", _annotations(destructive=True, idempotent=False)),
+    (get_changeset, "Get a changeset", READ_ONLY),
     (revert_request, "Revert a call", _annotations(destructive=True, idempotent=False)),
     (claim_task, "Claim a task", _annotations(destructive=False, idempotent=False)),
     (renew_claim, "Renew a claim", _annotations(destructive=False, idempotent=True)),

@@ -56,8 +56,10 @@ from mcp_server.models import (
     LIVE_HOLDER,
     AuditAction,
     AuditEntry,
+    ChangesetItem,
     Entity,
     EntityKind,
+    JSONValue,
     Priority,
     Project,
     Task,
@@ -77,7 +79,7 @@ from mcp_server.schemas import (
     iso_time,
 )
 from mcp_server.scopes import Scope
-from mcp_server.sql import iso_text, one_of
+from mcp_server.sql import iso_text, json_object, one_of
 
 MAX_CHANGED_IDS = 500
 DEFAULT_ORDER = (OrderBy(field="created_at", direction="desc"),)
@@ -629,7 +631,8 @@ async def bulk_update_status(
     """Set `status` on every live matching task, with one audit entry per task changed."""
     shape, params = await _status_target(session, call, status, filter=filter, task_ids=task_ids)
     changed, ids = await _run_bulk(session, call, _bulk_statements(shape, STATUS), params)
-    return {"status": status, "dry_run": False, **_changed(changed, ids), "request_id": call.request_id}
+    result = {"status": status, "dry_run": False, **_changed(changed, ids), "request_id": call.request_id}
+    return cast(BulkUpdateResult, result)
 
 
 async def bulk_delete_tasks(
@@ -640,7 +643,7 @@ async def bulk_delete_tasks(
     shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
     params |= _deletion(params["at"])
     changed, ids = await _run_bulk(session, call, _bulk_statements(shape, DELETE), params)
-    return {"dry_run": False, **_changed(changed, ids), "request_id": call.request_id}
+    return cast(BulkDeleteResult, {"dry_run": False, **_changed(changed, ids), "request_id": call.request_id})
 
 
 async def delete_project_tasks(session: AsyncSession, call: Call, project_id: int, at: datetime) -> int:
@@ -714,6 +717,33 @@ async def preview_deletion(
     shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
     changes = await _preview(session, _bulk_statements(shape, DELETE), params)
     return cast(BulkDeleteResult, {"dry_run": True, **changes})  # no request_id
+
+
+async def propose(
+    session: AsyncSession,
+    call: Call,
+    changeset_id: str,
+    operation: str,
+    *,
+    status: TaskStatus | None,
+    filter: FilterTree | None,
+    task_ids: Sequence[int] | None,
+) -> int:
+    """Write the items of changeset `changeset_id`: the tasks the bulk `operation` (STATUS with
+    `status`, or DELETE) would change now, each at the version read, with its before and after;
+    in one INSERT ... SELECT, without locking or changing a task. How many."""
+    if operation == STATUS:
+        assert status is not None
+        shape, params = await _status_target(session, call, status, filter=filter, task_ids=task_ids)
+    else:
+        shape, params = await _target(session, call, filter=filter, task_ids=task_ids)
+        params |= {"item_before": {"deleted": False}, "item_after": {"deleted": True}}
+    written = await session.exec(
+        _bulk_statements(shape, operation).proposal,
+        params=params | {"changeset_id": changeset_id},
+        execution_options=db.RAW,
+    )
+    return int(written.rowcount)
 
 
 class _Changes(TypedDict):
@@ -793,7 +823,8 @@ def _check_bulk_rows(call: Call, count: int) -> None:
 
 _THIS_CALL = select(AuditEntry.entity_id).where(AuditEntry.request_id == bindparam("audit_request_id"))
 FINISHED = frozenset({TaskStatus.COMPLETED.value, TaskStatus.CANCELLED.value})
-_FINISHING = bindparam("target_status", type_=String).in_(sorted(FINISHED))
+_TARGET_STATUS = bindparam("target_status", type_=String)
+_FINISHING = _TARGET_STATUS.in_(sorted(FINISHED))
 _NEEDS_UNBLOCKED = bindparam("target_status", type_=String).in_(graph.NEEDS_UNBLOCKED)
 # What each bulk change sets, besides the version.
 _NEW_VALUES: dict[str, dict[str, Any]] = {
@@ -840,6 +871,7 @@ class _BulkStatements(NamedTuple):
     update: Any  # SQLite: the change of the tasks those entries name
     counting: SelectOfScalar[int]  # how many would change
     first_ids: SelectOfScalar[int] | SelectOfScalar[None]  # the first MAX_CHANGED_IDS of them
+    proposal: Any  # the changeset items of those that would change: id, version, before, after
 
 
 @lru_cache(maxsize=256)
@@ -881,6 +913,12 @@ def _bulk_statements(shape: Shape | None, operation: str) -> _BulkStatements:
         .returning(entity.c.id, old.c.status.label("old_status"))
         .cte("changed")
     )
+    # A changeset item's before and after: the status, or (bound) whether the task is deleted.
+    before_after = (
+        (json_object(literal("status"), col(Task.status)), json_object(literal("status"), _TARGET_STATUS))
+        if operation == STATUS
+        else (bindparam("item_before", type_=JSONValue), bindparam("item_after", type_=JSONValue))
+    )
     if operation == STATUS:
         entries, record = audit.status_changed(changed), audit.status_changes(changing)
     else:
@@ -900,6 +938,14 @@ def _bulk_statements(shape: Shape | None, operation: str) -> _BulkStatements:
         .values(**_NEW_VALUES[operation], version=Task.version + 1),
         counting=select(func.count()).select_from(Task).where(changing),
         first_ids=select(Task.id).where(changing).order_by(col(Task.id)).limit(MAX_CHANGED_IDS),
+        proposal=insert(ChangesetItem).from_select(
+            ["changeset_id", "task_id", "version", "before", "after"],
+            sql_select(
+                bindparam("changeset_id", type_=String), col(Task.id), col(Task.version), *before_after
+            )
+            .select_from(ENTITY_TABLE)
+            .where(changing),
+        ),
     )
 
 

@@ -130,6 +130,7 @@ READING_TOOLS = frozenset(
         "search_tasks",
         "get_task",
         "get_task_as_of",
+        "get_changeset",
         "get_audit_trail",
         "verify_audit_log",
         "list_projects",

@@ -63,6 +63,12 @@ async def test_bulk_delete_previews_then_deletes_every_match_with_an_entry_each_
         held = await call(holder, "claim_task", {"task_id": ids[0]})
         old = {"field": "title", "op": "contains", "value": "old"}
         preview = await call(client, "bulk_delete_tasks", {"filter": old, "dry_run": True})
+        changeset = preview.pop("changeset")
+        assert (changeset["state"], changeset["task_count"], changeset["summary"]) == (
+            "proposed",
+            4,
+            "delete 4 task(s)",
+        )
         assert preview == {
             "dry_run": True,
             "changed_count": 4,
