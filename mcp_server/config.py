@@ -184,6 +184,18 @@ class OAuthConfig(BaseModel):
     code_seconds: int = Field(default=300, ge=30, le=600)
 
 
+class ConsoleConfig(BaseModel):
+    """The console for people (console/): served by the HTTP server under /console to operators
+    who sign in. Off unless configured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # How long a sign-in lasts without being used again.
+    session_minutes: int = Field(default=480, ge=5, le=7 * 24 * 60)
+    # Cookies only over HTTPS. Null: when public_url is https:// (behind a TLS proxy).
+    secure_cookies: bool | None = None
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which setting and why."""
 
@@ -200,6 +212,7 @@ class Settings(BaseModel):
     # sign in on its consent page and choose which configured agent a client acts as.
     oauth: OAuthConfig | None = None
     operators: tuple[OperatorConfig, ...] = ()
+    console: ConsoleConfig | None = None
     jwt_secret: SecretStr | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
@@ -256,6 +269,8 @@ class Settings(BaseModel):
                 )
         if len({operator.id for operator in self.operators}) != len(self.operators):
             raise ValueError("operators: each operator id may appear once")
+        if self.console is not None and not self.operators:
+            raise ValueError("console: add the operators who may sign in to it (see hash-password)")
         if self.oauth is not None:
             if self.jwt is not None:
                 raise ValueError(
@@ -280,6 +295,14 @@ class Settings(BaseModel):
             return self.public_url.rstrip("/") + "/mcp"
         host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
         return f"http://{host}:{self.http_port}/mcp"
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Whether the console's cookies are sent over HTTPS only."""
+        configured = self.console.secure_cookies if self.console is not None else None
+        if configured is not None:
+            return configured
+        return self.public_url is not None and self.public_url.startswith("https://")
 
     @property
     def async_database_url(self) -> str:

@@ -70,6 +70,7 @@ class AuditAction(StrEnum):
     RENEWED = "renewed"  # the holder extended its lease
     RELEASED = "released"  # the holder gave the task up before its lease ran out
     COMMENTED = "commented"  # an agent left a comment on a task (comments.py)
+    SIGNED_IN = "signed_in"  # an operator signed in to the console (console/)
     HELD = "held"  # a change waits for a person's approval as a changeset (changesets.py)
     APPROVED = "approved"  # an operator approved a changeset; its changes share the entry's request
     REJECTED = "rejected"  # an operator rejected a changeset; it never applies
@@ -470,6 +471,19 @@ class ChangesetItem(SQLModel, table=True):
     version: int = Field(nullable=False)
     before: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
     after: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
+
+
+class ConsoleSession(SQLModel, table=True):
+    """An operator signed in to the console: the SHA-256 of the cookie's secret (never the secret),
+    the form token every change must carry, and until when it lasts unless used again."""
+
+    __tablename__ = "console_session"
+
+    token_sha256: str = Field(primary_key=True, sa_type=String(64))
+    operator_id: str = Field(sa_type=String(200), nullable=False)
+    csrf_token: str = Field(sa_type=String(64), nullable=False)
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
 
 
 class IdempotencyRecord(SQLModel, table=True):

@@ -26,12 +26,10 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-import anyio
-import anyio.to_thread
 from mcp.server.auth.provider import (
     AccessToken,
     AuthorizationCode,
@@ -45,8 +43,6 @@ from mcp.server.auth.provider import (
 )
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from sqlalchemy import delete, exists, func, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, select
 
 from mcp_server import audit, operators
@@ -60,7 +56,6 @@ from mcp_server.models import (
     OAuthGrant,
     OAuthSecret,
     OAuthSecretKind,
-    OperatorSignIn,
     utcnow,
 )
 from mcp_server.operators import recorded_id
@@ -82,13 +77,6 @@ MAX_URI_LENGTH = 2_000
 MAX_PENDING_PER_CLIENT = 10
 MAX_STATE_LENGTH = 1_000
 MAX_SCOPES = 20
-# Wrong sign-ins an operator may make within the window before being locked out for a while,
-# counted in the database across every request and server process.
-MAX_SIGN_IN_FAILURES = 5
-SIGN_IN_WINDOW = timedelta(minutes=15)
-LOCKOUT = timedelta(minutes=15)
-# Password checks at once in this process: each costs scrypt's 16 MiB and about 50 ms of a core.
-SCRYPT_AT_ONCE = 2
 # An access token read from the database is trusted this long by the process that read it, so a
 # client's requests do not each cost a database read (2 to 3 ms of server CPU a call, measured by
 # bench/auth.py); a revocation takes effect at once in the process that revoked, and within this
@@ -119,15 +107,6 @@ class Pending:
     scopes: list[str]
 
 
-@dataclass(frozen=True)
-class SignIn:
-    """An attempt to sign in: the operator when the password was right; else, when locked out,
-    until when."""
-
-    operator: OperatorConfig | None
-    locked_until: datetime | None = None
-
-
 def secret_hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
@@ -147,7 +126,7 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
         self._verifier = verifier
         self._db: Database | None = None
         self._swept = 0.0
-        self._checking = anyio.Semaphore(SCRYPT_AT_ONCE)
+        self._sign_ins = operators.SignIns(settings)
         # Access tokens read from the database lately: sha256 -> (the token, until when to trust it).
         self._verified: dict[str, tuple[AgentToken, float]] = {}
 
@@ -269,61 +248,9 @@ class BuiltInAuthorization(OAuthAuthorizationServerProvider[IssuedCode, IssuedRe
             scopes=params.scopes or [],
         )
 
-    async def sign_in(self, operator_id: str, password: str, source: str) -> SignIn:
-        """Check an operator's password. A known operator's attempt is counted before the check,
-        so guesses sent at once cannot outrun the count; too many wrong ones within the window
-        lock the operator out, and a locked-out operator's password is not checked at all."""
-        operator = next((o for o in self._settings.operators if o.id == operator_id), None)
-        now = utcnow()
-        if operator is not None:
-            async with self.db.session(write=False) as session:
-                seen = await session.get(OperatorSignIn, operator.id)
-            if seen is not None and seen.locked_until is not None and seen.locked_until > now:
-                return SignIn(None, seen.locked_until)
-            locked_until = await self._count_attempt(operator.id, now)
-            if locked_until is not None:
-                logger.warning(
-                    "operator %s is locked out after failed sign-ins (from %s)", operator.id, source
-                )
-                return SignIn(None, locked_until)
-        async with self._checking:
-            signed_in = await anyio.to_thread.run_sync(
-                operators.sign_in, self._settings, operator_id, password
-            )
-        if signed_in is None:
-            logger.warning("a failed sign-in as operator %r from %s", operator_id[:200], source)
-            return SignIn(None)
-        async with self.db.session(write=True) as session:
-            counted = await session.get(OperatorSignIn, signed_in.id)
-            if counted is not None:
-                counted.failures, counted.locked_until = 0, None
-        return SignIn(signed_in)
-
-    async def _count_attempt(self, operator_id: str, now: datetime) -> datetime | None:
-        """Count one attempt as a failure until it succeeds; when the operator is locked out (now,
-        or by this attempt), until when. The operator's row is locked while it is counted, so
-        attempts made at once are counted one after another."""
-        async with self.db.session(write=True) as session:
-            dialect = session.get_bind().dialect.name
-            first = (pg_insert if dialect == "postgresql" else sqlite_insert)(OperatorSignIn)
-            await session.exec(
-                first.values(
-                    operator_id=operator_id, failures=0, window_started_at=now
-                ).on_conflict_do_nothing()
-            )
-            counted = await session.get(
-                OperatorSignIn, operator_id, with_for_update=True, populate_existing=True
-            )
-            assert counted is not None
-            if counted.locked_until is not None and counted.locked_until > now:
-                return counted.locked_until
-            if counted.window_started_at <= now - SIGN_IN_WINDOW:
-                counted.failures, counted.window_started_at = 0, now
-            counted.failures += 1
-            if counted.failures > MAX_SIGN_IN_FAILURES:
-                counted.locked_until = now + LOCKOUT
-                return counted.locked_until
-        return None
+    async def sign_in(self, operator_id: str, password: str, source: str) -> operators.SignIn:
+        """Check an operator's password (operators.SignIns), on the consent page."""
+        return await self._sign_ins.check(self.db, operator_id, password, source)
 
     async def decide(
         self, request: str, operator: OperatorConfig | None, agent_id: str | None, read_only: bool

@@ -71,7 +71,11 @@ _LATER = (
 )
 
 
-async def revert_request(session: AsyncSession, call: Call, request_id: str, *, atomic: bool) -> RevertResult:
+async def revert_request(
+    session: AsyncSession, call: Call, request_id: str, *, atomic: bool, dry_run: bool = False
+) -> RevertResult:
+    """Undo the task changes of call `request_id`; with `dry_run`, only say what would be put back
+    and what left (the console's preview), changing nothing."""
     entries = list((await session.exec(_ENTRIES, params={"request_id": request_id})).all())
     if not entries:
         raise NotFoundError(
@@ -95,7 +99,8 @@ async def revert_request(session: AsyncSession, call: Call, request_id: str, *, 
             )
             reason = await _why_not_now(session, call, entry, task, now)
             if reason is None:
-                await _undo(session, call, request_id, entry, task, now)
+                if not dry_run:
+                    await _undo(session, call, request_id, entry, task, now)
                 reverted.append(task.id or 0)
                 continue
         if atomic:

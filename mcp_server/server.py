@@ -77,6 +77,7 @@ from mcp_server import (
 from mcp_server.cancels import CancelSessionless, SessionlessCalls
 from mcp_server.checkpoints import CheckpointKeys, Signer
 from mcp_server.config import ConfigError, Permissions, Settings
+from mcp_server.console import Console
 from mcp_server.db import Database, create_database
 from mcp_server.errors import (
     DATABASE_ERRORS,
@@ -1150,6 +1151,7 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
         if verifier is not None and settings.oauth is not None
         else None
     )
+    console = Console(settings) if settings.console is not None else None
     sessionless = SessionlessCalls()
     client_levels = client_logs.SessionLevels()
     bus = InMemorySubscriptionBus()  # this process's listen streams; the audit chain connects processes
@@ -1173,6 +1175,8 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
             subscriptions.open(db)
             if provider is not None:
                 provider.open(db)
+            if console is not None:
+                console.open(db, keys)
             if settings.sealer:
                 sealing = Sealer(db, settings, signer)
                 task = asyncio.create_task(sealing.run(), name=SEALER_TASK)
@@ -1234,6 +1238,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
     resources.register(server, _read_resource)
     if provider is not None:
         for path, endpoint, methods in consent.routes(provider, settings):
+            server.custom_route(path, methods=methods)(endpoint)
+    if console is not None:
+        for path, endpoint, methods in console.routes():
             server.custom_route(path, methods=methods)(endpoint)
     writing = frozenset(fn.__name__ for fn, _, annotations in TOOLS if not annotations.read_only_hint)
     server.middleware.append(ToolsTheyMayCall(lambda ctx: _agent_of(settings, ctx.request)[1], writing))
