@@ -33,7 +33,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mcp_server import audit, db, identity, tasks
-from mcp_server.errors import ConflictError, NotFoundError
+from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition
 from mcp_server.identity import Call
 from mcp_server.models import (
@@ -110,6 +110,20 @@ def needs_approval(call: Call, task_count: int) -> bool:
     return over is not None and task_count > over
 
 
+def refuse_unheld(call: Call, changed_count: int) -> None:
+    """A call that reports how many tasks it changed (a project's deletion, a revert), more than the
+    agent's policy lets through without a person: refused, since it cannot wait for approval."""
+    if needs_approval(call, changed_count):
+        raise PermissionDeniedError(
+            "approval_over_rows",
+            f"this call would change {changed_count} tasks, and your changes of more than "
+            f"{call.permissions.approval_over_rows} wait for a person's approval, which {call.tool} "
+            "cannot do (permission approval_over_rows); nothing was changed. bulk_update_status and "
+            "bulk_delete_tasks hold such a change for approval; an operator can undo a request in "
+            "the console",
+        )
+
+
 # --- making one -------------------------------------------------------------------------------
 
 
@@ -172,6 +186,10 @@ async def hold_update(
             "read it, and nothing was changed"
         )
     requested = changes.model_dump(exclude_none=True)
+    if not requested:
+        raise InvalidInputError(
+            "give at least one field to change: title, description, status, priority, project_id"
+        )
     old, new = audit.diff(
         tasks.snapshot(task), {key: audit.json_value(value) for key, value in requested.items()}
     )
@@ -339,6 +357,17 @@ async def apply_own(session: AsyncSession, call: Call, changeset_id: str) -> Cha
             "decided (an approved one is applied then, without you)"
         )
     _check_open(changeset)
+    if needs_approval(call, changeset.task_count):
+        # A preview is no way around the agent's policy: applying it holds it for a person.
+        changeset.state = ChangesetState.PENDING
+        await session.flush()
+        return {
+            "changeset": hold(session, call, changeset),
+            "changed_count": 0,
+            "changed_ids": [],
+            "changed_ids_truncated": False,
+            "request_id": call.request_id,
+        }
     changed = await _apply(session, call, changeset)
     return {
         "changeset": ref(changeset),

@@ -93,8 +93,8 @@ class Permissions(BaseModel):
         default=None,
         ge=0,
         description=(
-            "A change of more tasks than this waits for a person's approval (changesets.py); "
-            "0: every change to tasks does; null: none does."
+            "A bulk change of more tasks than this waits for a person's approval (changesets.py); "
+            "0: every update and deletion of a task does too; null: none does."
         ),
     )
 

@@ -219,6 +219,8 @@ async def _write(
                 run=lambda: run(session),
             )
         # A bulk change reports how many rows it changed; any other write changes one.
+        if "changed_count" in result:
+            changesets.refuse_unheld(request.call, int(result["changed_count"]))
         await budgets.spend(session, request.call, int(result.get("changed_count", 1)))
         return result
 

@@ -14,7 +14,7 @@ from mcp_server.config import AgentConfig, Settings
 from mcp_server.db import Database
 from mcp_server.errors import ConflictError
 from tests.conftest import call, call_error, connect
-from tests.test_permissions import entity_rows
+from tests.test_permissions import entity_rows, refusals
 from tests.test_project_changes import entries
 from tests.test_reverts import statuses
 from tests.test_tools import make_project, make_task
@@ -105,6 +105,18 @@ async def test_a_policy_holds_a_change_until_an_operator_approves_exactly_it_or_
         assert "waits for a person's approval" in await call_error(
             agent, "apply_changeset", {"changeset_id": changeset["id"]}
         )
+
+        # A preview is no way around the policy: applying it holds it for a person.
+        preview = await call(
+            agent, "bulk_update_status", {"status": "blocked", "task_ids": ids, "dry_run": True}
+        )
+        applied = await call(agent, "apply_changeset", {"changeset_id": preview["changeset"]["id"]})
+        assert (applied["changed_count"], applied["changeset"]["state"]) == (0, "pending")
+        # Nor is a call that cannot wait for approval: it is refused, and the refusal recorded.
+        refused = await call_error(agent, "delete_project", {"project_id": project, "live_tasks": "delete"})
+        assert "would change 5 tasks" in refused and "approval_over_rows" in refused
+        assert await entity_rows(db) == before
+        assert await refusals(db) == [("careful", "delete_project", "approval_over_rows")]
 
         # Approval is bound to what the operator was shown.
         with pytest.raises(ConflictError, match="not the one you were shown"):
