@@ -5,6 +5,8 @@ PostgreSQL database in one run, and the sealer's delay.
 - raw SQL on our tables: the same statements on `entity` and `audit_entry`, with their triggers;
 - our server: the tools over stdio, one server process per concurrent agent (stateless servers
   on one database, as it scales out), each agent sending its next call when the last returns;
+  the bulk change also as an agent makes it bound to a preview: a dry run, whose changeset (every
+  task with its version) is written, then apply_changeset, which re-checks each version;
   and the concurrent creators once more over streamable HTTP, one stateless server process
   serving every agent, each with its own token (the 2026-07-28 era of the SDK's client).
 
@@ -69,6 +71,8 @@ PLAIN_SCHEMA = [
     "VACUUM ANALYZE plain_audit",
 ]
 DROP_PLAIN = "DROP TABLE IF EXISTS plain_audit, plain_task"
+# The bulk change as a dry run's changeset, then applied (changesets.py).
+PREVIEWED = "our server, preview then apply_changeset"
 
 
 def bulk_sql(task: str, audit: str, kind_filter: str) -> str:
@@ -113,9 +117,15 @@ async def bulk(url: str, server: StdioServer, projects: list[int], rounds: int) 
     """Flip every live task of `projects` between two statuses; every timed run changes them all.
     Raw SQL on our tables and our server change the same rows, so each flips them back."""
     conn = await asyncpg.connect(url)
-    results: dict[str, list[float]] = {name: [] for name in [*BULK, "our server"]}
+    results: dict[str, list[float]] = {name: [] for name in [*BULK, "our server", PREVIEWED]}
+    phases: list[tuple[float, float]] = []  # PREVIEWED: (preview s, apply s)
     statuses = ["cancelled", "pending"]
-    tables = {"plain raw SQL": "plain", "raw SQL on our tables": "ours", "our server": "ours"}
+    tables = {
+        "plain raw SQL": "plain",
+        "raw SQL on our tables": "ours",
+        "our server": "ours",
+        PREVIEWED: "ours",
+    }
     status = {"plain": statuses[0], "ours": statuses[0]}
     try:
         for sql in BULK.values():  # from the loaded mix to one status: not timed
@@ -133,6 +143,16 @@ async def bulk(url: str, server: StdioServer, projects: list[int], rounds: int) 
                         "bulk_update_status", _bulk_arguments(status[table], projects)
                     )
                     changed = int(result["structuredContent"]["changed_count"])
+                elif name == PREVIEWED:
+                    # The dry run writes the changeset; applying it locks, re-checks every version
+                    # and makes the change: the two calls an agent makes, timed together.
+                    arguments = _bulk_arguments(status[table], projects) | {"dry_run": True}
+                    _, preview = await server.call("bulk_update_status", arguments)
+                    previewed = time.perf_counter()
+                    changeset = preview["structuredContent"]["changeset"]["id"]
+                    _, result = await server.call("apply_changeset", {"changeset_id": changeset})
+                    changed = int(result["structuredContent"]["changed_count"])
+                    phases.append((previewed - started, time.perf_counter() - previewed))
                 else:
                     async with conn.transaction():
                         outcome = await conn.execute(
@@ -143,7 +163,11 @@ async def bulk(url: str, server: StdioServer, projects: list[int], rounds: int) 
             logger.info("bulk round: %s", {k: round(v[-1]) for k, v in results.items()})
     finally:
         await conn.close()
-    return {name: _rates(rates) for name, rates in results.items()}
+    shown: dict[str, Any] = {name: _rates(rates) for name, rates in results.items()}
+    shown[f"{PREVIEWED}: median preview s, apply s"] = [
+        round(statistics.median(phase), 3) for phase in zip(*phases, strict=True)
+    ]
+    return shown
 
 
 def _stdio_create(server: StdioServer, project: int) -> Create:

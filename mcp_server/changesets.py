@@ -32,7 +32,8 @@ from sqlalchemy import String, bindparam, delete
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import audit, db, identity, tasks
+from mcp_server import audit, db, identity, projects, tasks
+from mcp_server.config import Permissions
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition
 from mcp_server.identity import Call
@@ -52,6 +53,7 @@ from mcp_server.schemas import (
     ChangesetRef,
     ShownState,
     TaskHeld,
+    TaskPublic,
     TaskUpdate,
     iso_time,
 )
@@ -174,9 +176,9 @@ async def hold_update(
     *,
     expected_version: int | None,
     fencing_token: int | None,
-) -> TaskHeld:
+) -> TaskPublic:
     """update_task held by a policy: the task as it is, with the pending changeset of the fields
-    the update would change."""
+    the update would change (none when nothing would change)."""
     task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects))
     now = utcnow()
     tasks.check_claim(task, call, fencing_token, now)
@@ -193,6 +195,10 @@ async def hold_update(
     old, new = audit.diff(
         tasks.snapshot(task), {key: audit.json_value(value) for key, value in requested.items()}
     )
+    if not new:  # nothing would change: nothing to hold, as update_task changes nothing
+        return tasks.public(task)
+    if "project_id" in new:  # refused now, as update_task would refuse it, not at its approval
+        await projects.load_live(session, new["project_id"], call.permissions.projects)
     operation = {"op": UPDATE, "changes": {key: requested[key] for key in new}}
     changeset = _new(call, operation, now, ttl, ChangesetState.PENDING)
     session.add(changeset)
@@ -225,6 +231,7 @@ async def change_or_hold(
     if not needs_approval(call, changeset.task_count):
         await _drop(session, changeset.id)
         return await change()
+    tasks.check_bulk_rows(call, changeset.task_count)  # refused now, not at its approval
     held: dict[str, Any] = {
         "dry_run": False,
         "changed_count": 0,
@@ -290,6 +297,8 @@ def _new(
         state=state,
         created_at=now,
         expires_at=now + ttl,
+        # Only what Permissions holds: an agent's own config entry carries its id and token hash too.
+        permissions=call.permissions.model_dump(mode="json", include=set(Permissions.model_fields)),
     )
 
 
@@ -332,13 +341,18 @@ async def _items(session: AsyncSession, changeset_id: str) -> list[Item]:
 
 
 def digest(changeset: Changeset, items: Sequence[Item]) -> str:
-    """The SHA-256 of everything the changeset is: who made it, with which tool, what it does, and
-    each task with its version, before and after, in id order (canonical JSON)."""
+    """The SHA-256 of everything the changeset is: who made it, when, with which tool and what
+    permissions, what it does and says it does, and each task with its version, before and after,
+    in id order (canonical JSON)."""
     content = {
         "id": changeset.id,
         "created_by": changeset.created_by,
         "tool": changeset.tool,
         "operation": changeset.operation,
+        "summary": changeset.summary,
+        "task_count": changeset.task_count,
+        "created_at": iso_time(changeset.created_at),
+        "permissions": changeset.permissions,
         "items": [[item.task_id, item.version, item.before, item.after] for item in items],
     }
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -402,10 +416,16 @@ async def decide(
     )
     if approve:
         # The change is the agent's: it proposed it, under its own verified identity.
+        # Within what the agent was allowed when it proposed it (its projects, max_bulk_rows), less
+        # the policy that held it, which this approval answers. A person approving it is what the
+        # policy asks for, so its rows are not counted against the agent's write budget.
+        allowed = Permissions.model_validate(changeset.permissions).model_copy(
+            update={"approval_over_rows": None, "read_only": False}
+        )
         as_agent = Call(
             tool=changeset.tool,
             agent_id=changeset.created_by,
-            permissions=identity.UNRESTRICTED,
+            permissions=allowed,
             request_id=operator.request_id,
         )
         await _apply(session, as_agent, changeset)

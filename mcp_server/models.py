@@ -71,6 +71,7 @@ class AuditAction(StrEnum):
     RELEASED = "released"  # the holder gave the task up before its lease ran out
     COMMENTED = "commented"  # an agent left a comment on a task (comments.py)
     SIGNED_IN = "signed_in"  # an operator signed in to the console (console/)
+    SIGNED_OUT = "signed_out"  # and signed out
     HELD = "held"  # a change waits for a person's approval as a changeset (changesets.py)
     APPROVED = "approved"  # an operator approved a changeset; its changes share the entry's request
     REJECTED = "rejected"  # an operator rejected a changeset; it never applies
@@ -459,6 +460,8 @@ class Changeset(SQLModel, table=True):
     decided_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # The request whose audit entries are its changes, once applied.
     applied_request_id: str | None = Field(default=None, sa_type=String(64))
+    # What its agent was allowed when it proposed it: an approved change is applied within them.
+    permissions: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
 
 
 class ChangesetItem(SQLModel, table=True):

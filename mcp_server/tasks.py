@@ -787,7 +787,7 @@ async def _run_bulk(
     found = await session.exec(statements.combined, params=params, execution_options=INCLUDE_DELETED)
     rows = db.named_rows(found)
     changed = rows[0]["changed_count"] if rows else 0
-    _check_bulk_rows(call, changed)
+    check_bulk_rows(call, changed)
     await call.progress(1, 1, f"{changed:,} tasks changed and audited; committing")
     return changed, [row["entity_id"] for row in rows]
 
@@ -800,7 +800,7 @@ async def _bulk_in_steps(
     many tasks changed, and the first ids."""
     await call.progress(0, BULK_STEPS, "finding the tasks to change and writing their audit entries")
     written = await session.exec(statements.record, params=params, execution_options=db.RAW)
-    _check_bulk_rows(call, written.rowcount)
+    check_bulk_rows(call, written.rowcount)
     await call.progress(1, BULK_STEPS, f"{written.rowcount:,} audit entries written; updating the tasks")
     updated = await session.exec(
         statements.update, params=params, execution_options={"synchronize_session": False}
@@ -811,7 +811,7 @@ async def _bulk_in_steps(
     return updated.rowcount, [id for id in ids if id is not None]
 
 
-def _check_bulk_rows(call: Call, count: int) -> None:
+def check_bulk_rows(call: Call, count: int) -> None:
     """More than the caller's max_bulk_rows changing tasks refuses the whole call (the caller rolls back)."""
     if (max_rows := call.permissions.max_bulk_rows) is not None and count > max_rows:
         raise PermissionDeniedError(

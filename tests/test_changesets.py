@@ -183,3 +183,33 @@ async def test_with_a_policy_of_zero_every_single_change_waits_for_approval(
         assert (await call(agent, "get_task", {"task_id": task["id"]}))["title"] == "renamed"
         await decide(db, deletion["changeset"], approve=True)
         assert "deleted" in await call_error(agent, "get_task", {"task_id": task["id"]})
+
+
+async def test_a_held_change_is_checked_as_it_is_held_and_approved_within_the_agents_permissions(
+    settings: Settings, era: str, db: Database
+) -> None:
+    async with connect(settings, era) as owner:
+        inside, outside = await make_project(owner, "Inside"), await make_project(owner, "Outside")
+        ids = [(await make_task(owner, inside, f"task {n}"))["id"] for n in range(5)]
+    scoped = AgentConfig(id="careful", approval_over_rows=0, max_bulk_rows=3, projects=frozenset({inside}))
+    held_settings = settings.model_copy(update={"agents": (scoped,)})
+    async with connect(held_settings, era, name="careful") as agent:
+        # What update_task would refuse is refused as it is held, not when a person approves it.
+        moved = await call_error(agent, "update_task", {"task_id": ids[0], "project_id": outside})
+        assert f"permission project:{outside} is missing" in moved
+        too_many = await call_error(agent, "bulk_update_status", {"status": "completed", "task_ids": ids})
+        assert "you may change at most 3" in too_many
+        # A change of nothing is not held.
+        same = await call(agent, "update_task", {"task_id": ids[0], "title": "task 0"})
+        assert "changeset" not in same
+        held = await call(agent, "bulk_update_status", {"status": "completed", "task_ids": ids[:3]})
+        # What the changeset says of itself is part of its digest: altered, it is refused.
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE changeset SET summary = 'harmless', task_count = 1 WHERE id = :id"),
+                {"id": held["changeset"]["id"]},
+            )
+        before = await entity_rows(db)
+        with pytest.raises(ConflictError, match="no longer matches its digest"):
+            await decide(db, held["changeset"], approve=True)
+        assert await entity_rows(db) == before

@@ -23,10 +23,11 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from mcp_server.auth import token_sha256
+from mcp_server.console import within_console
 from mcp_server.operators import hash_password
 from tests.conftest import call, http_client, http_server
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 PASSWORD = "a long operator password"
 PLANNER_TOKEN = "planner-" + "p" * 40
@@ -97,6 +98,7 @@ def screenshots(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.anyio
 async def test_an_operator_signs_in_filters_reads_history_approves_a_changeset_and_undoes_it(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -214,6 +216,7 @@ async def test_an_operator_signs_in_filters_reads_history_approves_a_changeset_a
             }
 
 
+@pytest.mark.anyio
 async def test_a_read_only_operator_cannot_decide_and_forged_or_cross_site_posts_are_refused(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -245,9 +248,34 @@ async def test_a_read_only_operator_cannot_decide_and_forged_or_cross_site_posts
                 elsewhere = {"Origin": "https://evil.example"}
                 cross = await http.post(f"/console/changesets/{held['id']}", data=decision, headers=elsewhere)
                 assert cross.status_code == 403
+                # Ids the server never makes are none, whatever the database would make of them.
+                for odd in ("%00", "x" * 500, "é"):
+                    assert (await http.get(f"/console/changesets/{odd}")).status_code == 404
+                    assert (await http.get(f"/console/requests/{odd}")).status_code == 404
             async with httpx2.AsyncClient(base_url=base) as stranger:
                 signed_out = await stranger.get("/console/agents")
                 assert signed_out.status_code == 303 and "/console/sign-in" in signed_out.headers["location"]
             shown = await call(planner, "get_changeset", {"changeset_id": held["id"]})
             assert shown["state"] == "pending"
             assert len((await call(planner, "search_tasks", {}))["items"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("asked", "goes_to"),
+    [
+        ("/console/tasks/5", "/console/tasks/5"),
+        ("/console?status=pending&q=a%20b", "/console?status=pending&q=a%20b"),
+        ("//evil.example", "/console"),
+        ("https://evil.example/console", "/console"),
+        ("/console/..//evil.example", "/console"),
+        ("/console/%2e%2e/mcp", "/console"),
+        ("/console/../mcp", "/console"),
+        ("/console@evil.example", "/console"),
+        ("/consolex", "/console"),
+        ("\\\\evil.example", "/console"),
+    ],
+)
+def test_after_signing_in_an_operator_goes_to_a_console_page_and_nowhere_else(
+    asked: str, goes_to: str
+) -> None:
+    assert within_console(asked) == goes_to

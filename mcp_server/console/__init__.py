@@ -22,6 +22,8 @@ Off unless `console` is configured (and operators with it).
 from __future__ import annotations
 
 import logging
+import posixpath
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -63,6 +65,7 @@ HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 _TASK_ID = TypeAdapter(int)
+_HEX_ID = re.compile(r"[0-9a-f]{32}")  # a changeset's or a request's id
 
 
 @dataclass(frozen=True)
@@ -201,9 +204,7 @@ class Console:
 
     async def _sign_in(self, request: Request) -> Response:
         form_cookie = self._cookie + sessions.SIGN_IN_COOKIE_SUFFIX
-        next_page = request.query_params.get("next", PATH)
-        if not next_page.startswith(PATH) or next_page.startswith("//"):
-            next_page = PATH
+        next_page = within_console(request.query_params.get("next", PATH))
         if request.method == "GET":
             return self._sign_in_form(request, next_page)
         if not _same_origin(request):
@@ -278,6 +279,8 @@ class Console:
 
     async def _sign_out(self, page: Page, session: AsyncSession) -> Response:
         await sessions.end(session, page.request.cookies.get(self._cookie))
+        call = _operator_call(page.operator_id, "console/sign-out")
+        session.add(audit.entry(call, AuditAction.SIGNED_OUT, utcnow(), None, None, {}))
         response = RedirectResponse(f"{PATH}/sign-in", 303, headers=HEADERS)
         response.delete_cookie(self._cookie, path="/", secure=self._settings.secure_cookies, httponly=True)
         return response
@@ -373,12 +376,12 @@ class Console:
         return self._render(page.request, "waiting.html", count=count)
 
     async def _changeset(self, page: Page, session: AsyncSession, notice: str | None = None) -> Response:
-        changeset_id = page.request.path_params["changeset_id"][:64]
+        changeset_id = _hex(page.request.path_params["changeset_id"], "changeset")
         shown = await changesets.get_changeset(session, changeset_id, created_by=None, limit=500)
         return self._view(page, "changeset.html", changeset=shown, notice=notice)
 
     async def _decide(self, page: Page, session: AsyncSession) -> Response:
-        changeset_id = page.request.path_params["changeset_id"][:64]
+        changeset_id = _hex(page.request.path_params["changeset_id"], "changeset")
         form = await page.request.form(max_files=0, max_fields=20)
         decision = form.get("decision")
         if decision not in ("approve", "reject"):
@@ -394,7 +397,7 @@ class Console:
         return RedirectResponse(f"{PATH}/changesets/{changeset_id}", 303, headers=HEADERS)
 
     async def _request(self, page: Page, session: AsyncSession) -> Response:
-        request_id = page.request.path_params["request_id"][:64]
+        request_id = _hex(page.request.path_params["request_id"], "request")
         entries = await audit.get_audit_trail(
             session,
             entity_id=None,
@@ -422,9 +425,12 @@ class Console:
         )
 
     async def _undo(self, page: Page, session: AsyncSession) -> Response:
-        request_id = page.request.path_params["request_id"][:64]
+        request_id = _hex(page.request.path_params["request_id"], "request")
         call = _operator_call(page.operator_id, "console/undo")
-        await reverts.revert_request(session, call, request_id, atomic=False)
+        undone = await reverts.revert_request(session, call, request_id, atomic=False)
+        if not undone["reverted"]:
+            why = "; ".join(f"task {left['task_id']}: {left['reason']}" for left in undone["left"][:20])
+            return self._message(page.request, "Nothing to undo", f"Nothing was put back. {why}", 409)
         return RedirectResponse(f"{PATH}/requests/{call.request_id}", 303, headers=HEADERS)
 
     async def _audit(self, page: Page, session: AsyncSession) -> Response:
@@ -436,6 +442,13 @@ class Console:
 def _operator_call(operator_id: str, tool: str) -> Call:
     """What an operator does in the console, as a call: recorded under `operator:<id>`."""
     return Call(tool=tool, agent_id=operator_id, permissions=UNRESTRICTED, request_id=new_request_id())
+
+
+def _hex(text: str, what: str) -> str:
+    """A changeset's or request's id from a path, as the server makes them; anything else is none."""
+    if _HEX_ID.fullmatch(text) is None:
+        raise NotFoundError(f"there is no {what} {text[:40]!r}")
+    return text
 
 
 def _id(text: str, what: str) -> int:
@@ -465,6 +478,16 @@ def _board_filter(chosen: dict[str, str]) -> list[Condition]:
     if chosen["claimed_by"]:
         conditions.append(Condition(field=FilterField.CLAIMED_BY, op=Operator.EQ, value=chosen["claimed_by"]))
     return conditions
+
+
+def within_console(path: str) -> str:
+    """Where to go after signing in: a page of the console, never anywhere else."""
+    path_only, _, query = path.partition("?")
+    if "\\" in path or posixpath.normpath(path_only) != path_only.rstrip("/") or "%" in path_only:
+        return PATH
+    if path_only != PATH and not path_only.startswith(PATH + "/"):
+        return PATH
+    return path_only + (f"?{query}" if query else "")
 
 
 def _same_origin(request: Request) -> bool:

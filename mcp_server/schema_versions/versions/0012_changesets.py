@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("decided_by", sa.String(length=200), nullable=True),
         sa.Column("decided_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("applied_request_id", sa.String(length=64), nullable=True),
+        sa.Column("permissions", _JSON, nullable=False),
     )
     op.create_index("ix_changeset_state_created", "changeset", ["state", "created_at"])
     op.create_table(
