@@ -45,7 +45,7 @@ from mcp_server.errors import DATABASE_ERRORS, NotFoundError, TaskServerError
 from mcp_server.filters import AllOf, Condition, FilterField, Operator
 from mcp_server.identity import UNRESTRICTED, Call, new_request_id
 from mcp_server.models import AuditAction, Priority, TaskStatus, utcnow
-from mcp_server.schemas import OrderBy, iso_time
+from mcp_server.schemas import AuditTrail, OrderBy, iso_time
 
 logger = logging.getLogger(__name__)
 
@@ -326,18 +326,7 @@ class Console:
         task_id = _id(page.request.path_params["task_id"], "task")
         task = await tasks.find(session, task_id, scope=None)
         shown = tasks.public(task)
-        history = await audit.get_audit_trail(
-            session,
-            entity_id=task_id,
-            request_id=None,
-            changed_by=None,
-            action=None,
-            since=None,
-            until=None,
-            limit=HISTORY_SIZE,
-            page_token=None,
-            scope=None,
-        )
+        history = await _trail(session, entity_id=task_id)
         said = None
         if task.deleted_at is None:
             said = await comments.list_comments(session, task_id, after=None, limit=50, scope=None)
@@ -398,18 +387,7 @@ class Console:
 
     async def _request(self, page: Page, session: AsyncSession) -> Response:
         request_id = _hex(page.request.path_params["request_id"], "request")
-        entries = await audit.get_audit_trail(
-            session,
-            entity_id=None,
-            request_id=request_id,
-            changed_by=None,
-            action=None,
-            since=None,
-            until=None,
-            limit=HISTORY_SIZE,
-            page_token=None,
-            scope=None,
-        )
+        entries = await _trail(session, request_id=request_id)
         if not entries["items"]:
             raise NotFoundError(f"no change was recorded under request {request_id}")
         preview = await reverts.revert_request(
@@ -437,6 +415,24 @@ class Console:
         assert self._keys is not None
         report = await chain.verify(session, self._keys) if page.request.query_params.get("verify") else None
         return self._view(page, "audit.html", chain=await reads.chain_head(session), report=report)
+
+
+async def _trail(
+    session: AsyncSession, *, entity_id: int | None = None, request_id: str | None = None
+) -> AuditTrail:
+    """The newest entries of a task's history, or of one request, as get_audit_trail shows them."""
+    return await audit.get_audit_trail(
+        session,
+        entity_id=entity_id,
+        request_id=request_id,
+        changed_by=None,
+        action=None,
+        since=None,
+        until=None,
+        limit=HISTORY_SIZE,
+        page_token=None,
+        scope=None,
+    )
 
 
 def _operator_call(operator_id: str, tool: str) -> Call:
