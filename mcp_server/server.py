@@ -540,7 +540,7 @@ def _changeset_ttl(request: ToolCall) -> timedelta:
     return timedelta(seconds=request.app.settings.changeset_ttl_seconds)
 
 
-ChangesetId = Annotated[Text, Field(max_length=32, description="A changeset's id (its dry run's result).")]
+ChangesetId = Annotated[Text, Field(max_length=32, description="From a dry run's result.")]
 
 
 async def apply_changeset(request: ToolCall, changeset_id: ChangesetId) -> ChangesetApplied:
