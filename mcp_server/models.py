@@ -346,6 +346,14 @@ class AuditEntry(SQLModel, table=True):
         Index("ix_audit_request", "request_id"),
         Index("ix_audit_changed", "changed_at", "id"),
         Index("uq_audit_seq", "seq", unique=True),
+        # The latest refusals (the console's agents page), few among millions of entries.
+        Index(
+            "ix_audit_refused",
+            "changed_at",
+            "id",
+            postgresql_where=text("action = 'refused'"),
+            sqlite_where=text("action = 'refused'"),
+        ),
         Index(
             "ix_audit_txid",
             "txid",
@@ -465,12 +473,17 @@ class Changeset(SQLModel, table=True):
 
 
 class ChangesetItem(SQLModel, table=True):
-    """One task of a changeset: the version it must still have, and its values before and after."""
+    """One task of a changeset: the version it must still have, and its values before and after.
+
+    No foreign keys: items are written only by an INSERT ... SELECT from `entity`, in the
+    transaction that writes their changeset, tasks are never deleted (the application role may
+    not), and the changeset's digest covers its items. A key check per item made the preview of
+    a 100,000-task change seven times slower on PostgreSQL (4.2 s against 0.57 s)."""
 
     __tablename__ = "changeset_item"
 
-    changeset_id: str = Field(primary_key=True, foreign_key="changeset.id", sa_type=String(32))
-    task_id: int = Field(primary_key=True, foreign_key="entity.id", sa_type=IdType)
+    changeset_id: str = Field(primary_key=True, sa_type=String(32))
+    task_id: int = Field(primary_key=True, sa_type=IdType)
     version: int = Field(nullable=False)
     before: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
     after: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)

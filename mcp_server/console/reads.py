@@ -48,7 +48,7 @@ _ACTIVITY = (
 _RECENT_REFUSALS = (
     select(AuditEntry.changed_by, AuditEntry.changed_at, AuditEntry.new_value, AuditEntry.request_id)
     .where(col(AuditEntry.action) == AuditAction.REFUSED.value)
-    .order_by(col(AuditEntry.id).desc())
+    .order_by(col(AuditEntry.changed_at).desc(), col(AuditEntry.id).desc())  # ix_audit_refused
     .limit(MAX_REFUSALS)
 )
 _BUDGETS = select(

@@ -43,8 +43,9 @@ def upgrade() -> None:
     op.create_index("ix_changeset_state_created", "changeset", ["state", "created_at"])
     op.create_table(
         "changeset_item",
-        sa.Column("changeset_id", sa.String(length=32), sa.ForeignKey("changeset.id"), primary_key=True),
-        sa.Column("task_id", _ID, sa.ForeignKey("entity.id"), primary_key=True),
+        # No foreign keys (models.ChangesetItem says why).
+        sa.Column("changeset_id", sa.String(length=32), primary_key=True),
+        sa.Column("task_id", _ID, primary_key=True),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("before", _JSON, nullable=False),
         sa.Column("after", _JSON, nullable=False),
