@@ -2,7 +2,8 @@
 .ci/run) against the HTTP server in a subprocess, on both databases. An operator signs in, filters
 the board, opens a task's history, approves a changeset an agent's policy held and sees the tasks
 change, then undoes it; each step is checked against the tools and the audit log. A read-only
-operator can look but not decide; forged and cross-site posts are refused.
+operator can look but not decide; forged and cross-site posts are refused. axe-core checks every
+page against WCAG 2 A and AA and its best practices, and no page logs a script or CSP error.
 
 Each page's screenshot is written to $CONSOLE_SCREENSHOTS (else the test's temporary folder); the
 README shows the ones written by `CONSOLE_SCREENSHOTS=docs/console pytest tests/test_console.py -k sqlite`.
@@ -44,6 +45,10 @@ CHROMIUM_ARGS = [
 ]
 
 
+AXE = Path(__file__).parent.parent / ".ci" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+AXE_RULES = ["wcag2a", "wcag2aa", "best-practice"]
+
+
 def chromium() -> str:
     found = os.environ.get("CHROMIUM") or shutil.which("chromium")
     if found is None:
@@ -51,6 +56,21 @@ def chromium() -> str:
             pytest.fail("CI=true requires Chromium (.ci/run installs Debian's chromium package)")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     return found
+
+
+def axe() -> str:
+    if not AXE.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true requires axe-core (.ci/run installs it: npm install --prefix .ci/axe)")
+        pytest.skip("axe-core is not installed (npm install --prefix .ci/axe)")
+    return AXE.read_text()
+
+
+async def violations(page: Page, script: str) -> list[tuple[str, str]]:
+    """What axe-core finds on the page against WCAG 2 A and AA and its best practices: rule, element."""
+    await page.add_script_tag(content=script)
+    found = await page.evaluate(f"axe.run(document, {{runOnly: {AXE_RULES}}})")
+    return [(v["id"], node["html"][:120]) for v in found["violations"] for node in v["nodes"]]
 
 
 def console_config(database_url: str) -> dict[str, Any]:
@@ -118,8 +138,21 @@ async def test_an_operator_signs_in_filters_reads_history_approves_a_changeset_a
             held = await call(planner, "bulk_update_status", {"status": "completed", "task_ids": ids[:3]})
             assert held["changeset"]["state"] == "pending" and held["changed_count"] == 0
 
+            script = axe()
             async with browser() as chrome:
                 page = await chrome.new_page(viewport={"width": 1200, "height": 900})
+                # Anything the pages' own script or the Content-Security-Policy refuses shows here.
+                problems: list[str] = []
+                page.on(
+                    "console",
+                    # (the wrong password's 401 aside)
+                    lambda message: (
+                        problems.append(message.text)
+                        if message.type == "error" and "status of 401" not in message.text
+                        else None
+                    ),
+                )
+                page.on("pageerror", lambda error: problems.append(str(error)))
                 # A wrong password is refused; the right one opens the board.
                 await sign_in(page, base, "alice", "not the password at all")
                 await expect(page.get_by_role("alert")).to_contain_text("operator id or password is wrong")
@@ -167,6 +200,24 @@ async def test_an_operator_signs_in_filters_reads_history_approves_a_changeset_a
                 await expect(page.locator(".fields")).to_contain_text(held["changeset"]["digest"])
                 await expect(page.locator("tbody tr")).to_have_count(3)
                 await page.screenshot(path=shots / "changeset.png", full_page=True)
+
+                # Every page passes axe-core's checks (in a context of its own that lets the checker's
+                # script in past the pages' Content-Security-Policy).
+                checking = await chrome.new_context(bypass_csp=True)
+                await checking.add_cookies(await page.context.cookies())
+                checked = await checking.new_page()
+                pages = [
+                    "",
+                    f"/tasks/{ids[3]}",
+                    "/changesets",
+                    f"/changesets/{held['changeset']['id']}",
+                    "/agents",
+                ]
+                for path in [*pages, "/audit?verify=1"]:
+                    await checked.goto(f"{base}/console{path}")
+                    assert await violations(checked, script) == [], path
+                await checking.close()
+
                 await page.get_by_role("button", name="Approve and apply").click()
                 await expect(page.get_by_role("status")).to_contain_text("Approved and applied")
                 assert await statuses(planner, ids) == ["completed"] * 3 + ["in_progress"]
@@ -200,6 +251,7 @@ async def test_an_operator_signs_in_filters_reads_history_approves_a_changeset_a
                 width = await phone.evaluate("document.documentElement.scrollWidth")
                 assert width <= 390, f"the board is {width} px wide on a 390 px screen"
                 await phone.screenshot(path=shots / "board-phone.png", full_page=True)
+                assert problems == []
 
             # Every step is on the record, under the operator's identity.
             trail = await call(planner, "get_audit_trail", {"changed_by": "operator:alice"})

@@ -53,7 +53,7 @@ PATH = "/console"
 PAGE_SIZE = 50
 HISTORY_SIZE = 100
 MAX_FORM_FIELD = 2000
-STATIC = {"htmx.min.js": "text/javascript", "console.css": "text/css"}
+STATIC = {"htmx.min.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml"}
 HEADERS = {
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
