@@ -305,7 +305,11 @@ async def _serve_stdio_lines(
                     stdin.close()
 
         group.start_soon(stop_on_signal)
-        async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
+        # On a pipe, every unreadable request is answered (stdio.serve); on a terminal, the SDK's own.
+        transport = (
+            stdio.serve(stdin, stdout) if stdout is not None else stdio_server(stdin=stdin)  # type: ignore[arg-type]
+        )
+        async with transport as (read_stream, write_stream):
             await server._lowlevel_server.run(  # run_stdio_async, with our streams
                 read_stream, write_stream, server._lowlevel_server.create_initialization_options()
             )

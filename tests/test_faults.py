@@ -303,3 +303,41 @@ async def test_postgresql_restarted_between_calls_costs_at_most_one_retryable_er
     errors = [r for r in results if r.is_error]
     assert len(errors) <= 1 and all("retry" in e.content[0].text for e in errors)
     assert not results[-1].is_error and not results[-2].is_error
+
+
+DEEP = '{"a": ' * 300 + "1" + "}" * 300
+# Requests the protocol's reader cannot read, each with the answer it must get: (line, id, code).
+UNREADABLE = [
+    ('{"jsonrpc": "2.0", "id": 101, "method": "tools/list", "params": {"cursor": "\\ud800"}}', 101, -32700),
+    ('{"jsonrpc": "2.0", "id": 102, "method": "tools/\\udfff"}', 102, -32700),
+    ('{"jsonrpc": "2.0", "id": 103, "method": "ping", "params": ' + DEEP + "}", 103, -32600),
+    ('{"jsonrpc": "2.0", "id": 104, "method": "tools/call", "params": [1, 2]}', 104, -32602),
+    ('{"jsonrpc": "2.0", "id": 105, "method": 5}', 105, -32600),
+    ('{"id": 106, "method": "ping"}', 106, -32600),
+    ('{"jsonrpc": "1.0", "id": 107, "method": "ping"}', 107, -32600),
+    ('{"jsonrpc": "2.0", "id": 108, "method": "tools/call", "params": "not an object"}', 108, -32600),
+    ('{"jsonrpc": "2.0", "id": true, "method": "ping"}', None, -32600),
+    ('{"jsonrpc": "2.0", "id": 1.5, "method": "ping"}', None, -32600),
+    ('{"jsonrpc": "2.0", "id": 109, "method": "ping"} and more', None, -32700),
+]
+
+
+async def test_every_request_the_server_cannot_read_gets_exactly_one_error_answer(database_url: str) -> None:
+    async with stdio_server(database_url) as peer:
+        for line, _, _ in UNREADABLE:
+            await peer.send_raw(line.encode("utf-8", "surrogatepass"))
+        # Neither a notification nor a stray response gets an answer, readable or not.
+        await peer.send_raw(b'{"jsonrpc": "2.0", "method": "notifications/\\ud800"}')
+        await peer.send_raw(b'{"jsonrpc": "2.0", "id": 110, "result": {"x": ' + DEEP.encode() + b"}}")
+        await peer.send_raw(b'{"jsonrpc": "2.0", "id": 999, "method": "ping"}')
+        answers = []
+        with anyio.fail_after(10):  # every answer comes before the ping's: the lines are read in turn
+            while not answers or answers[-1].get("id") != 999:
+                answers.append(json.loads(await peer.stdout.receive_until(b"\n", 1 << 20)))
+        assert answers.pop() == {"jsonrpc": "2.0", "id": 999, "result": {}}
+        assert [(answer["id"], answer["error"]["code"]) for answer in answers] == [
+            (request_id, code) for _, request_id, code in UNREADABLE
+        ]
+        # The answers say what was wrong without carrying the input back.
+        assert not any("cursor" in json.dumps(answer) or '"a"' in json.dumps(answer) for answer in answers)
+        assert "lone surrogate" in answers[0]["error"]["message"]
