@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "MCP_IDEMPOTENCY_TTL_SECONDS": "idempotency_ttl_seconds",
     "DB_STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
     "DB_LOCK_TIMEOUT_MS": "lock_timeout_ms",
+    "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS": "idle_in_transaction_timeout_ms",
     "MCP_AUDIT_SIGNING_KEY_FILE": "audit_signing_key_file",
     "MCP_CHECKPOINT_FILE": "checkpoint_file",
     "MCP_SEAL_INTERVAL_MS": "seal_interval_ms",
@@ -231,6 +232,12 @@ class Settings(BaseModel):
     changeset_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     statement_timeout_ms: int = Field(default=30_000, ge=0)
     lock_timeout_ms: int = Field(default=10_000, ge=0)
+    # PostgreSQL sessions that cannot stall others (db.py): a transaction left idle this long (a
+    # frozen server process) is ended with its locks; the server checks during a statement that
+    # its client is still there; TCP keepalives find a peer that vanished.
+    idle_in_transaction_timeout_ms: int = Field(default=30_000, ge=0)
+    connection_check_interval_ms: int = Field(default=1_000, ge=0)
+    tcp_keepalive_seconds: int = Field(default=30, ge=1, le=7200)
     pool_size: int = Field(default=5, ge=1, le=100)
     max_overflow: int = Field(default=10, ge=0, le=100)
     pool_timeout: float = Field(default=30.0, gt=0, le=600)

@@ -260,7 +260,18 @@ def create_database(settings: Settings) -> Database:
                 # While a statement runs, PostgreSQL checks every second that the server is still
                 # connected, and cancels the statement when it is not: a server process that
                 # exits (or is killed) mid-call leaves nothing running and no row locked.
-                "client_connection_check_interval": "1000",
+                "client_connection_check_interval": str(settings.connection_check_interval_ms),
+                # Between statements nothing runs to check: a server process frozen inside a call
+                # (stopped, swapped out, stuck) would keep its transaction and every lock it took,
+                # and all other writers of those rows would wait on it. Left idle this long, the
+                # session is ended and its transaction rolled back.
+                "idle_in_transaction_session_timeout": str(settings.idle_in_transaction_timeout_ms),
+                # And a peer gone without a word (a host down, a cable pulled) is found by TCP
+                # keepalives from the database's side: probes after this long idle, three at
+                # a third of it apart.
+                "tcp_keepalives_idle": str(settings.tcp_keepalive_seconds),
+                "tcp_keepalives_interval": str(max(1, settings.tcp_keepalive_seconds // 3)),
+                "tcp_keepalives_count": "3",
                 # asyncpg keeps every statement prepared; after five runs PostgreSQL would switch to a
                 # generic plan, blind to the values. The data is skewed (a thousand projects among a
                 # million tasks in one table; a task's status varies with its age), and a generic

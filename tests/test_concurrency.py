@@ -9,12 +9,14 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client
+from sqlalchemy import update
 from sqlmodel import col, func, select
 
 from mcp_server import chain
 from mcp_server.checkpoints import CheckpointKeys
 from mcp_server.config import Settings
-from mcp_server.db import INCLUDE_DELETED, Database
+from mcp_server.db import INCLUDE_DELETED, Database, create_database
+from mcp_server.errors import DATABASE_ERRORS
 from mcp_server.models import AuditEntry, AuditSeal, Task
 from mcp_server.schemas import iso_time
 from tests.conftest import call, connect, seal_all
@@ -109,3 +111,32 @@ async def test_concurrent_writers_leave_an_unbroken_audit_chain_for_every_task(
             "deleted_at": iso_time(task.deleted_at) if task.deleted_at else None,
         }
         assert state == current, f"task {task_id}: replaying its audit chain does not give its current state"
+
+
+async def test_a_stalled_transaction_is_ended_and_the_writers_it_blocked_go_on(
+    settings: Settings, era: str, db: Database
+) -> None:
+    """A server process frozen inside a call (here: a session that locked a task and then does
+    nothing) is cut off after idle_in_transaction_timeout_ms, and a writer waiting on its lock
+    then succeeds. PostgreSQL only: on SQLite no session outlives its process."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has no database sessions to end; a process holds the file's lock itself")
+    stalling = settings.model_copy(update={"idle_in_transaction_timeout_ms": 1000, "lock_timeout_ms": 8000})
+    async with connect(stalling, era) as client:
+        task = await make_task(client, await make_project(client))
+        frozen = create_database(stalling)
+        try:
+            with pytest.raises(DATABASE_ERRORS):
+                async with frozen.session(write=True) as session:
+                    await session.exec(
+                        update(Task).where(col(Task.id) == task["id"]).values(priority="high"),
+                        execution_options={"synchronize_session": False},
+                    )
+                    # Frozen, holding the task's row: another writer waits for it. Without the idle
+                    # timeout it would wait out its lock_timeout (8 s) and fail "busy".
+                    changed = await call(client, "update_task", {"task_id": task["id"], "title": "went on"})
+                    assert changed["title"] == "went on"
+                    await session.exec(select(func.count()).select_from(Task))  # the session is gone
+        finally:
+            await frozen.dispose()
+        assert (await call(client, "get_task", {"task_id": task["id"]}))["priority"] == "medium"
