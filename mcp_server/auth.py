@@ -110,7 +110,9 @@ class _JwtKeys:
             agent_id=identity,
             subject=identity,
             scopes=scopes,
-            expires_at=int(claims["exp"]),
+            # The SDK refuses a token past expires_at on its own, without leeway: the leeway is
+            # added here, so a JWT that expired within it admits as PyJWT's check says it should.
+            expires_at=int(claims["exp"]) + config.leeway_seconds,
             claims={"iss": claims["iss"]},
             permissions=granted,
         )
