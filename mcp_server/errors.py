@@ -46,7 +46,7 @@ class StartupError(Exception):
 
 
 BUSY_MESSAGE = "the database is busy right now; nothing was changed, retry the call in a moment"
-UNAVAILABLE_MESSAGE = "the database is unreachable right now; retry the call later"
+UNAVAILABLE_MESSAGE = "the database is unreachable right now; nothing was changed, retry the call later"
 TIMEOUT_MESSAGE = (
     "the call ran longer than the database allows and was stopped; nothing was changed. "
     "Narrow the filter or ask for fewer rows, then retry"
@@ -92,6 +92,12 @@ def translate_database_error(error: Exception) -> TaskServerError | None:
         return CallTimeoutError(TIMEOUT_MESSAGE)
     if sqlstate in ("55P03", "40P01", "40001"):  # the lock timeout, a deadlock, a serialization failure
         return DatabaseBusyError(BUSY_MESSAGE)
+    if sqlstate is not None and sqlstate.startswith("53"):
+        # Insufficient resources: too many connections (for the server, or the role's limit), out
+        # of memory or disk. Another moment may find them free.
+        return DatabaseBusyError(BUSY_MESSAGE)
+    if sqlstate is not None and sqlstate.startswith("08"):  # a connection exception
+        return DatabaseBusyError(UNAVAILABLE_MESSAGE)
     if is_disconnect(error) or isinstance(error, sa_exc.InterfaceError):
         return DatabaseBusyError(UNAVAILABLE_MESSAGE)
     if isinstance(error, sa_exc.DBAPIError):

@@ -16,11 +16,11 @@ import anyio
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from mcp_server.config import Settings
 from mcp_server.db import APPLICATION_NAME, Database
-from tests.conftest import call, call_error, connect, count_rows, initialize_message
+from tests.conftest import APP_ROLE, call, call_error, connect, count_rows, error_text, initialize_message
 from tests.test_tools import make_project
 
 pytestmark = pytest.mark.anyio
@@ -341,3 +341,45 @@ async def test_every_request_the_server_cannot_read_gets_exactly_one_error_answe
         # The answers say what was wrong without carrying the input back.
         assert not any("cursor" in json.dumps(answer) or '"a"' in json.dumps(answer) for answer in answers)
         assert "lone surrogate" in answers[0]["error"]["message"]
+
+
+async def test_over_the_roles_connection_limit_a_call_is_told_busy_and_to_retry(
+    settings: Settings, db: Database, database_url: str, era: str
+) -> None:
+    """A role's connection limit (or the server's) refuses new sessions: a call that meets it is
+    told the database is busy and to retry, not to report a fault. PostgreSQL only."""
+    if db.is_sqlite:
+        pytest.skip("connection limits are a PostgreSQL feature")
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') "
+                f"THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
+            )
+        )
+    granted = await anyio.run_process(
+        [sys.executable, "-m", "mcp_server", "grant-app-role", APP_ROLE],
+        env={**os.environ, "DATABASE_URL": database_url},
+        check=False,
+    )
+    assert granted.returncode == 0, granted.stderr.decode()
+    as_app = make_url(database_url).set(username=APP_ROLE).render_as_string(hide_password=False)
+    limited = settings.model_copy(update={"database_url": as_app, "sealer": False})
+    async with db.engine.begin() as conn:
+        await conn.execute(text(f"ALTER ROLE {APP_ROLE} CONNECTION LIMIT 1"))
+    try:
+        async with connect(limited, era) as client:
+            results = []
+
+            async def search() -> None:
+                results.append(await client.call_tool("search_tasks", {}))
+
+            async with anyio.create_task_group() as group:
+                for _ in range(6):
+                    group.start_soon(search)
+        failed = [error_text(result) for result in results if result.is_error]
+        assert failed, "six calls at once on one allowed connection: some meet the limit"
+        assert all("busy right now; nothing was changed, retry" in message for message in failed), failed
+    finally:
+        async with db.engine.begin() as conn:
+            await conn.execute(text(f"ALTER ROLE {APP_ROLE} CONNECTION LIMIT -1"))
