@@ -44,7 +44,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from mcp_server import chain, schema
 from mcp_server.config import Settings
-from mcp_server.errors import StartupError
+from mcp_server.errors import DATABASE_ERRORS, CommitUnknownError, StartupError, is_disconnect
 from mcp_server.models import Project, Task
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,14 @@ class Database:
             # A commit that has begun completes, so its outcome is known: a cancellation that
             # arrives during it is too late, and the call stands.
             with anyio.CancelScope(shield=True):
-                await transaction.commit()
+                try:
+                    await transaction.commit()
+                except DATABASE_ERRORS as exc:
+                    # The COMMIT went out and no answer came back: whether it was applied is
+                    # unknown here, and the caller must not be told it rolled back.
+                    if is_disconnect(exc):
+                        raise CommitUnknownError from exc
+                    raise
         finally:
             with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await session.close()

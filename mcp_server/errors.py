@@ -41,6 +41,17 @@ class PermissionDeniedError(TaskServerError):
         self.permission = permission
 
 
+class CommitUnknownError(TaskServerError):
+    """The connection was lost while the call committed: its change may have been applied or not."""
+
+    def __init__(self) -> None:
+        super().__init__(COMMIT_UNKNOWN_MESSAGE.format(request_id="of this call"))
+
+    @staticmethod
+    def message(request_id: str) -> str:
+        return COMMIT_UNKNOWN_MESSAGE.format(request_id=request_id)
+
+
 class StartupError(Exception):
     """The server cannot start; the message is for the operator and names what to fix."""
 
@@ -50,6 +61,11 @@ UNAVAILABLE_MESSAGE = "the database is unreachable right now; nothing was change
 TIMEOUT_MESSAGE = (
     "the call ran longer than the database allows and was stopped; nothing was changed. "
     "Narrow the filter or ask for fewer rows, then retry"
+)
+COMMIT_UNKNOWN_MESSAGE = (
+    "the connection to the database was lost while this call was committing, so its change may "
+    "have been applied or not. Retry with the same idempotency_key (a change already made is not "
+    "made again), or look for request {request_id} with get_audit_trail"
 )
 REFUSED_MESSAGE = (
     "the database refused this call and nothing was changed; this is not an input problem, "

@@ -82,6 +82,7 @@ from mcp_server.db import Database, create_database
 from mcp_server.errors import (
     DATABASE_ERRORS,
     REFUSED_MESSAGE,
+    CommitUnknownError,
     NotFoundError,
     PermissionDeniedError,
     TaskServerError,
@@ -169,12 +170,14 @@ async def _session(request: ToolCall, *, write: bool) -> AsyncIterator[AsyncSess
         raise PermissionDeniedError(
             "write", "you are a read-only agent (permission write is missing); nothing was changed"
         )
-    async with _transaction(request.app, write=write) as session:
+    async with _transaction(request.app, write=write, request_id=request.call.request_id) as session:
         yield session
 
 
 @asynccontextmanager
-async def _transaction(app: AppState, *, write: bool) -> AsyncIterator[AsyncSession]:
+async def _transaction(
+    app: AppState, *, write: bool, request_id: str | None = None
+) -> AsyncIterator[AsyncSession]:
     """A session in one transaction (db.Database.session); every expected failure leaves as a
     ToolError whose cause is the failure, and permission refusals pass through as they are."""
     try:
@@ -182,6 +185,9 @@ async def _transaction(app: AppState, *, write: bool) -> AsyncIterator[AsyncSess
             yield session
     except PermissionDeniedError:
         raise
+    except CommitUnknownError as exc:
+        logger.warning("the connection was lost while the call was committing; its outcome is unknown")
+        raise ToolError(exc.message(request_id) if request_id else str(exc)) from exc
     except TaskServerError as exc:
         raise ToolError(str(exc)) from exc
     except DATABASE_ERRORS as exc:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -21,7 +23,7 @@ from sqlalchemy import make_url, text
 from mcp_server.config import Settings
 from mcp_server.db import APPLICATION_NAME, Database
 from tests.conftest import APP_ROLE, call, call_error, connect, count_rows, error_text, initialize_message
-from tests.test_tools import make_project
+from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
 
@@ -383,3 +385,89 @@ async def test_over_the_roles_connection_limit_a_call_is_told_busy_and_to_retry(
     finally:
         async with db.engine.begin() as conn:
             await conn.execute(text(f"ALTER ROLE {APP_ROLE} CONNECTION LIMIT -1"))
+
+
+class LosesCommitAcks:
+    """A TCP proxy in front of PostgreSQL that, once armed, passes a COMMIT on to the server and
+    then cuts the connection before the server's answer comes back: the change commits, and the
+    server that sent it never hears so (a lost acknowledgement)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.armed = False
+        self.cut = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        cutting = asyncio.Event()
+
+        holding = asyncio.Event()  # from the COMMIT on, nothing goes back to the client
+
+        async def upstream() -> None:
+            while data := await client_in.read(65536):
+                if self.armed and b"COMMIT" in data:  # a simple Query message: Q, length, COMMIT;
+                    self.armed = False
+                    holding.set()
+                    server_out.write(data)
+                    await server_out.drain()
+                    self.cut += 1
+                    await asyncio.sleep(0.5)  # the server commits meanwhile
+                    cutting.set()
+                    return
+                server_out.write(data)
+                await server_out.drain()
+
+        async def downstream() -> None:
+            while data := await server_in.read(65536):
+                if holding.is_set():
+                    return
+                client_out.write(data)
+                await client_out.drain()
+
+        tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        await asyncio.wait([*tasks, asyncio.create_task(cutting.wait())], return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        for writer in (client_out, server_out):
+            writer.close()
+
+
+async def test_a_lost_commit_acknowledgement_says_the_change_may_have_been_applied_and_how_to_check(
+    settings: Settings, db: Database, database_url: str, era: str
+) -> None:
+    """The COMMIT reaches PostgreSQL and commits, and its answer is lost: the agent is told the
+    change may have been applied, with the request id to look for, and a retry with the same
+    idempotency key returns the first result without changing anything again. PostgreSQL only."""
+    if db.is_sqlite:
+        pytest.skip("SQLite commits in the server's own process: no acknowledgement can be lost")
+    url = make_url(database_url)
+    proxy = LosesCommitAcks(url.port or 5432)
+    async with proxy as port:
+        through = settings.model_copy(
+            update={"database_url": url.set(port=port).render_as_string(hide_password=False), "sealer": False}
+        )
+        async with connect(through, era) as client:
+            task = await make_task(client, await make_project(client))
+            change = {"task_id": task["id"], "title": "changed once", "idempotency_key": "lost-ack-1"}
+            proxy.armed = True
+            message = await call_error(client, "update_task", change)
+            assert proxy.cut == 1
+            assert "may have been applied or not" in message and "same idempotency_key" in message
+            request_id = re.search(r"look for request ([0-9a-f]{32})", message)
+            assert request_id is not None, message
+            # It was applied: the audit log has it under that request, and a retry changes nothing more.
+            trail = await call(client, "get_audit_trail", {"request_id": request_id.group(1)})
+            assert [entry["action"] for entry in trail["items"]] == ["updated"]
+            retried = await call(client, "update_task", change)
+            assert (retried["title"], retried["version"]) == ("changed once", task["version"] + 1)
+            updates = await call(client, "get_audit_trail", {"entity_id": task["id"], "action": "updated"})
+            assert len(updates["items"]) == 1
