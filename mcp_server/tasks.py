@@ -779,7 +779,12 @@ def _deletion(at: datetime) -> dict[str, Any]:
 async def _run_bulk(
     session: AsyncSession, call: Call, statements: _BulkStatements, params: dict[str, Any]
 ) -> tuple[int, list[int]]:
-    """Run a bulk change: how many tasks changed, and the first MAX_CHANGED_IDS + 1 ids."""
+    """Run a bulk change: how many tasks changed, and the first MAX_CHANGED_IDS + 1 ids. An agent
+    with max_bulk_rows has the tasks counted first, and is refused before anything is locked or
+    written (the count after the change stays, for what started to match in between)."""
+    if call.permissions.max_bulk_rows is not None:
+        counted = await session.exec(statements.counting, params=params, execution_options=INCLUDE_DELETED)
+        check_bulk_rows(call, counted.one())
     if session.get_bind().dialect.name != "postgresql":
         return await _bulk_in_steps(session, call, statements, params)
     await call.progress(0, 1, "changing the tasks and writing their audit entries")

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from mcp_server.config import AgentConfig, ConfigError, Settings
 from mcp_server.db import Database
 from mcp_server.server import TOOL_NAMES, create_server
-from tests.conftest import call, call_error, connect
+from tests.conftest import call, call_error, connect, statements_sent
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
@@ -103,8 +103,15 @@ async def test_a_bulk_update_over_the_agents_row_limit_changes_nothing(
     limited = with_agent(settings, "limited", max_bulk_rows=3)
     pending = {"field": "status", "op": "eq", "value": "pending"}
     async with connect(limited, era, name="limited") as agent:
-        message = await call_error(agent, "bulk_update_status", {"status": "blocked", "filter": pending})
+        with statements_sent() as sent:
+            message = await call_error(agent, "bulk_update_status", {"status": "blocked", "filter": pending})
         assert "max_bulk_rows" in message and "5" in message and "3" in message
+        # Refused on a count, before any task was locked or an audit entry written.
+        assert not [
+            sql
+            for sql, _ in sent
+            if "UPDATE" in sql or ("INSERT INTO audit_entry" in sql and "SELECT" in sql)
+        ]
         assert await entity_rows(db) == before
         result = await call(agent, "bulk_update_status", {"status": "blocked", "task_ids": ids[:3]})
         assert result["changed_count"] == 3
