@@ -8,7 +8,7 @@ a tree is capped. It does no I/O.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime, time
+from datetime import date, datetime, time
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
@@ -28,7 +28,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, func, or_
 from mcp_server import graph
 from mcp_server.errors import InvalidInputError
 from mcp_server.models import LIVE_HOLDER, Priority, Task, TaskStatus
-from mcp_server.schemas import MAX_ID, no_nul
+from mcp_server.schemas import MAX_ID, no_nul, utc
 from mcp_server.sql import one_of
 
 MAX_DEPTH = 4
@@ -123,7 +123,7 @@ def _utc_datetime(value: Any) -> datetime:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             parsed = datetime.combine(date.fromisoformat(value), time())
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        return utc(parsed)
     raise ValueError("not a string")
 
 

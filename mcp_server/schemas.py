@@ -44,7 +44,20 @@ RowVersion = Annotated[int, Field(ge=1, le=MAX_VERSION), WithJsonSchema({"type":
 
 
 def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    """The time in UTC (one without an offset is taken as UTC). A time that falls outside the years
+    1 to 9999 once in UTC (0001-01-01T00:00:00+14:00) is refused, naming the range."""
+    return utc(value)
+
+
+def utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(
+            "the time falls outside the years 1 to 9999 once converted to UTC; send a time within them"
+        ) from None
 
 
 # A time an agent gives: ISO 8601, in UTC unless it says its offset, as in search filters.

@@ -56,6 +56,14 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("search_tasks", {"filter": {"field": "status", "op": "eq", "value": "done"}}, "in_progress"),
     ("search_tasks", {"filter": {"field": "id", "op": "eq", "value": "seven"}}, "integer"),
     ("search_tasks", {"filter": {"field": "created_at", "op": "after", "value": "yesterday"}}, "ISO 8601"),
+    # Times that leave the years 1 to 9999 once converted to UTC (they overflowed, with a traceback).
+    (
+        "search_tasks",
+        {"filter": {"field": "created_at", "op": "after", "value": "0001-01-01T00:00:00+14:00"}},
+        "ISO 8601",
+    ),
+    ("get_audit_trail", {"since": "9999-12-31T23:59:59-14:00"}, "years 1 to 9999 once converted to UTC"),
+    ("get_task_as_of", {"task_id": 1, "at": "0001-01-01T00:00:00+14:00"}, "at: the time falls outside"),
     ("search_tasks", {"filter": {"field": "title", "op": "in", "value": "a"}}, "list"),
     ("search_tasks", {"filter": {"field": "deleted_at", "op": "is_null", "value": "yes"}}, "true or false"),
     ("search_tasks", {"filter": nest(5)}, "deeper than 4"),
