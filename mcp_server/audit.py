@@ -88,11 +88,16 @@ def entry(
     )
 
 
-def record_refusal(session: AsyncSession, call: Call, permission: str, arguments: Any) -> None:
-    """A call refused for want of a permission: who tried which tool with what, and what was missing."""
+def record_refusal(
+    session: AsyncSession, call: Call, permission: str, arguments: Any, repeated_before: int = 0
+) -> None:
+    """A call refused for want of a permission: who tried which tool with what, and what was
+    missing; and how often the same was refused in the previous window (refusals.py), if at all."""
     if len(json.dumps(arguments, default=str)) > MAX_RECORDED_ARGUMENTS:
         arguments = {"omitted": f"the arguments were longer than {MAX_RECORDED_ARGUMENTS} characters"}
-    refused = {"tool": call.tool, "missing_permission": permission, "arguments": arguments}
+    refused: dict[str, Any] = {"tool": call.tool, "missing_permission": permission, "arguments": arguments}
+    if repeated_before:
+        refused["repeated_before"] = repeated_before
     session.add(entry(call, AuditAction.REFUSED, utcnow(), None, None, refused))
 
 

@@ -489,6 +489,20 @@ class ChangesetItem(SQLModel, table=True):
     after: dict[str, Any] = Field(sa_type=JSONValue, nullable=False)
 
 
+class RefusalTally(SQLModel, table=True):
+    """Refusals of one agent, tool and missing permission in the current window (refusals.py): the
+    first is an audit entry, the rest are counted here, and the next window's entry carries the
+    count. One row per key, shared by every server process."""
+
+    __tablename__ = "refusal_tally"
+
+    agent_id: str = Field(primary_key=True, sa_type=String(200))
+    tool: str = Field(primary_key=True, sa_type=String(100))
+    permission: str = Field(primary_key=True, sa_type=String(200))
+    window_start: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    repeats: int = Field(sa_type=BigInteger, nullable=False)
+
+
 class ConsoleSession(SQLModel, table=True):
     """An operator signed in to the console: the SHA-256 of the cookie's secret (never the secret),
     the form token every change must carry, and until when it lasts unless used again."""

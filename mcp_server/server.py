@@ -69,6 +69,7 @@ from mcp_server import (
     oauth,
     project_changes,
     projects,
+    refusals,
     resources,
     reverts,
     tasks,
@@ -1082,10 +1083,15 @@ def _guarded(
     return guarded
 
 
-def _recorded_or_not(recorded: bool) -> str:
-    if recorded:
+def _recorded_or_not(recorded: refusals.Recorded | None) -> str:
+    if recorded is None:
+        return "The attempt could not be recorded in the audit log."
+    if recorded.entry:
         return "The attempt is recorded in the audit log."
-    return "The attempt could not be recorded in the audit log."
+    return (
+        f"The attempt is counted: {recorded.repeats} like it since the one recorded in the audit log "
+        "this window."
+    )
 
 
 def _recordable(checked: FuncMetadata, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -1098,16 +1104,19 @@ def _recordable(checked: FuncMetadata, arguments: dict[str, Any]) -> dict[str, A
         return {"argument_names": sorted(str(key) for key in arguments)[:50]}
 
 
-async def _record_refusal(app: AppState, call: Call, permission: str, arguments: dict[str, Any]) -> bool:
-    """Record a refused call in a transaction of its own (the call's own rolled back); whether it was."""
+async def _record_refusal(
+    app: AppState, call: Call, permission: str, arguments: dict[str, Any]
+) -> refusals.Recorded | None:
+    """Record a refused call in a transaction of its own (the call's own rolled back): an entry, or
+    a repeat counted (refusals.py); None when it could not be recorded."""
     recorded = to_jsonable_python({k: v for k, v in arguments.items() if v is not None}, by_alias=True)
+    window = timedelta(seconds=app.settings.refusal_window_seconds)
     try:
         async with app.db.session(write=True) as session:
-            audit.record_refusal(session, call, permission, recorded)
+            return await refusals.record(session, call, permission, recorded, window)
     except DATABASE_ERRORS:
         logger.exception("could not record a refused call to %s", call.tool)
-        return False
-    return True
+        return None
 
 
 def _oauth(settings: Settings) -> AuthSettings:

@@ -121,7 +121,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
             text(
                 "TRUNCATE audit_entry, audit_seal, audit_checkpoint, entity, idempotency_key, "
                 "oauth_secret, oauth_grant, oauth_client, operator_sign_in, task_dependency, task_comment, "
-                "write_budget, changeset_item, changeset, console_session RESTART IDENTITY CASCADE"
+                "write_budget, changeset_item, changeset, console_session, refusal_tally "
+                "RESTART IDENTITY CASCADE"
             )
         )
         await conn.execute(

@@ -30,12 +30,23 @@ async def entity_rows(db: Database) -> list[tuple[Any, ...]]:
 
 
 async def refusals(db: Database) -> list[tuple[Any, ...]]:
+    """Every refusal on the record, in order: each audit entry, then as many times again as its
+    window counted repeats of it (refusals.py: the previous window's count is in the next entry,
+    the current window's in refusal_tally)."""
     async with db.engine.connect() as conn:
         rows = await conn.execute(
             text("SELECT changed_by, new_value FROM audit_entry WHERE action = 'refused' ORDER BY id")
         )
         recorded = [(by, json.loads(value) if isinstance(value, str) else value) for by, value in rows.all()]
-    return [(by, value["tool"], value["missing_permission"]) for by, value in recorded]
+        tallies = await conn.execute(text("SELECT agent_id, tool, permission, repeats FROM refusal_tally"))
+        current = {(agent, tool, permission): repeats for agent, tool, permission, repeats in tallies.all()}
+    refused: list[tuple[Any, ...]] = []
+    for index, (by, value) in enumerate(recorded):
+        key = (by, value["tool"], value["missing_permission"])
+        later = [v for b, v in recorded[index + 1 :] if (b, v["tool"], v["missing_permission"]) == key]
+        repeats = later[0].get("repeated_before", 0) if later else current.get(key, 0)
+        refused += [key] * (1 + repeats)
+    return refused
 
 
 async def seed(settings: Settings, era: str) -> dict[str, int]:
@@ -110,7 +121,8 @@ async def test_a_bulk_update_over_the_agents_row_limit_changes_nothing(
         assert not [
             sql
             for sql, _ in sent
-            if "UPDATE" in sql or ("INSERT INTO audit_entry" in sql and "SELECT" in sql)
+            if "refusal_tally" not in sql  # the refusal's own record
+            and ("UPDATE" in sql or ("INSERT INTO audit_entry" in sql and "SELECT" in sql))
         ]
         assert await entity_rows(db) == before
         result = await call(agent, "bulk_update_status", {"status": "blocked", "task_ids": ids[:3]})
@@ -183,3 +195,33 @@ def test_settings_that_name_an_unknown_tool_are_refused_at_start() -> None:
     ):
         with pytest.raises(ConfigError, match="unknown tools"):
             create_server(settings)
+
+
+async def test_a_refusal_repeated_in_a_loop_is_one_audit_entry_a_window_and_its_repeats_are_counted(
+    settings: Settings, era: str, db: Database
+) -> None:
+    reader = with_agent(settings, "reader", read_only=True)
+    async with connect(
+        reader.model_copy(update={"refusal_window_seconds": 86_400}), era, name="reader"
+    ) as agent:
+        first = await call_error(agent, "create_project", {"name": "not mine to make"})
+        assert "The attempt is recorded in the audit log" in first
+        for _ in range(49):
+            last = await call_error(agent, "create_project", {"name": "not mine to make"})
+        assert "The attempt is counted: 49 like it since the one recorded" in last
+    assert await count_refused(db) == 1  # fifty refusals, one entry
+    # The next window's first refusal is an entry again, carrying the count of the last.
+    async with connect(reader.model_copy(update={"refusal_window_seconds": 1}), era, name="reader") as agent:
+        again = await call_error(agent, "create_project", {"name": "not mine to make"})
+        assert "The attempt is recorded in the audit log" in again
+    assert await count_refused(db) == 2
+    assert await refusals(db) == [("reader", "create_project", "write")] * 51
+
+
+async def count_refused(db: Database) -> int:
+    async with db.engine.connect() as conn:
+        return int(
+            (
+                await conn.execute(text("SELECT count(*) FROM audit_entry WHERE action = 'refused'"))
+            ).scalar_one()
+        )
