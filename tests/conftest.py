@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx2
 import pytest
@@ -238,6 +239,25 @@ def statements_sent() -> Iterator[list[tuple[str, Any]]]:
     finally:
         sql_log.removeHandler(catch)
         sql_log.setLevel(level)
+
+
+async def as_app_role(db: Database, database_url: str) -> str:
+    """The URL of `database_url` as this run's application role (made if need be), granted what
+    the server needs by `grant-app-role`. PostgreSQL."""
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') "
+                f"THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
+            )
+        )
+    granted = await anyio.run_process(
+        [sys.executable, "-m", "mcp_server", "grant-app-role", APP_ROLE],
+        env={**os.environ, "DATABASE_URL": database_url},
+        check=False,
+    )
+    assert granted.returncode == 0, granted.stderr.decode()
+    return make_url(database_url).set(username=APP_ROLE).render_as_string(hide_password=False)
 
 
 async def count_rows(db: Database, table: str) -> int:

@@ -13,12 +13,11 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from mcp_server.config import Settings
 from mcp_server.db import Database, create_database
-from tests.conftest import APP_ROLE, call, call_error, connect, seal_all, snapshot
+from tests.conftest import APP_ROLE, as_app_role, call, call_error, connect, seal_all, snapshot
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
@@ -162,20 +161,7 @@ async def test_on_postgresql_the_app_role_cannot_touch_audit_rows_even_without_t
 ) -> None:
     if db.is_sqlite:
         pytest.skip("database roles are a PostgreSQL feature; on SQLite the file's permissions decide")
-    async with db.engine.begin() as conn:
-        await conn.execute(
-            text(
-                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') "
-                f"THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
-            )
-        )
-    granted = await anyio.run_process(
-        [sys.executable, "-m", "mcp_server", "grant-app-role", APP_ROLE],
-        env={**os.environ, "DATABASE_URL": database_url},
-        check=False,
-    )
-    assert granted.returncode == 0, granted.stderr.decode()
-    as_app = make_url(database_url).set(username=APP_ROLE).render_as_string(hide_password=False)
+    as_app = await as_app_role(db, database_url)
     app_settings = settings.model_copy(update={"database_url": as_app})
     checked = await anyio.run_process(
         [sys.executable, "-m", "mcp_server", "doctor", "--json"],

@@ -22,7 +22,16 @@ from sqlalchemy import make_url, text
 
 from mcp_server.config import Settings
 from mcp_server.db import APPLICATION_NAME, Database
-from tests.conftest import APP_ROLE, call, call_error, connect, count_rows, error_text, initialize_message
+from tests.conftest import (
+    APP_ROLE,
+    as_app_role,
+    call,
+    call_error,
+    connect,
+    count_rows,
+    error_text,
+    initialize_message,
+)
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
@@ -352,20 +361,7 @@ async def test_over_the_roles_connection_limit_a_call_is_told_busy_and_to_retry(
     told the database is busy and to retry, not to report a fault. PostgreSQL only."""
     if db.is_sqlite:
         pytest.skip("connection limits are a PostgreSQL feature")
-    async with db.engine.begin() as conn:
-        await conn.execute(
-            text(
-                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') "
-                f"THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
-            )
-        )
-    granted = await anyio.run_process(
-        [sys.executable, "-m", "mcp_server", "grant-app-role", APP_ROLE],
-        env={**os.environ, "DATABASE_URL": database_url},
-        check=False,
-    )
-    assert granted.returncode == 0, granted.stderr.decode()
-    as_app = make_url(database_url).set(username=APP_ROLE).render_as_string(hide_password=False)
+    as_app = await as_app_role(db, database_url)
     limited = settings.model_copy(update={"database_url": as_app, "sealer": False})
     async with db.engine.begin() as conn:
         await conn.execute(text(f"ALTER ROLE {APP_ROLE} CONNECTION LIMIT 1"))
