@@ -124,6 +124,7 @@ from mcp_server.schemas import (
     outline,
 )
 from mcp_server.sealer import SEALER_TASK, Sealer
+from mcp_server.verifications import Verifications
 from mcp_server.visibility import ToolsTheyMayCall, may_call
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class AppState:
     keys: CheckpointKeys
     sessionless: SessionlessCalls
     client_levels: client_logs.SessionLevels
+    verifications: Verifications
 
 
 @dataclass(frozen=True)
@@ -735,7 +737,10 @@ async def get_audit_trail(
 async def verify_audit_log(request: ToolCall) -> chain.ChainReport:
     """Check the audit chain and checkpoints: the first entry changed, removed or added outside
     the server. Slow."""
-    async with _session(request, write=False) as session:
+    async with (
+        request.app.verifications.turn(request.call.agent_id),
+        _session(request, write=False) as session,
+    ):
         return await chain.verify(session, request.app.keys)
 
 
@@ -1198,7 +1203,12 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
                 sealing = Sealer(db, settings, signer)
                 task = asyncio.create_task(sealing.run(), name=SEALER_TASK)
             yield AppState(
-                settings=settings, db=db, keys=keys, sessionless=sessionless, client_levels=client_levels
+                settings=settings,
+                db=db,
+                keys=keys,
+                sessionless=sessionless,
+                client_levels=client_levels,
+                verifications=Verifications(settings.verify_interval_seconds),
             )
         finally:
             if sealing is not None and task is not None:

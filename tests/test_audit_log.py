@@ -276,3 +276,13 @@ async def test_writers_that_bypass_the_server_wait_for_no_one_and_are_sealed_int
 async def db_rows(db: Database, query: str) -> list[tuple[object, ...]]:
     async with db.engine.connect() as conn:
         return [tuple(row) for row in await conn.execute(text(query))]
+
+
+async def test_an_agent_verifies_the_log_at_most_once_an_interval_and_is_told_when_to_retry(
+    settings: Settings, era: str, db: Database
+) -> None:
+    limited = settings.model_copy(update={"verify_interval_seconds": 3600})
+    async with connect(limited, era) as client:
+        assert (await call(client, "verify_audit_log"))["ok"]
+        refused = await call_error(client, "verify_audit_log", {})
+        assert "at most once every 3600 s for each agent" in refused and "retry in" in refused

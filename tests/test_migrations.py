@@ -136,7 +136,7 @@ async def test_migrate_upgrades_a_first_release_database_to_head_and_keeps_every
         again = await anyio.to_thread.run_sync(lambda: run_cli(empty_database_url, "migrate"))
         assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
 
-        settings = Settings(database_url=empty_database_url, agent_id=AGENT)
+        settings = Settings(database_url=empty_database_url, agent_id=AGENT, verify_interval_seconds=0)
         async with connect(settings, "auto") as client:
             report = await call(client, "verify_audit_log")
             assert report["ok"] and report["entries_checked"] == 8, report
@@ -204,7 +204,7 @@ async def test_after_the_upgrade_ids_go_past_32_bits(empty_database_url: str) ->
             if not db.is_sqlite:
                 await conn.execute(text(f"SELECT setval('entity_id_seq', {INT32_MAX})"))
                 await conn.execute(text(f"SELECT setval('audit_entry_id_seq', {INT32_MAX})"))
-        settings = Settings(database_url=empty_database_url, agent_id=AGENT)
+        settings = Settings(database_url=empty_database_url, agent_id=AGENT, verify_interval_seconds=0)
         async with connect(settings, "auto") as client:
             task = await make_task(client, INT32_MAX, "the 2,147,483,648th")
             assert task["id"] == INT32_MAX + 1
