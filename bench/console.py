@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from bench.writers import _free_port, _listening
 from mcp_server.auth import token_sha256
 from mcp_server.operators import hash_password
 
@@ -65,23 +65,6 @@ async def pair(calls: int, named: dict[str, Fetch]) -> dict[str, Any]:
         }
         for name, measured in times.items()
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _listening(port: int) -> None:
-    for _ in range(300):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("the server did not start listening")
 
 
 async def sign_in(http: httpx2.AsyncClient) -> None:

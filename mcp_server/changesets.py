@@ -398,10 +398,9 @@ async def decide(
     """An operator approves (it is applied now) or rejects a pending changeset, bound to the digest
     they were shown: a changeset that is not that one any more is refused."""
     changeset = await _load(session, changeset_id)
-    if changeset.state != ChangesetState.PENDING:
-        _check_open(changeset)
-        raise ConflictError(f"changeset {changeset_id} is not waiting for approval")
     _check_open(changeset)
+    if changeset.state != ChangesetState.PENDING:
+        raise ConflictError(f"changeset {changeset_id} is not waiting for approval")
     if shown_digest != changeset.digest:
         raise ConflictError(
             f"changeset {changeset_id} is not the one you were shown (its digest differs); "

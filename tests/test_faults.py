@@ -413,18 +413,14 @@ class LosesCommitAcks:
                 if self.armed and b"COMMIT" in data:  # a simple Query message: Q, length, COMMIT;
                     self.armed = False
                     holding.set()
-                    server_out.write(data)
-                    await server_out.drain()
-                    self.cut += 1
-                    await asyncio.sleep(0.5)  # the server commits meanwhile
-                    cutting.set()
-                    return
                 server_out.write(data)
                 await server_out.drain()
 
         async def downstream() -> None:
             while data := await server_in.read(65536):
-                if holding.is_set():
+                if holding.is_set():  # the COMMIT's answer: the server has committed; drop it, cut
+                    self.cut += 1
+                    cutting.set()
                     return
                 client_out.write(data)
                 await client_out.drain()

@@ -54,17 +54,15 @@ _RECENT_REFUSALS = (
 _BUDGETS = select(
     WriteBudgetUse.agent_id, WriteBudgetUse.window_start, WriteBudgetUse.calls_used, WriteBudgetUse.rows_used
 )
-_OPEN = (ChangesetState.PENDING.value,)
+_WAITING = col(Changeset.state) == ChangesetState.PENDING.value
 _PENDING = (
     select(Changeset)
-    .where(col(Changeset.state).in_(_OPEN), col(Changeset.expires_at) > bindparam("now"))
+    .where(_WAITING, col(Changeset.expires_at) > bindparam("now"))
     .order_by(col(Changeset.created_at))
     .limit(MAX_CHANGESETS)
 )
 _PENDING_COUNT = (
-    select(func.count())
-    .select_from(Changeset)
-    .where(col(Changeset.state).in_(_OPEN), col(Changeset.expires_at) > bindparam("now"))
+    select(func.count()).select_from(Changeset).where(_WAITING, col(Changeset.expires_at) > bindparam("now"))
 )
 # Held changesets decided, or past their time, newest first (previews nobody applied are not shown).
 _DECIDED = (
