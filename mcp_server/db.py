@@ -331,8 +331,8 @@ def grant_app_role(conn: Connection, role: str) -> None:
         f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(role)}",
         f"REVOKE ALL ON entity, audit_entry, audit_seal, audit_chain, audit_checkpoint, idempotency_key, "
         f"oauth_client, oauth_grant, oauth_secret, operator_sign_in, task_dependency, task_comment, "
-        f"write_budget, changeset, changeset_item, console_session, refusal_tally, alembic_version "
-        f"FROM {quote(role)}",
+        f"write_budget, changeset, changeset_item, console_session, refusal_tally, lock_slot, "
+        f"alembic_version FROM {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON entity TO {quote(role)}",
         f"GRANT SELECT, INSERT, DELETE ON task_dependency TO {quote(role)}",
         f"GRANT SELECT, INSERT ON task_comment TO {quote(role)}",
@@ -353,6 +353,8 @@ def grant_app_role(conn: Connection, role: str) -> None:
         # Console sign-ins: made, extended while used, deleted at sign-out or once expired.
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON console_session TO {quote(role)}",
         f"GRANT SELECT, INSERT, UPDATE ON refusal_tally TO {quote(role)}",
+        # Writers that take turns lock a row here (locks.py); UPDATE is what SELECT ... FOR UPDATE needs.
+        f"GRANT SELECT, UPDATE ON lock_slot TO {quote(role)}",
         f"GRANT USAGE ON SEQUENCE entity_id_seq, audit_entry_id_seq, oauth_grant_id_seq, task_comment_id_seq "
         f"TO {quote(role)}",
         # The server reads the schema version at start; only `migrate`, as the owner, changes it.

@@ -1,7 +1,7 @@
 """Adding and removing dependencies: task A waits for task B (B blocks A).
 
 An edge that would close a cycle is refused, naming the cycle. Edges are added one at a time
-under a lock of the graph (on PostgreSQL a transaction-level advisory lock; SQLite has one writer),
+under a lock of the graph (on PostgreSQL a row lock, locks.py; SQLite has one writer),
 so two edges added at once cannot close a cycle neither saw: graph changes are rare, and a
 cycle would block its tasks forever. Each change is an audited change of the waiting task, its
 `blocked_by` list before and after.
@@ -11,19 +11,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, func, insert, literal
+from sqlalchemy import delete, insert, literal
 from sqlalchemy.sql.expression import cast
 from sqlalchemy.types import String
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mcp_server import audit, graph, tasks
+from mcp_server import audit, graph, locks, tasks
 from mcp_server.errors import ConflictError, InvalidInputError
 from mcp_server.identity import Call
 from mcp_server.models import AuditAction, Task, TaskDependency, utcnow
 from mcp_server.schemas import TaskPublic
 
-GRAPH_LOCK_KEY = 7_243_017_110_401
 MAX_DEPTH = 1000
 _EDGE = TaskDependency.__table__  # type: ignore[attr-defined]  # SQLModel does not declare it
 
@@ -32,8 +31,7 @@ async def add_dependency(session: AsyncSession, call: Call, task_id: int, blocke
     """Make `task_id` wait for `blocked_by`; a repeat changes nothing."""
     if task_id == blocked_by:
         raise InvalidInputError("blocked_by: a task cannot wait for itself; give another task's id")
-    if session.get_bind().dialect.name == "postgresql":
-        await session.exec(select(func.pg_advisory_xact_lock(GRAPH_LOCK_KEY)))
+    await locks.take(session, locks.Space.GRAPH)
     task = tasks.live(await tasks.find(session, task_id, scope=call.permissions.projects, to_change=True))
     tasks.live(await tasks.find(session, blocked_by, scope=call.permissions.projects))
     before = await _blocked_by(session, task_id)

@@ -503,6 +503,17 @@ class RefusalTally(SQLModel, table=True):
     repeats: int = Field(sa_type=BigInteger, nullable=False)
 
 
+class LockSlot(SQLModel, table=True):
+    """A row to lock (locks.py): PostgreSQL writers that must take turns lock one of these, which
+    only a role granted UPDATE here can do, rather than an advisory lock any role that can connect
+    could take and hold. A fixed set of rows, made by the migration."""
+
+    __tablename__ = "lock_slot"
+
+    space: int = Field(primary_key=True, sa_type=SmallInteger)
+    slot: int = Field(primary_key=True, sa_type=Integer)
+
+
 class ConsoleSession(SQLModel, table=True):
     """An operator signed in to the console: the SHA-256 of the cookie's secret (never the secret),
     the form token every change must carry, and until when it lasts unless used again."""

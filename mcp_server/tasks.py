@@ -44,7 +44,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 from typing_extensions import TypedDict
 
-from mcp_server import audit, db, filters, graph, paging, projects, scopes, titles
+from mcp_server import audit, db, filters, graph, locks, paging, projects, scopes, titles
 from mcp_server.db import INCLUDE_DELETED
 from mcp_server.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from mcp_server.filters import AllOf, AnyOf, Condition, FilterField, Operator, Shape
@@ -426,14 +426,6 @@ def _creating(*, guarded: bool) -> db.OneChange[Task]:
 
 _CREATED = _creating(guarded=False)
 _CREATED_UNLESS_SAME_TITLE = _creating(guarded=True)
-# PostgreSQL: creates of one title in one project take turns from the guard's check to their
-# commit, so two at once cannot both find no duplicate. (SQLite's writers take turns anyway.)
-TITLE_LOCK_SPACE = 72_430_171
-_TITLE_LOCK = select(
-    func.pg_advisory_xact_lock(
-        literal(TITLE_LOCK_SPACE), func.hashtext(bindparam("title_lock", type_=String))
-    )
-)
 _SAME_TITLE_TASK = (
     select(Task.id, Task.title)
     .where(col(Task.project_id) == bindparam("project_id"), col(Task.title_key) == bindparam("title_key"))
@@ -460,8 +452,10 @@ async def create_task(
     params = {f"new_{name}": value for name, value in new.items() if name != "project_id"}
     params |= {"project_id": data.project_id, "new_title_key": title_key}
     params |= audit.entry_params(call, now, None, new)
-    if not allow_duplicate and session.get_bind().dialect.name == "postgresql":
-        await session.exec(_TITLE_LOCK, params={"title_lock": f"{data.project_id}:{title_key}"})
+    if not allow_duplicate:
+        # Creates of one title in one project take turns from the guard's check to their commit,
+        # so two at once cannot both find no duplicate.
+        await locks.take(session, locks.Space.TITLES, f"{data.project_id}:{title_key}")
     statements = _CREATED if allow_duplicate else _CREATED_UNLESS_SAME_TITLE
     task = await db.run_one_change(session, statements, params)
     if task is None:  # the INSERT read no live project, or found the same title there

@@ -47,6 +47,8 @@ RUN_DATABASE = f"{_SERVER_URL.database}_{os.getpid()}_{secrets.token_hex(3)}"
 POSTGRES_URL = _SERVER_URL.set(database=RUN_DATABASE).render_as_string(hide_password=False)
 # A login role for tests that play the server's application role: this run's too, dropped at the end.
 APP_ROLE = f"{RUN_DATABASE}_app"
+# A login role granted nothing but what every role has (CONNECT): an unrelated role on the same server.
+OUTSIDER_ROLE = f"{RUN_DATABASE}_outsider"
 _postgres_checked: str | None = None
 _made_databases: set[str] = set()
 
@@ -92,6 +94,7 @@ async def _drop_made_databases() -> None:
             # Only this run's, by their unique names; FORCE ends what a test left connected to them.
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'DROP ROLE IF EXISTS "{APP_ROLE}"')  # its grants went with the databases
+        await admin.execute(f'DROP ROLE IF EXISTS "{OUTSIDER_ROLE}"')
     finally:
         await admin.close()
 
@@ -259,6 +262,19 @@ async def as_app_role(db: Database, database_url: str) -> str:
     )
     assert granted.returncode == 0, granted.stderr.decode()
     return make_url(database_url).set(username=APP_ROLE).render_as_string(hide_password=False)
+
+
+async def as_outsider(db: Database, database_url: str) -> str:
+    """The URL of `database_url` as this run's outsider role (made if need be): a role that can
+    connect, as any role can by default, and was granted nothing. PostgreSQL."""
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{OUTSIDER_ROLE}') "
+                f"THEN CREATE ROLE {OUTSIDER_ROLE} LOGIN; END IF; END $$"
+            )
+        )
+    return make_url(database_url).set(username=OUTSIDER_ROLE).render_as_string(hide_password=False)
 
 
 async def count_rows(db: Database, table: str) -> int:

@@ -9,17 +9,18 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client
-from sqlalchemy import update
+from sqlalchemy import text, update
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import col, func, select
 
-from mcp_server import chain
+from mcp_server import chain, titles
 from mcp_server.checkpoints import CheckpointKeys
 from mcp_server.config import Settings
 from mcp_server.db import INCLUDE_DELETED, Database, create_database
 from mcp_server.errors import DATABASE_ERRORS
 from mcp_server.models import AuditEntry, AuditSeal, Task
 from mcp_server.schemas import iso_time
-from tests.conftest import call, connect, seal_all
+from tests.conftest import as_outsider, call, connect, seal_all
 from tests.test_tools import make_project, make_task
 
 pytestmark = pytest.mark.anyio
@@ -140,3 +141,37 @@ async def test_a_stalled_transaction_is_ended_and_the_writers_it_blocked_go_on(
         finally:
             await frozen.dispose()
         assert (await call(client, "get_task", {"task_id": task["id"]}))["priority"] == "medium"
+
+
+async def test_a_role_that_can_only_connect_cannot_stop_the_writers_that_take_turns(
+    settings: Settings, era: str, db: Database
+) -> None:
+    """Creates of one title and changes of the dependency graph take turns on PostgreSQL. A role
+    granted nothing but CONNECT can neither take their turns (rows of lock_slot) nor hold them up
+    with advisory locks, as it could while they took advisory locks: then every such write waited
+    out its lock_timeout and failed "busy"."""
+    if db.is_sqlite:
+        pytest.skip("SQLite's writers take turns on the file's lock; there are no other roles")
+    waiting = settings.model_copy(update={"lock_timeout_ms": 2000})
+    outsider = create_database(Settings(database_url=await as_outsider(db, settings.database_url)))
+    try:
+        async with connect(waiting, era) as client, outsider.engine.connect() as conn:
+            project = await make_project(client)
+            blocker = await make_task(client, project)
+            # Every advisory lock the server ever took, held for as long as the outsider likes.
+            await conn.execute(text("SELECT pg_advisory_lock(7243017110401)"))  # the graph's
+            await conn.execute(
+                text("SELECT pg_advisory_lock(72430171, hashtext(:key))"),
+                {"key": f"{project}:{titles.key('Plan')}"},
+            )
+            for lock in ("SELECT slot FROM lock_slot FOR UPDATE", "LOCK TABLE lock_slot"):
+                with pytest.raises(DBAPIError, match="permission denied"):
+                    async with conn.begin_nested():
+                        await conn.execute(text(lock))
+            created = await call(client, "create_task", {"project_id": project, "title": "Plan"})
+            waits = await call(
+                client, "add_dependency", {"task_id": created["id"], "blocked_by": blocker["id"]}
+            )
+            assert [task["id"] for task in waits["blocked_by"]] == [blocker["id"]]
+    finally:
+        await outsider.dispose()
