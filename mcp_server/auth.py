@@ -2,8 +2,8 @@
 
 Two sources, tried in order: the static table of agents in the config (it stores SHA-256 hashes
 of tokens, never the tokens), and signed JWTs from an identity provider (issuer, audience and
-expiry checked; the token's scopes map to permissions in the config). A token neither accepts
-gets None, which the SDK answers with 401.
+expiry checked; the token's scopes map to permissions in the config; its identity is
+`jwt:<issuer>#<subject>`). A token neither accepts gets None, which the SDK answers with 401.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ from mcp_server.config import ConfigError, JwtConfig, Permissions, Settings
 logger = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "mts_"
+MAX_IDENTITY = 200
+
+
+def jwt_identity(issuer: str, subject: str) -> str:
+    """The identity a JWT proves: its subject within its issuer, so that neither a static agent
+    (config.py forbids ids of this form) nor another issuer's subject can be the same."""
+    return f"jwt:{issuer}#{subject}"
 
 
 class AgentToken(AccessToken):
@@ -95,8 +102,11 @@ class _JwtKeys:
         except (jwt.PyJWTError, KeyError) as exc:
             logger.info("rejected a JWT: %s", type(exc).__name__)
             return None
-        identity = claims[config.identity_claim]
-        if not isinstance(identity, str) or not identity.strip() or len(identity) > 200:
+        subject = claims[config.identity_claim]
+        identity = (
+            jwt_identity(claims["iss"], subject) if isinstance(subject, str) and subject.strip() else ""
+        )
+        if not identity or len(identity) > MAX_IDENTITY:
             logger.info("rejected a JWT: its %s claim is not a usable identity", config.identity_claim)
             return None
         scopes = _scopes(claims)
@@ -108,7 +118,7 @@ class _JwtKeys:
             token=token,
             client_id=identity,
             agent_id=identity,
-            subject=identity,
+            subject=subject,
             scopes=scopes,
             # The SDK refuses a token past expires_at on its own, without leeway: the leeway is
             # added here, so a JWT that expired within it admits as PyJWT's check says it should.

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 APP_NAME = "mcp-task-server"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -44,7 +44,24 @@ _LIST_SETTINGS = {"tools", "allowed_hosts", "allowed_origins"}
 # The least scrypt cost an operator's password hash may have (hash-password uses this).
 MIN_SCRYPT_N = 2**14
 
-AgentId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")]
+# How an identity was proven, where it is not the config: a JWT's (auth.py) is `jwt:<issuer>#<subject>`,
+# an operator's `operator:<id>`, the operating-system user's on stdio `local:<user>`. A configured
+# agent id may not take these forms, so no two kinds of proof can name the same identity.
+PROVEN_ELSEWHERE = ("jwt:", "operator:", "local:")
+
+
+def _configured_id(value: str) -> str:
+    if value.startswith(PROVEN_ELSEWHERE):
+        raise ValueError(
+            f"an agent id may not begin with {', '.join(PROVEN_ELSEWHERE)}: those name identities proven "
+            "by a JWT, an operator's sign-in or the operating-system user; choose another id"
+        )
+    return value
+
+
+AgentId = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$"), AfterValidator(_configured_id)
+]
 
 
 class WriteBudget(BaseModel):
@@ -227,6 +244,19 @@ class Settings(BaseModel):
     # OAuth clients learn of the token issuer from the metadata published for this URL.
     public_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
     http_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    # What an HTTP server process serves at once, and how long it waits (http.py): beyond the
+    # connections, a new one gets a fast 503; a client that sends no complete headers, or stops
+    # sending its body, in time is cut off; an idle kept-alive connection is closed.
+    http_max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    http_keep_alive_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # What one agent may take of a process (limits.py): requests a second (0: no limit), and
+    # stateful sessions, per agent and in all; a session without requests ends after the idle time.
+    http_requests_per_second: float = Field(default=50.0, ge=0, le=1_000_000)
+    http_max_sessions_per_agent: int = Field(default=20, ge=1, le=100_000)
+    http_max_sessions: int = Field(default=1000, ge=1, le=100_000)
+    http_session_idle_seconds: float = Field(default=1800.0, gt=0, le=7 * 86_400)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     # verify_audit_log: at most once per agent per this many seconds (verifications.py; 0: no limit).
     verify_interval_seconds: float = Field(default=10.0, ge=0, le=86_400)

@@ -46,6 +46,8 @@ def test_the_default_database_is_sqlite_in_the_per_user_data_directory(
         ('{"pool_size": 0}', "pool_size"),
         ('{"pool_sise": 5}', "pool_sise"),
         ('{"database_url": "mysql://x"}', "must start with"),
+        ('{"agents": [{"id": "jwt:https://id.example.com#bot"}]}', "may not begin with jwt:"),
+        ('{"agent_id": "local:root"}', "may not begin with"),
     ],
 )
 def test_a_bad_config_file_is_an_error_that_names_the_problem(

@@ -108,7 +108,24 @@ async def test_http_admits_only_valid_tokens_and_records_the_identity_each_prove
             ("planner", "planner-ui", "created"),
             ("planner", "planner-ui", "created"),
             ("planner", "planner-ui", "created"),
-            ("ci-bot", "ci", "created"),
+            (f"jwt:{ISSUER}#ci-bot", "ci", "created"),
+        ]
+        # A JWT whose subject is a configured agent's id proves another identity: its own entries,
+        # its own idempotency keys.
+        same_key = {
+            "title": "once",
+            "project_id": project["id"],
+            "idempotency_key": "shared-key",
+            "allow_duplicate": True,
+        }
+        async with http_client(url, planner) as client:
+            first = await call(client, "create_task", same_key)
+        async with http_client(url, signed(SECRET, sub="planner"), client_name="ci") as client:
+            second = await call(client, "create_task", same_key)
+        assert second["id"] != first["id"]
+        assert (await audit_rows(db))[-2:] == [
+            ("planner", "http-test-client", "created"),
+            (f"jwt:{ISSUER}#planner", "ci", "created"),
         ]
 
         entities = await entity_rows(db)
@@ -123,7 +140,7 @@ async def test_http_admits_only_valid_tokens_and_records_the_identity_each_prove
         assert await entity_rows(db) == entities
         assert (await audit_rows(db))[-2:] == [
             ("viewer", "http-test-client", "refused"),
-            ("reader", "http-test-client", "refused"),
+            (f"jwt:{ISSUER}#reader", "http-test-client", "refused"),
         ]
 
         # The SDK's DNS-rebinding protection and body limit sit behind authentication.
@@ -171,7 +188,10 @@ async def test_jwts_signed_by_an_identity_providers_key_are_verified(
             await call(client, "create_project", {"name": "Signed"})
             message = await call_error(client, "search_tasks", {})
             assert "tool:search_tasks" in message
-    assert [row[0::2] for row in await audit_rows(db)] == [("idp-agent", "created"), ("idp-agent", "refused")]
+    assert [row[0::2] for row in await audit_rows(db)] == [
+        (f"jwt:{ISSUER}#idp-agent", "created"),
+        (f"jwt:{ISSUER}#idp-agent", "refused"),
+    ]
 
 
 async def test_two_stateless_server_processes_share_one_database_without_lost_or_misattributed_changes(
