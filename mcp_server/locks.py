@@ -25,9 +25,10 @@ class Space(IntEnum):
 
     TITLES = 1  # creates of one title in one project (tasks.create_task's duplicate guard)
     GRAPH = 2  # the dependency graph as a whole (dependencies.py)
+    PROJECT_NAMES = 3  # new and changed project names (projects.require_name_free)
 
 
-SLOTS = {Space.TITLES: 1024, Space.GRAPH: 1}
+SLOTS = {Space.TITLES: 1024, Space.GRAPH: 1, Space.PROJECT_NAMES: 1}
 
 _SLOT = (
     select(LockSlot.slot)

@@ -175,6 +175,13 @@ class Entity(SQLModel, table=True):
             sqlite_where=text(_LIVE_PROJECT),
             postgresql_where=text(_LIVE_PROJECT),
         ),
+        # Live projects by their name's key (titles.name_key): names that read the same are refused.
+        Index(
+            "ix_entity_project_name_key",
+            "title_key",
+            sqlite_where=text(_LIVE_PROJECT),
+            postgresql_where=text(_LIVE_PROJECT),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=IdType)
@@ -200,7 +207,8 @@ class Entity(SQLModel, table=True):
     claim_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     fencing_token: int = Field(default=0, sa_column=_FENCING_TOKEN)
     # A task's title as the duplicate guard compares it (titles.key): a create is refused when a live
-    # task in the same project has the same key. NULL for projects.
+    # task in the same project has the same key. A project's name by its skeleton (titles.name_key):
+    # no two live projects' names may read the same.
     title_key: str | None = Field(default=None, sa_type=String(32))
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind", "version_id_col": _VERSION}

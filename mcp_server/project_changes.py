@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sqlalchemy import String, bindparam, func
+from sqlalchemy import bindparam, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -38,7 +38,6 @@ _DELETED_BY = (
     .order_by(col(AuditEntry.id).desc())
     .limit(1)
 )
-_NAMED = select(Project.id).where(col(Project.title) == bindparam("name", type_=String))
 
 
 async def _load(session: AsyncSession, call: Call, project_id: int) -> Project:
@@ -115,12 +114,12 @@ async def restore_project(session: AsyncSession, call: Call, project_id: int) ->
     project = await _load(session, call, project_id)
     if project.deleted_at is None:
         return _result(project, call, 0)  # live already: a repeat, which changes nothing
-    taken = (await session.exec(_NAMED, params={"name": project.title})).first()
-    if taken is not None:
-        raise ConflictError(
-            f"a live project is named {project.title!r} (id {taken}); rename_project one of them first; "
-            "nothing was changed"
-        )
+    await projects.require_name_free(
+        session,
+        project.title,
+        remedy="rename_project one of them first; nothing was changed",
+        except_id=project_id,
+    )
     deleted_by = (await session.exec(_DELETED_BY, params={"project_id": project_id})).first()
     deleted_at = project.deleted_at
     changed = (
@@ -145,12 +144,12 @@ async def rename_project(session: AsyncSession, call: Call, project_id: int, nam
         raise projects.not_live(project_id)
     if project.title == name:
         return _result(project, call, 0)
-    taken = (await session.exec(_NAMED, params={"name": name})).first()
-    if taken is not None:
-        raise ConflictError(f"a project named {name!r} already exists (id {taken}); pick another name")
+    name_key = await projects.require_name_free(
+        session, name, remedy="pick another name; nothing was changed", except_id=project_id
+    )
     now = utcnow()
     session.add(audit.entry(call, AuditAction.UPDATED, now, project, {"name": project.title}, {"name": name}))
-    project.title, project.updated_at = name, now
+    project.title, project.title_key, project.updated_at = name, name_key, now
     await _flush(session, name)
     return _result(project, call, 0)
 

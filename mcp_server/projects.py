@@ -10,7 +10,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
-from mcp_server import audit, paging, scopes
+from mcp_server import audit, locks, paging, scopes, titles
 from mcp_server.errors import ConflictError, NotFoundError, is_unique_violation
 from mcp_server.filters import contains, escape_like
 from mcp_server.identity import Call
@@ -59,18 +59,36 @@ async def is_live(session: AsyncSession, project_id: int) -> bool:
     return (await session.exec(_BY_ID, params={"project_id": project_id})).first() is not None
 
 
-_NAMED = select(Project.id).where(Project.title == bindparam("name", type_=String))
+_READS_THE_SAME = (
+    select(Project.id, Project.title)
+    .where(col(Project.title_key) == bindparam("name_key"), col(Project.id) != bindparam("except_id"))
+    .order_by(col(Project.id))
+    .limit(1)
+)
+_SAME = (
+    "(names are compared ignoring case, width, invisible characters, and letters of other scripts that "
+    "look alike: Unicode NFKC and the confusable skeletons of UTS #39)"
+)
+
+
+async def require_name_free(session: AsyncSession, name: str, *, remedy: str, except_id: int = 0) -> str:
+    """The key of `name` (titles.name_key) when no other live project's name reads the same; else a
+    conflict that names the project that has it. New names take turns from here to their commit."""
+    await locks.take(session, locks.Space.PROJECT_NAMES)
+    name_key = titles.name_key(name)
+    rows = await session.exec(_READS_THE_SAME, params={"name_key": name_key, "except_id": except_id})
+    if (taken := rows.first()) is not None:
+        taken_id, title = taken
+        same = "" if title == name else f", and {name!r} reads the same {_SAME}"
+        raise ConflictError(f"a live project is named {title!r} (id {taken_id}){same}; {remedy}")
+    return name_key
 
 
 async def create_project(session: AsyncSession, call: Call, name: str, description: str) -> ProjectPublic:
     scopes.require_all(call.permissions.projects)
-    existing = (await session.exec(_NAMED, params={"name": name})).first()
-    if existing is not None:
-        raise ConflictError(
-            f"a project named {name!r} already exists (id {existing}); use it or pick another name"
-        )
+    name_key = await require_name_free(session, name, remedy="use it or pick another name")
     now = utcnow()
-    project = Project(title=name, description=description, created_at=now, updated_at=now)
+    project = Project(title=name, title_key=name_key, description=description, created_at=now, updated_at=now)
     session.add(project)
     new = {"name": name, "description": description}
     session.add(audit.entry(call, AuditAction.CREATED, now, project, None, new))

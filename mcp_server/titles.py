@@ -8,16 +8,25 @@ bidirectional marks, and the other default-ignorable code points: the combining 
 variation selectors, Mongolian and Khmer invisibles), blank look-alikes (Hangul fillers, the
 braille blank) read as spaces, case folded (casefold, so "Straße" is "STRASSE"), and runs of
 whitespace made one space with none at the ends. Letters of other scripts that look alike
-(a Cyrillic ie, U+0435, for a Latin e) are different letters here: the skeletons of Unicode TS #39
-are not applied to titles. A task keeps the digest of that form (`title_key`, 128 bits of
-SHA-256): fixed-size in the index however much NFKC expands a title, and compared for equality
-only. Pure: no I/O.
+(a Cyrillic ie, U+0435, for a Latin e) are different letters in a task's title.
+
+Project names are compared more strictly, since an agent finds a project by its name: the same
+form, then its skeleton (Unicode TS #39, section 4: each character mapped to the prototype it
+can be confused with, by Unicode's confusables.txt), so "Alpha" spelled with a Cyrillic A (U+0410),
+with a zero-width space, or in full-width letters (U+FF21...) reads as "alpha". Case is folded
+before the skeleton is taken, so a capital I and a small l (alike in some fonts) do not meet.
+
+An entity keeps the digest of its form (`title_key`, 128 bits of SHA-256): fixed-size in the index
+however much NFKC expands a title, and compared for equality only. Pure: no I/O but reading the
+confusables once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import unicodedata
+from functools import cache
+from importlib import resources
 
 # Default-ignorable code points that are not format characters (Unicode's DerivedCoreProperties).
 _IGNORABLE = frozenset(
@@ -47,3 +56,26 @@ def normalized(title: str) -> str:
 def key(title: str) -> str:
     """The digest a task keeps of its title's normalized form (see the module docstring)."""
     return hashlib.sha256(normalized(title).encode()).hexdigest()[:32]
+
+
+def name_key(name: str) -> str:
+    """The digest a project keeps of its name's skeleton (see the module docstring)."""
+    return hashlib.sha256(skeleton(normalized(name)).encode()).hexdigest()[:32]
+
+
+def skeleton(text: str) -> str:
+    """UTS #39's skeleton: NFD, each character replaced by its prototype, NFD again."""
+    prototypes = _prototypes()
+    mapped = "".join(prototypes.get(char, char) for char in unicodedata.normalize("NFD", text))
+    return unicodedata.normalize("NFD", mapped)
+
+
+@cache
+def _prototypes() -> dict[str, str]:
+    """confusables.txt's mapping, from the compact copy beside this module."""
+    mapping: dict[str, str] = {}
+    for line in resources.files(__package__).joinpath("confusables.txt").read_text("utf-8").splitlines():
+        if line and not line.startswith("#"):
+            source, prototype = line.split("\t")
+            mapping[chr(int(source, 16))] = "".join(chr(int(code, 16)) for code in prototype.split())
+    return mapping

@@ -95,10 +95,13 @@ def as_they_were(after: dict[str, list[tuple[Any, ...]]], before: dict[str, list
     kept = {}
     for table, rows in after.items():
         width = len(before[table][0])
-        if table == "entity":  # but the title key (0011), filled from each task's title
+        if (
+            table == "entity"
+        ):  # but the title key, filled from each task's title (0011), project's name (0016)
             kinds, title_at = ENTITY_TABLE.c.keys().index("kind"), ENTITY_TABLE.c.keys().index("title")
             assert [row[-1] for row in rows] == [
-                titles.key(row[title_at]) if row[kinds] == "task" else None for row in rows
+                titles.key(row[title_at]) if row[kinds] == "task" else titles.name_key(row[title_at])
+                for row in rows
             ]
             rows = [row[:-1] for row in rows]
         assert all(not any(row[width:]) for row in rows), f"{table}: an added column holds a value"

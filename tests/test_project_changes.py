@@ -192,7 +192,7 @@ async def test_renaming_a_project_is_audited_and_names_stay_unique_among_live_pr
             {"name": "First"},
             {"name": "Primary"},
         )
-        assert "already exists (id" in await call_error(
+        assert f"a live project is named 'Primary' (id {first})" in await call_error(
             client, "rename_project", {"project_id": second, "name": "Primary"}
         )
         # A deleted project's name is free to reuse; restoring it then waits for a rename.

@@ -379,7 +379,7 @@ async def test_project_names_are_unique_among_live_projects_only(client: Client,
     first = await make_project(client, "Apollo")
     before = await snapshot(db)
     message = await call_error(client, "create_project", {"name": "Apollo"})
-    assert "already exists" in message and str(first) in message
+    assert f"a live project is named 'Apollo' (id {first})" in message
     assert await snapshot(db) == before
     async with db.engine.begin() as conn:  # soft-delete the project behind the server's back
         await conn.execute(
@@ -391,6 +391,47 @@ async def test_project_names_are_unique_among_live_projects_only(client: Client,
     assert [(p["id"], p["name"]) for p in listed["items"]] == [(second, "Apollo")]
     message = await call_error(client, "create_task", {"title": "t", "project_id": first})
     assert "list_projects" in message
+
+
+# "Apollo" as it can be written to look the same: another case, full-width letters, a zero-width
+# space, a Cyrillic A (U+0410) and o (U+043E), a Greek capital alpha, a soft hyphen.
+LOOK_ALIKES = (
+    "apollo",
+    "\uff21\uff50\uff4f\uff4c\uff4c\uff4f",
+    "Apo\u200bllo",
+    "\u0410p\u043ello",
+    "\u0391pollo",
+    "Apol\u00adlo",
+)
+
+
+async def test_a_project_name_that_reads_like_a_live_ones_is_refused_naming_it(
+    client: Client, db: Database
+) -> None:
+    apollo = await make_project(client, "Apollo")
+    other = await make_project(client, "Gemini")
+    before = await snapshot(db)
+    for name in LOOK_ALIKES:
+        for tool, arguments in (
+            ("create_project", {"name": name}),
+            ("rename_project", {"project_id": other, "name": name}),
+        ):
+            message = await call_error(client, tool, arguments)
+            assert (
+                f"a live project is named 'Apollo' (id {apollo}), and {name!r} reads the same" in message
+            ), name
+            assert "UTS #39" in message
+    assert await snapshot(db) == before
+    # A deleted project whose name reads like a live one's waits for a rename before it is restored.
+    await call(client, "delete_project", {"project_id": other})
+    await call(client, "create_project", {"name": "Gemini 2"})
+    await call(client, "rename_project", {"project_id": apollo, "name": "G\u0435mini"})  # a Cyrillic ie
+    clash = await call_error(client, "restore_project", {"project_id": other})
+    assert f"a live project is named 'G\u0435mini' (id {apollo}), and 'Gemini' reads the same" in clash
+    # Names that only share letters are different names; a project keeps its own look-alike name.
+    assert (await call(client, "create_project", {"name": "Apollo 11"}))["name"] == "Apollo 11"
+    renamed = await call(client, "rename_project", {"project_id": apollo, "name": "G\u0435m\u0456ni"})
+    assert renamed["project"]["name"] == "G\u0435m\u0456ni"
 
 
 async def test_list_projects_pages_by_name_and_filters_by_text(client: Client) -> None:

@@ -5,7 +5,7 @@ Revision ID: 0015
 Revises: 0014
 Create Date: 2026-12-08
 
-A new table of 1,025 rows. Constant time.
+A new table of 1,026 rows. Constant time.
 """
 
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # locks.SLOTS as it was when this migration was written: (space, number of slots).
-SLOTS = ((1, 1024), (2, 1))
+SLOTS = ((1, 1024), (2, 1), (3, 1))
 
 
 def upgrade() -> None:
