@@ -215,6 +215,9 @@ class ChainReport(TypedDict):
     entries_checked: int
     unsealed: Annotated[int, Field(description="Committed, not yet sealed.")]
     checkpoints_checked: int
+    from_seq: NotRequired[
+        Annotated[int, Field(description="Walked on from this position, verified by an earlier call.")]
+    ]
     head_seq: NotRequired[int]
     head_hash: NotRequired[
         Annotated[str, Field(description="Hash of the newest entry: keep it elsewhere to detect a rewrite.")]
@@ -230,25 +233,43 @@ class _Walk:
     # Checkpoints by position, each to be met by the walk.
     expected: dict[int, Checkpoint] = field(default_factory=dict)
     met: int = 0
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Position:
+    """A place in the chain a walk reached: the entry's position and hash."""
+
+    seq: int
+    hash: str
 
 
 async def verify(
-    session: AsyncSession, keys: CheckpointKeys, external: Sequence[Checkpoint] = ()
+    session: AsyncSession,
+    keys: CheckpointKeys,
+    external: Sequence[Checkpoint] = (),
+    start: Position | None = None,
 ) -> ChainReport:
-    """Walk the whole chain in order, a batch at a time, and stop at the first mismatch. Every
-    checkpoint, those in the database and `external` ones (kept elsewhere), must carry a valid
-    signature by one of `keys` and name a head the chain still holds."""
-    walk = _Walk()
+    """Walk the chain in order, a batch at a time, and stop at the first mismatch: the whole
+    chain, or on from `start`, a position an earlier walk verified (the entries up to it are not
+    read again, so a change to them is found by the next whole walk). Every checkpoint, those in
+    the database and `external` ones (kept elsewhere), must carry a valid signature by one of
+    `keys`, and those past `start` must name a head the chain still holds."""
+    walk = _Walk() if start is None else _Walk(seq=start.seq, hash=start.hash, start=start.seq)
     stored = [Checkpoint.of(row) for row in (await session.exec(_CHECKPOINTS)).all()]
     # Without a key, a checkpoint proves nothing: anyone could have written it.
     for checkpoint in [*stored, *external] if keys else []:
         if (problem := keys.check(checkpoint)) is not None:
             return _report(walk, {"seq": checkpoint.seq, "problem": problem}, 0)
+        if checkpoint.seq <= walk.start:
+            continue  # met by the walk that verified the start
         known = walk.expected.setdefault(checkpoint.seq, checkpoint)
         if known.head_hash != checkpoint.head_hash:
             problem = "two signed checkpoints name different heads for this position: the chain was rewritten"
             return _report(walk, {"seq": checkpoint.seq, "problem": problem}, 0)
     dialect = session.get_bind().dialect.name
+    if start is not None and (problem := await _still_at(session, dialect, start)) is not None:
+        return _report(walk, {"seq": start.seq, "problem": problem}, 0)
     for query, check in ((_LEGACY_WALK[dialect], _check_legacy), (_SEAL_WALK[dialect], _check_sealed)):
         while True:
             found = await session.exec(query, params={"after": walk.seq, "batch": BATCH})
@@ -284,6 +305,20 @@ async def verify(
 
 
 _CHECKPOINTS = select(AuditCheckpoint).order_by(col(AuditCheckpoint.seq))
+
+
+async def _still_at(session: AsyncSession, dialect: str, start: Position) -> str | None:
+    """Whether the entry a walk starts after is still there, as it was verified."""
+    for query in (_LEGACY_WALK[dialect], _SEAL_WALK[dialect]):
+        found = await session.exec(query, params={"after": start.seq - 1, "batch": 1})
+        row = cast(Row[Any] | None, found.first())
+        if row is not None and row.seq == start.seq:
+            if row.entry_hash != start.hash or not getattr(row, "present", True):
+                return (
+                    "the entry an earlier verification ended at has changed or gone: the chain was rewritten"
+                )
+            return None
+    return "the entry an earlier verification ended at has gone: the chain's newest entries were removed"
 
 
 def _walks(dialect: str) -> tuple[Any, Any]:
@@ -379,6 +414,8 @@ def _report(walk: _Walk, problem: ChainProblem | None, unsealed: int) -> ChainRe
         "unsealed": unsealed,
         "checkpoints_checked": walk.met,
     }
+    if walk.start:
+        report["from_seq"] = walk.start
     if walk.seq:
         report["head_seq"], report["head_hash"] = walk.seq, walk.hash
     if problem is not None:

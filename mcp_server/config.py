@@ -260,6 +260,8 @@ class Settings(BaseModel):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     # verify_audit_log: at most once per agent per this many seconds (verifications.py; 0: no limit).
     verify_interval_seconds: float = Field(default=10.0, ge=0, le=86_400)
+    # ... and walks on from where the last one ended, but the whole chain again this often.
+    verify_full_interval_seconds: float = Field(default=3600.0, ge=0, le=30 * 86_400)
     # Refused calls: per agent, tool and missing permission, one audit entry per window, the
     # repeats counted (refusals.py).
     refusal_window_seconds: int = Field(default=60, ge=1, le=86_400)

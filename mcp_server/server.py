@@ -736,12 +736,13 @@ async def get_audit_trail(
 
 async def verify_audit_log(request: ToolCall) -> chain.ChainReport:
     """Check the audit chain and checkpoints: the first entry changed, removed or added outside
-    the server. Slow."""
+    the server. Walks on from the last check."""
     async with (
-        request.app.verifications.turn(request.call.agent_id),
+        request.app.verifications.turn(request.call.agent_id) as turn,
         _session(request, write=False) as session,
     ):
-        return await chain.verify(session, request.app.keys)
+        turn.report = await chain.verify(session, request.app.keys, start=turn.start)
+        return turn.report
 
 
 async def create_project(
@@ -1208,7 +1209,9 @@ def create_server(settings: Settings) -> MCPServer[AppState]:
                 keys=keys,
                 sessionless=sessionless,
                 client_levels=client_levels,
-                verifications=Verifications(settings.verify_interval_seconds),
+                verifications=Verifications(
+                    settings.verify_interval_seconds, settings.verify_full_interval_seconds
+                ),
             )
         finally:
             if sealing is not None and task is not None:

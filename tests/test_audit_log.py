@@ -286,3 +286,38 @@ async def test_an_agent_verifies_the_log_at_most_once_an_interval_and_is_told_wh
         assert (await call(client, "verify_audit_log"))["ok"]
         refused = await call_error(client, "verify_audit_log", {})
         assert "at most once every 3600 s for each agent" in refused and "retry in" in refused
+
+
+async def test_a_verification_walks_on_from_where_the_last_ended_and_the_whole_chain_when_due(
+    settings: Settings, era: str, db: Database
+) -> None:
+    """The first verification in a process walks the whole chain; the next only what was sealed
+    since, from the position the first ended at, which must still be there as it was. A change to
+    an older entry is found by the next whole walk (every verify_full_interval_seconds)."""
+    incremental = settings.model_copy(update={"verify_full_interval_seconds": 3600})
+    async with connect(incremental, era) as client:
+        project = await make_project(client)
+        await make_task(client, project)
+        await seal_all(settings, db)
+        first = await call(client, "verify_audit_log")
+        assert first["ok"] and first["entries_checked"] == first["head_seq"] == 2 and "from_seq" not in first
+        await make_task(client, project, "another")
+        await seal_all(settings, db)
+        second = await call(client, "verify_audit_log")
+        assert second["ok"] and second["from_seq"] == 2 and second["entries_checked"] == 1
+        assert second["head_seq"] == 3
+        # An older entry changed behind the triggers: not read again until a whole walk is due.
+        async with triggers_off(db), db.engine.begin() as conn:
+            await conn.execute(text("UPDATE audit_entry SET changed_by = 'someone else' WHERE id = 1"))
+        assert (await call(client, "verify_audit_log"))["ok"]
+        # The newest entries removed, back past where the last walk ended: found at once.
+        async with triggers_off(db), db.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM audit_seal WHERE seq = 3"))
+        removed = await call(client, "verify_audit_log")
+        assert (
+            not removed["ok"]
+            and "an earlier verification ended at has" in removed["first_problem"]["problem"]
+        )
+    async with connect(settings, era) as client:  # a whole walk, as every process's first is
+        whole = await call(client, "verify_audit_log")
+        assert not whole["ok"] and whole["first_problem"]["seq"] == 1 and "from_seq" not in whole
