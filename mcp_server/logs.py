@@ -84,10 +84,57 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class RateLimited(logging.Handler):
+    """`inner`, but a record like one written `burst` times already in the current `window` of
+    seconds (same logger, level and message template) is counted instead of written; the next one
+    written after it says how many were left out. So a flood of one error (a client hammering a
+    full server, "Too many open files") cannot fill the disk or pin a core writing it."""
+
+    def __init__(self, inner: logging.Handler, burst: int = 20, window: float = 10.0) -> None:
+        super().__init__()
+        self.inner, self.burst, self.window = inner, burst, window
+        # (logger, level, template) -> [when its window began, written in it, left out of it]
+        self._seen: dict[tuple[str, int, object], list[float]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = (record.name, record.levelno, record.msg)
+        now = record.created
+        seen = self._seen.get(key)
+        if seen is None or now - seen[0] >= self.window:
+            left_out = 0 if seen is None else int(seen[2])
+            if len(self._seen) >= MOST_KINDS:
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
+            self._seen[key] = [now, 1, 0]
+            if left_out:
+                self.inner.handle(_left_out(record, left_out, self.burst, self.window))
+            self.inner.handle(record)
+        elif seen[1] < self.burst:
+            seen[1] += 1
+            self.inner.handle(record)
+        else:
+            seen[2] += 1
+
+
+MOST_KINDS = 1000
+
+
+def _left_out(record: logging.LogRecord, count: int, burst: int, window: float) -> logging.LogRecord:
+    return logging.LogRecord(
+        record.name,
+        logging.WARNING,
+        record.pathname,
+        record.lineno,
+        "%d records like the next were left out of the log: more than %d in %g s",
+        (count, burst, window),
+        None,
+    )
+
+
 def configure(level: str, format: str) -> None:
-    """Send every log record to stderr, in `format` ("text" or "json"), from `level` up."""
+    """Send every log record to stderr, in `format` ("text" or "json"), from `level` up, with
+    floods of one record rate-limited."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if format == "json" else _TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [RateLimited(handler)]
     root.setLevel(level)

@@ -7,6 +7,7 @@ variables, as an operator would configure it.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from mcp_server.auth import mint_token, token_sha256
 from mcp_server.db import Database
+from mcp_server.logs import RateLimited
 from mcp_server.telemetry import wanted_exporters
 from tests.conftest import call, call_error, http_client, http_server
 from tests.test_stdio import desktop_client, desktop_entry
@@ -245,3 +247,29 @@ async def test_a_bulk_update_reports_its_steps_to_a_client_that_sent_a_progress_
     else:  # one statement
         assert [(progress, total) for progress, total, _ in heard] == [(0, 1), (1, 1)]
         assert "5 tasks changed and audited" in messages[1]
+
+
+def test_a_flood_of_one_log_record_is_counted_instead_of_written() -> None:
+    """5,000 of one record in 2 s, then one 10 s later: 20 written, then one line saying how many
+    were left out before the next; another record in the flood is written as usual."""
+    written: list[logging.LogRecord] = []
+    sink = logging.Handler()
+    sink.emit = written.append  # type: ignore[method-assign]
+    limited = RateLimited(sink, burst=20, window=10.0)
+
+    def record(message: str, at: float, *args: object) -> logging.LogRecord:
+        made = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, args, None)
+        made.created = at
+        return made
+
+    for n in range(5000):
+        limited.handle(record("socket.accept() out of system resource: %s", 1000 + n / 2500, n))
+    limited.handle(record("another kind of record", 1001.5))
+    limited.handle(record("socket.accept() out of system resource: %s", 1012, "later"))
+    messages = [entry.getMessage() for entry in written]
+    assert messages[:20] == [f"socket.accept() out of system resource: {n}" for n in range(20)]
+    assert messages[20:] == [
+        "another kind of record",
+        "4980 records like the next were left out of the log: more than 20 in 10 s",
+        "socket.accept() out of system resource: later",
+    ]
