@@ -205,9 +205,10 @@ class Database:
                 try:
                     await transaction.commit()
                 except DATABASE_ERRORS as exc:
-                    # The COMMIT went out and no answer came back: whether it was applied is
-                    # unknown here, and the caller must not be told it rolled back.
-                    if is_disconnect(exc):
+                    # The COMMIT went out and no answer came back: whether a write was applied
+                    # is unknown here, and the caller must not be told it rolled back. (A read
+                    # has nothing to apply: its error stands as it is.)
+                    if write and is_disconnect(exc):
                         raise CommitUnknownError from exc
                     raise
         finally:

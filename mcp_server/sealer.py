@@ -30,6 +30,7 @@ from mcp_server import chain
 from mcp_server.checkpoints import Checkpoint, Signer
 from mcp_server.config import Settings
 from mcp_server.db import Database
+from mcp_server.errors import CommitUnknownError
 from mcp_server.models import (
     AUDIT_TABLE,
     CHAIN_TABLE,
@@ -101,7 +102,9 @@ class Sealer:
         while not self._stopping.is_set():
             try:
                 more = await self.step()
-            except (SQLAlchemyError, OSError) as exc:
+            except (SQLAlchemyError, OSError, CommitUnknownError) as exc:
+                # A round whose commit's answer was lost may have sealed or not: the next round
+                # reads the chain as it is and goes on from there.
                 self._report_failure(exc)
                 more = False
             else:

@@ -1110,6 +1110,10 @@ def _recordable(checked: FuncMetadata, arguments: dict[str, Any]) -> dict[str, A
         return {"argument_names": sorted(str(key) for key in arguments)[:50]}
 
 
+# A refusal that could not be recorded, or whose record's commit went unanswered: refused either way.
+_UNRECORDED: tuple[type[Exception], ...] = (*DATABASE_ERRORS, CommitUnknownError)
+
+
 async def _record_refusal(
     app: AppState, call: Call, permission: str, arguments: dict[str, Any]
 ) -> refusals.Recorded | None:
@@ -1120,7 +1124,7 @@ async def _record_refusal(
     try:
         async with app.db.session(write=True) as session:
             return await refusals.record(session, call, permission, recorded, window)
-    except DATABASE_ERRORS:
+    except _UNRECORDED:
         logger.exception("could not record a refused call to %s", call.tool)
         return None
 

@@ -20,8 +20,10 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy import make_url, text
 
+from mcp_server import chain
 from mcp_server.config import Settings
-from mcp_server.db import APPLICATION_NAME, Database
+from mcp_server.db import APPLICATION_NAME, Database, create_database
+from mcp_server.sealer import Sealer
 from tests.conftest import (
     APP_ROLE,
     as_app_role,
@@ -388,8 +390,10 @@ class LosesCommitAcks:
     then cuts the connection before the server's answer comes back: the change commits, and the
     server that sent it never hears so (a lost acknowledgement)."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, after: bytes = b"") -> None:
+        """`after`: cut only the COMMIT of a transaction that sent this (any, if empty)."""
         self.upstream_port = upstream_port
+        self.after = after
         self.armed = False
         self.cut = 0
         self.server: asyncio.Server | None = None
@@ -409,8 +413,10 @@ class LosesCommitAcks:
         holding = asyncio.Event()  # from the COMMIT on, nothing goes back to the client
 
         async def upstream() -> None:
+            seen = not self.after
             while data := await client_in.read(65536):
-                if self.armed and b"COMMIT" in data:  # a simple Query message: Q, length, COMMIT;
+                seen = seen or self.after in data
+                if self.armed and seen and b"COMMIT" in data:  # a simple Query message: Q, length, COMMIT;
                     self.armed = False
                     holding.set()
                 server_out.write(data)
@@ -463,3 +469,40 @@ async def test_a_lost_commit_acknowledgement_says_the_change_may_have_been_appli
             assert (retried["title"], retried["version"]) == ("changed once", task["version"] + 1)
             updates = await call(client, "get_audit_trail", {"entity_id": task["id"], "action": "updated"})
             assert len(updates["items"]) == 1
+
+
+async def test_the_sealer_goes_on_after_losing_the_acknowledgement_of_its_own_commit(
+    settings: Settings, db: Database, database_url: str, era: str
+) -> None:
+    """A sealing round whose COMMIT's answer is lost (PostgreSQL restarting under it) may or may
+    not have sealed; the sealer goes on with its next round, which reads the chain as it is, and
+    every entry is sealed. It used to end for good on that error, leaving the log unsealed.
+    PostgreSQL only."""
+    if db.is_sqlite:
+        pytest.skip("SQLite commits in the server's own process: no acknowledgement can be lost")
+    url = make_url(database_url)
+    proxy = LosesCommitAcks(url.port or 5432, after=b"INSERT INTO audit_seal")
+    async with proxy as port, connect(settings.model_copy(update={"sealer": False}), era) as client:
+        through = settings.model_copy(update={"database_url": url.set(port=port).render_as_string()})
+        sealing = create_database(through)
+        sealer = Sealer(sealing, through, None)
+        try:
+            async with anyio.create_task_group() as tasks:
+                project = await make_project(client)
+                proxy.armed = True
+                tasks.start_soon(sealer.run)
+                with anyio.fail_after(30):
+                    while proxy.cut == 0:  # noqa: ASYNC110  # polling the proxy, with a deadline
+                        await anyio.sleep(0.05)
+                    await make_task(client, project)
+                    while await unsealed(db):  # noqa: ASYNC110  # polling the database, with a deadline
+                        await anyio.sleep(0.05)
+                sealer.stop()
+        finally:
+            await sealing.dispose()
+        assert (await call(client, "verify_audit_log"))["ok"]
+
+
+async def unsealed(db: Database) -> int:
+    async with db.session(write=False) as session:
+        return await chain.unsealed_up_to(session, 2**62)
