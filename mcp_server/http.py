@@ -23,11 +23,14 @@ from typing import Any
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mcp_server import connections
 from mcp_server.config import LOOPBACK_HOSTS, Settings
+from mcp_server.limits import AgentLimits
 
 MCP_PATH = "/mcp"
 STATELESS = "this server is stateless: send every request as a POST; it has no session stream to open or end"
@@ -60,13 +63,18 @@ def security(settings: Settings) -> TransportSecuritySettings:
 
 def app(server: MCPServer[Any], settings: Settings) -> ASGIApp:
     guard = security(settings)
-    served: ASGIApp = server.streamable_http_app(
+    sdk_app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=settings.http_stateless,
         max_request_body_size=settings.http_max_body_bytes,
+        session_idle_timeout=settings.http_session_idle_seconds,
+        max_sessions=settings.http_max_sessions,
         transport_security=guard,
         host=settings.http_host,
     )
+    # Last of the app's middleware, so inside authentication: it sees the agent a token proves.
+    sdk_app.user_middleware.append(Middleware(AgentLimits, settings=settings, path=MCP_PATH))
+    served: ASGIApp = sdk_app
     served = SmallBodiesOffMcp(served)
     if settings.http_stateless:
         served = NoSessionStreams(served)
@@ -126,11 +134,18 @@ class NoSessionStreams:
 
 def serve(server: MCPServer[Any], settings: Settings) -> bool:
     """Serve until stopped; whether the app started (a failed start is logged by uvicorn)."""
+    cap, backlog = connections.plan(settings.http_max_connections)
     config = uvicorn.Config(
         app(server, settings),
         host=settings.http_host,
         port=settings.http_port,
         loop=EVENT_LOOP,
+        http=connections.limited_protocol(
+            cap, settings.http_header_timeout_seconds, settings.http_body_timeout_seconds
+        ),
+        ws="none",
+        backlog=backlog,
+        timeout_keep_alive=settings.http_keep_alive_seconds,
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's records, its access log too, go through ours: to stderr
     )

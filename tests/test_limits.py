@@ -1,0 +1,169 @@
+"""An HTTP server process under floods, bounded in count and time and on loopback only: what one
+agent may take (requests a second, sessions), what any client may hold (connections, time to send
+its request), and that real agents are served all the while."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from mcp_server.auth import mint_token, token_sha256
+from tests.conftest import call, http_client, http_server, initialize_message
+from tests.test_http import MCP_HEADERS
+
+pytestmark = pytest.mark.anyio
+
+# A real agent's call during a flood is answered within this (a bound, not a measurement).
+SERVED_WITHIN_SECONDS = 5
+
+
+def agents(*ids: str, read_only: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    tokens = {agent: mint_token() for agent in ids}
+    entries: list[dict[str, Any]] = [
+        {
+            "id": agent,
+            "token_sha256": token_sha256(token),
+            **({"read_only": True} if agent in read_only else {}),
+        }
+        for agent, token in tokens.items()
+    ]
+    return entries, tokens
+
+
+async def open_session(raw: httpx2.AsyncClient, url: str, token: str) -> httpx2.Response:
+    headers = MCP_HEADERS | {"Authorization": f"Bearer {token}"}
+    return await raw.post(url, headers=headers, json=initialize_message("flood"))
+
+
+async def test_one_agent_cannot_take_the_sessions_every_other_agent_needs(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A read-only agent opening sessions as fast as it can gets 5 (its limit) and then 429 with
+    Retry-After; another agent still opens sessions and calls tools; a session ended with DELETE
+    frees its place; at the process's total, a new session gets 503 with Retry-After."""
+    entries, tokens = agents("flooder", "worker", "third", read_only=("flooder",))
+    config = {
+        "database_url": database_url,
+        "agents": entries,
+        "http_max_sessions_per_agent": 5,
+        "http_max_sessions": 8,
+    }
+    with http_server(tmp_path, config) as url:
+        async with httpx2.AsyncClient() as raw:
+            answers = [await open_session(raw, url, tokens["flooder"]) for _ in range(50)]
+            statuses = [answer.status_code for answer in answers]
+            assert statuses == [200] * 5 + [429] * 45
+            refused = answers[5]
+            assert int(refused.headers["retry-after"]) >= 1
+            assert "flooder already has 5 open sessions" in refused.json()["error"]["message"]
+            with anyio.fail_after(SERVED_WITHIN_SECONDS):
+                async with http_client(url, tokens["worker"]) as worker:
+                    assert (await call(worker, "search_tasks", {}))["items"] == []
+                    ended = await raw.delete(
+                        url,
+                        headers={
+                            "Authorization": f"Bearer {tokens['flooder']}",
+                            "Mcp-Session-Id": answers[0].headers["mcp-session-id"],
+                        },
+                    )
+                    assert ended.status_code == 200
+                    assert (await open_session(raw, url, tokens["flooder"])).status_code == 200
+                    # 5 of the flooder's and the worker's: 2 more fill the process's 8.
+                    third = [(await open_session(raw, url, tokens["third"])).status_code for _ in range(3)]
+                    assert third == [200, 200, 503]
+                    full = await open_session(raw, url, tokens["third"])
+                    assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
+                    assert "http_max_sessions" in full.json()["error"]["message"]
+                    # Sessions already open go on being served.
+                    assert (await call(worker, "search_tasks", {}))["items"] == []
+
+
+async def test_an_agent_over_its_request_rate_gets_429_and_is_served_again_after_retry_after(
+    database_url: str, tmp_path: Path
+) -> None:
+    """At 5 requests a second (10 saved for a burst), 40 requests at once: at most the burst and
+    what refilled meanwhile get through, the rest get 429 with Retry-After; the other agent is not
+    slowed; after Retry-After the agent is served again."""
+    entries, tokens = agents("eager", "calm")
+    config = {
+        "database_url": database_url,
+        "agents": entries,
+        "http_requests_per_second": 5,
+        "http_stateless": True,
+    }
+    with http_server(tmp_path, config) as url:
+        async with httpx2.AsyncClient() as raw:
+            headers = MCP_HEADERS | {"Authorization": f"Bearer {tokens['eager']}"}
+            ping = {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {}}
+            started = anyio.current_time()
+            answers = [await raw.post(url, headers=headers, json=ping) for _ in range(40)]
+            elapsed = anyio.current_time() - started
+            served = [answer for answer in answers if answer.status_code == 200]
+            refused = [answer for answer in answers if answer.status_code == 429]
+            assert len(served) + len(refused) == 40
+            assert 10 <= len(served) <= 10 + 5 * elapsed + 1
+            assert all(int(answer.headers["retry-after"]) >= 1 for answer in refused)
+            assert "http_requests_per_second" in refused[0].json()["error"]["message"]
+            with anyio.fail_after(SERVED_WITHIN_SECONDS):
+                async with http_client(url, tokens["calm"]) as calm:
+                    assert (await call(calm, "search_tasks", {}))["items"] == []
+            await anyio.sleep(int(refused[-1].headers["retry-after"]))  # what the server asked for
+            assert (await raw.post(url, headers=headers, json=ping)).status_code == 200
+
+
+async def test_idle_and_slow_connections_cannot_lock_real_agents_out(
+    database_url: str, tmp_path: Path
+) -> None:
+    """600 idle TCP connections and 50 that send one byte at a time against a cap of 100: the idle
+    ones are closed to make room (oldest first) and the slow ones when their header timeout runs
+    out; an agent that connects meanwhile is served within its budget, and the process writes a
+    bounded log. At the cap with every connection inside a request, a new one gets 503 at once."""
+    entries, tokens = agents("worker")
+    config = {
+        "database_url": database_url,
+        "agents": entries,
+        "http_max_connections": 100,
+        "http_header_timeout_seconds": 2,
+        "http_body_timeout_seconds": 2,
+    }
+    with http_server(tmp_path, config) as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(600)]
+        slow = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(50)]
+        for stream in slow:
+            await stream.send(b"P")  # the start of a request head, and no more
+        with anyio.fail_after(SERVED_WITHIN_SECONDS):
+            async with http_client(url, tokens["worker"]) as worker:
+                assert (await call(worker, "search_tasks", {}))["items"] == []
+        closed = 0
+        with anyio.fail_after(10):  # the slow ones' header timeout is 2 s
+            for stream in [*idle, *slow]:
+                try:
+                    answer = await stream.receive()
+                    assert answer.startswith(b"HTTP/1.1 408"), answer[:40]
+                    closed += 1
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    closed += 1
+                await stream.aclose()
+        assert closed == 650
+        # Requests whose bodies are still coming fill the cap: the next connection gets 503 at once.
+        head = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        busy = []
+        for _ in range(100):
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            await stream.send(
+                f"{head}Authorization: Bearer {tokens['worker']}\r\nContent-Length: 1000\r\n\r\n{{".encode()
+            )
+            busy.append(stream)
+        extra = await anyio.connect_tcp("127.0.0.1", port)
+        with anyio.fail_after(SERVED_WITHIN_SECONDS):
+            refused = await extra.receive()
+        assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 5" in refused.lower()
+        for stream in [*busy, extra]:
+            await stream.aclose()
+    log = await anyio.Path(tmp_path / f"server-{port}.log").read_text()
+    assert len(log.splitlines()) < 200, log[-2000:]
