@@ -102,6 +102,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = {
         "database_url": args.database or f"sqlite:///{folder / 'auth.db'}",
         "log_level": "WARNING",
+        "http_requests_per_second": 0,  # measured: the server's speed, not the agent's rate limit
         "agents": [{"id": "static-agent", "token_sha256": token_sha256(static)}, {"id": "oauth-agent"}],
         "operators": [{"id": "bench", "password_scrypt": hash_password(PASSWORD)}],
         "oauth": {},

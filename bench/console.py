@@ -117,6 +117,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "database_url": args.postgres,
                 "log_level": "WARNING",
+                "http_requests_per_second": 0,  # measured: the server's speed, not the agent's rate limit
                 "agents": [{"id": "bench-agent", "token_sha256": token_sha256(TOKEN)}],
                 "operators": [{"id": "bench", "password_scrypt": hash_password(PASSWORD)}],
                 "console": {},

@@ -101,7 +101,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = {f"agent-{n:02}": mint_token() for n in range(AGENTS)}
     config = logs / "config.json"
     agents = [{"id": agent, "token_sha256": token_sha256(token)} for agent, token in tokens.items()]
-    config.write_text(json.dumps({"database_url": url, "log_level": "WARNING", "agents": agents}))
+    # Measured: the server's speed, not the agents' rate limit.
+    settings = {"database_url": url, "log_level": "WARNING", "agents": agents, "http_requests_per_second": 0}
+    config.write_text(json.dumps(settings))
     counts: Counter[str] = Counter(dict.fromkeys(("claims", "completed", "conflicts", "empty claims"), 0))
     dead: dict[str, dict[str, Any]] = {}
     async with server(config, logs, "first") as first, server(config, logs, "second") as second:
