@@ -138,3 +138,4 @@ def configure(level: str, format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [RateLimited(handler)]
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python's warnings too, in the same format, not as bare lines

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -273,3 +274,35 @@ def test_a_flood_of_one_log_record_is_counted_instead_of_written() -> None:
         "4980 records like the next were left out of the log: more than 20 in 10 s",
         "socket.accept() out of system resource: later",
     ]
+
+
+async def test_over_http_every_log_line_is_json_and_no_token_reaches_the_log(
+    database_url: str, tmp_path: Path
+) -> None:
+    """uvicorn's records (start, access log, connection errors) as JSON like the server's own; a
+    token sent where it does not belong (the query string) or refused is written nowhere."""
+    token, stray = mint_token(), mint_token()
+    config = {
+        "database_url": database_url,
+        "agents": [{"id": "logged", "token_sha256": token_sha256(token)}],
+        "http_header_timeout_seconds": 1,
+    }
+    with http_server(tmp_path, config, env={"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG"}) as url:
+        async with http_client(url, token) as client:
+            await call(client, "create_project", {"name": "Logged over HTTP"})
+        async with httpx2.AsyncClient() as raw:
+            assert (await raw.get(f"{url}?access_token={stray}&token={token}")).status_code == 401
+            assert (await raw.post(url, headers={"Authorization": f"Bearer {stray}"})).status_code == 401
+            assert (await raw.get(url.replace("/mcp", f"/nowhere?token={token}"))).status_code == 404
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        slow = await anyio.connect_tcp("127.0.0.1", port)
+        await slow.send(b"GET /mcp HTTP/1.1\r\n")  # and no more: closed after the header timeout
+        with anyio.fail_after(10):
+            assert (await slow.receive()).startswith(b"HTTP/1.1 408")
+        await slow.aclose()
+        log = await anyio.Path(tmp_path / f"server-{port}.log").read_text()
+    lines = log.splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert {"uvicorn.error", "uvicorn.access", "mcp_server.connections"} <= {r["logger"] for r in records}
+    assert any("GET /nowhere?…" in record["message"] for record in records)
+    assert token not in log and stray not in log
