@@ -125,14 +125,15 @@ class Sessions:
         if session_id is not None:
             self._open[session_id] = _Session(agent, self.clock())
 
-    def begin(self, session_id: str) -> None:
-        if (session := self._open.get(session_id)) is not None:
+    def begin(self, session_id: str, agent: str) -> None:
+        if (session := self._open.get(session_id)) is not None and session.agent == agent:
             session.in_flight += 1
 
-    def end(self, session_id: str, *, gone: bool) -> None:
-        """A request of the session was answered; `gone`: the session ended with it (DELETE, 404)."""
+    def end(self, session_id: str, agent: str, *, gone: bool) -> None:
+        """A request of the session was answered; `gone`: the session ended with it (DELETE, 404).
+        Only its own agent's requests count (the SDK answers anyone else's with 404)."""
         session = self._open.get(session_id)
-        if session is None:
+        if session is None or session.agent != agent:
             return
         if gone:
             del self._open[session_id]
@@ -207,12 +208,12 @@ class AgentLimits:
         if session_id is None:
             await self.app(scope, receive, send)
             return
-        self.sessions.begin(session_id)
+        self.sessions.begin(session_id, agent)
         status = 500
         try:
             status = await _answered(self.app, scope, receive, send)
         finally:
-            self.sessions.end(session_id, gone=scope["method"] == "DELETE" or status == 404)
+            self.sessions.end(session_id, agent, gone=scope["method"] == "DELETE" or status == 404)
 
     async def _opening(
         self, agent: str, sessions: Sessions, scope: Scope, receive: Receive, send: Send

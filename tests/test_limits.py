@@ -12,6 +12,7 @@ import httpx2
 import pytest
 
 from mcp_server.auth import mint_token, token_sha256
+from mcp_server.limits import Sessions
 from tests.conftest import call, http_client, http_server, initialize_message
 from tests.test_http import MCP_HEADERS
 
@@ -167,3 +168,32 @@ async def test_idle_and_slow_connections_cannot_lock_real_agents_out(
             await stream.aclose()
     log = await anyio.Path(tmp_path / f"server-{port}.log").read_text()
     assert len(log.splitlines()) < 200, log[-2000:]
+
+
+def test_a_session_counts_until_it_ends_or_has_been_idle_as_long_as_the_sdk_keeps_it() -> None:
+    """The session count follows the SDK's clock: a session is open until its DELETE, a 404, or
+    http_session_idle_seconds without a request in flight; Retry-After says when one will end.
+    Another agent's request cannot end someone else's session."""
+    now = [0.0]
+    sessions = Sessions(per_agent=2, total=10, idle_seconds=60, clock=lambda: now[0])
+    for session_id in ("s1", "s2"):
+        assert sessions.admit("a") is None
+        sessions.opened("a", session_id)
+    refused = sessions.admit("a")
+    assert refused is not None and refused[0] == 429 and refused[2] == 60
+    now[0] = 30
+    sessions.begin("s1", "a")  # s1 in use from 30 s on, for as long as it takes
+    sessions.end("s2", "b", gone=True)  # another agent's DELETE of s2: the SDK answers it 404
+    now[0] = 59
+    refused = sessions.admit("a")
+    assert refused is not None and refused[2] == 1  # s2 is idle 60 s at 60 s
+    now[0] = 61
+    assert sessions.admit("a") is None  # s2 ended idle; s1 is in flight and never does
+    sessions.opened("a", None)  # that opening failed: its place is free again
+    now[0] = 500
+    assert sessions.admit("a") is None
+    sessions.opened("a", "s3")
+    refused = sessions.admit("a")
+    assert refused is not None and refused[2] == 60  # s1 in flight, s3 just opened
+    sessions.end("s1", "a", gone=True)
+    assert sessions.admit("a") is None
