@@ -215,9 +215,7 @@ class ChainReport(TypedDict):
     entries_checked: int
     unsealed: Annotated[int, Field(description="Committed, not yet sealed.")]
     checkpoints_checked: int
-    from_seq: NotRequired[
-        Annotated[int, Field(description="Walked on from this position, verified by an earlier call.")]
-    ]
+    from_seq: NotRequired[Annotated[int, Field(description="Verified before: walked on from here.")]]
     head_seq: NotRequired[int]
     head_hash: NotRequired[
         Annotated[str, Field(description="Hash of the newest entry: keep it elsewhere to detect a rewrite.")]

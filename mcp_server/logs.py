@@ -85,25 +85,31 @@ class _JsonFormatter(logging.Formatter):
 
 
 class RateLimited(logging.Handler):
-    """`inner`, but a record like one written `burst` times already in the current `window` of
-    seconds (same logger, level and message template) is counted instead of written; the next one
-    written after it says how many were left out. So a flood of one error (a client hammering a
-    full server, "Too many open files") cannot fill the disk or pin a core writing it."""
+    """`inner`, but a record written `burst` times already in the current `window` of seconds
+    (same logger, level and message) is counted instead of written; the next one written after it
+    says how many were left out. So a flood of one error (a client hammering a full server, "Too
+    many open files") cannot fill the disk or pin a core writing it. DEBUG records, asked for
+    explicitly, are all written."""
 
     def __init__(self, inner: logging.Handler, burst: int = 20, window: float = 10.0) -> None:
         super().__init__()
         self.inner, self.burst, self.window = inner, burst, window
-        # (logger, level, template) -> [when its window began, written in it, left out of it]
-        self._seen: dict[tuple[str, int, object], list[float]] = {}
+        # (logger, level, message) -> [when its window began, written in it, left out of it]
+        self._seen: dict[tuple[str, int, str], list[float]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        key = (record.name, record.levelno, record.msg)
+        if record.levelno <= logging.DEBUG:
+            self.inner.handle(record)
+            return
+        key = (record.name, record.levelno, record.getMessage())
         now = record.created
         seen = self._seen.get(key)
         if seen is None or now - seen[0] >= self.window:
             left_out = 0 if seen is None else int(seen[2])
             if len(self._seen) >= MOST_KINDS:
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
+                if len(self._seen) >= MOST_KINDS:  # that many different records in one window
+                    self._seen.clear()
             self._seen[key] = [now, 1, 0]
             if left_out:
                 self.inner.handle(_left_out(record, left_out, self.burst, self.window))

@@ -736,7 +736,7 @@ async def get_audit_trail(
 
 async def verify_audit_log(request: ToolCall) -> chain.ChainReport:
     """Check the audit chain and checkpoints: the first entry changed, removed or added outside
-    the server. Walks on from the last check."""
+    the server."""
     async with (
         request.app.verifications.turn(request.call.agent_id) as turn,
         _session(request, write=False) as session,

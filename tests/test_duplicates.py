@@ -122,7 +122,7 @@ async def test_the_upgrade_keys_the_titles_of_existing_tasks(empty_database_url:
             await conn.run_sync(schema.upgrade)
             keys = (await conn.execute(text("SELECT id, title_key FROM entity ORDER BY id"))).all()
         assert [tuple(row) for row in keys] == [
-            (1, None),
+            (1, titles.name_key("old")),  # a project's name, by its skeleton (0016)
             (2, titles.key("plan the launch")),
             (3, titles.key("SHIP IT")),
         ]

@@ -448,7 +448,7 @@ async def test_the_typescript_sdks_oauth_client_completes_authorization_against_
     with identity_provider(idp_port, private_pem), http_server(tmp_path, config, port=port) as url:
         project = await run_typescript_client(url, "through the identity provider")
     assert project["name"] == "through the identity provider"
-    assert await audit_rows(db) == [("idp-user", "ts-sdk-oauth-check", "created")]
+    assert await audit_rows(db) == [(f"jwt:{issuer}#idp-user", "ts-sdk-oauth-check", "created")]
 
 
 def test_hash_password_prints_an_operator_entry_whose_password_signs_in(tmp_path: Path) -> None:

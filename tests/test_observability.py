@@ -252,27 +252,32 @@ async def test_a_bulk_update_reports_its_steps_to_a_client_that_sent_a_progress_
 
 def test_a_flood_of_one_log_record_is_counted_instead_of_written() -> None:
     """5,000 of one record in 2 s, then one 10 s later: 20 written, then one line saying how many
-    were left out before the next; another record in the flood is written as usual."""
+    were left out before the next; records that differ (an access log's lines) and DEBUG records
+    are all written."""
     written: list[logging.LogRecord] = []
     sink = logging.Handler()
     sink.emit = written.append  # type: ignore[method-assign]
     limited = RateLimited(sink, burst=20, window=10.0)
 
-    def record(message: str, at: float, *args: object) -> logging.LogRecord:
-        made = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, args, None)
+    def record(message: str, at: float, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+        made = logging.LogRecord("asyncio", level, __file__, 1, message, args, None)
         made.created = at
         return made
 
+    flood = "socket.accept() out of system resource: %s"
     for n in range(5000):
-        limited.handle(record("socket.accept() out of system resource: %s", 1000 + n / 2500, n))
+        limited.handle(record(flood, 1000 + n / 2500, "fd=6"))
     limited.handle(record("another kind of record", 1001.5))
-    limited.handle(record("socket.accept() out of system resource: %s", 1012, "later"))
+    for n in range(50):
+        limited.handle(record("GET /mcp %d", 1001.6, n, level=logging.INFO))
+        limited.handle(record("a statement", 1001.7, level=logging.DEBUG))
+    limited.handle(record(flood, 1012, "fd=6"))
     messages = [entry.getMessage() for entry in written]
-    assert messages[:20] == [f"socket.accept() out of system resource: {n}" for n in range(20)]
-    assert messages[20:] == [
-        "another kind of record",
+    assert messages[:21] == [flood % "fd=6"] * 20 + ["another kind of record"]
+    assert messages[21:121] == [message for n in range(50) for message in (f"GET /mcp {n}", "a statement")]
+    assert messages[121:] == [
         "4980 records like the next were left out of the log: more than 20 in 10 s",
-        "socket.accept() out of system resource: later",
+        flood % "fd=6",
     ]
 
 
