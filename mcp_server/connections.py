@@ -35,17 +35,20 @@ from mcp_server.errors import StartupError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
-FULL = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 58\r\nretry-after: "
-    + str(RETRY_AFTER_SECONDS).encode()
-    + b"\r\nconnection: close\r\n\r\n"
-    b"this server is serving as many connections as it may; retry"
+
+
+def _answer(status: str, body: str, *headers: str) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, written straight to the transport."""
+    lines = [f"HTTP/1.1 {status}", "content-type: text/plain; charset=utf-8", f"content-length: {len(body)}"]
+    return "\r\n".join([*lines, *headers, "connection: close", "", body]).encode()
+
+
+FULL = _answer(
+    "503 Service Unavailable",
+    "this server is serving as many connections as it may; retry",
+    f"retry-after: {RETRY_AFTER_SECONDS}",
 )
-TOO_SLOW = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 37\r\n"
-    b"connection: close\r\n\r\nthe request did not arrive in time\r\n\r\n"
-)
+TOO_SLOW = _answer("408 Request Timeout", "the request did not arrive in time")
 # File descriptors the process keeps for itself: the listener, the loop, the database pool, logs.
 SPARE_FDS = 200
 # The loop accepts up to `backlog` connections at once before any of them can be closed again:

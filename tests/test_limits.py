@@ -35,6 +35,15 @@ def agents(*ids: str, read_only: tuple[str, ...] = ()) -> tuple[list[dict[str, A
     return entries, tokens
 
 
+def whole_response(raw: bytes) -> bool:
+    """Whether `raw` is one HTTP response whose body is exactly as long as it says."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lengths = [
+        line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    ]
+    return len(lengths) == 1 and int(lengths[0]) == len(body)
+
+
 async def open_session(raw: httpx2.AsyncClient, url: str, token: str) -> httpx2.Response:
     headers = MCP_HEADERS | {"Authorization": f"Bearer {token}"}
     return await raw.post(url, headers=headers, json=initialize_message("flood"))
@@ -145,7 +154,7 @@ async def test_idle_and_slow_connections_cannot_lock_real_agents_out(
             for stream in [*idle, *slow]:
                 try:
                     answer = await stream.receive()
-                    assert answer.startswith(b"HTTP/1.1 408"), answer[:40]
+                    assert answer.startswith(b"HTTP/1.1 408") and whole_response(answer), answer[:40]
                     closed += 1
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     closed += 1
@@ -164,6 +173,7 @@ async def test_idle_and_slow_connections_cannot_lock_real_agents_out(
         with anyio.fail_after(SERVED_WITHIN_SECONDS):
             refused = await extra.receive()
         assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 5" in refused.lower()
+        assert whole_response(refused)
         for stream in [*busy, extra]:
             await stream.aclose()
     log = await anyio.Path(tmp_path / f"server-{port}.log").read_text()
