@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from opentelemetry import trace
@@ -86,54 +87,72 @@ class _JsonFormatter(logging.Formatter):
 
 class RateLimited(logging.Handler):
     """`inner`, but a record written `burst` times already in the current `window` of seconds
-    (same logger, level and message) is counted instead of written; the next one written after it
-    says how many were left out. So a flood of one error (a client hammering a full server, "Too
-    many open files") cannot fill the disk or pin a core writing it. DEBUG records, asked for
+    (same logger, level and message) is counted instead of written. Once its window has passed, at
+    the next record written (whichever it is), a line says how many were left out and of what. So
+    a flood of one error (a client hammering a full server, "Too many open files") cannot fill the
+    disk or pin a core writing it, and the log still says it happened. DEBUG records, asked for
     explicitly, are all written."""
 
     def __init__(self, inner: logging.Handler, burst: int = 20, window: float = 10.0) -> None:
         super().__init__()
         self.inner, self.burst, self.window = inner, burst, window
-        # (logger, level, message) -> [when its window began, written in it, left out of it]
-        self._seen: dict[tuple[str, int, str], list[float]] = {}
+        self._seen: dict[tuple[str, int, str], _Window] = {}
+        self._next_sweep = 0.0
 
     def emit(self, record: logging.LogRecord) -> None:
+        now = record.created
+        if now >= self._next_sweep:
+            self._sweep(now)
         if record.levelno <= logging.DEBUG:
             self.inner.handle(record)
             return
         key = (record.name, record.levelno, record.getMessage())
-        now = record.created
         seen = self._seen.get(key)
-        if seen is None or now - seen[0] >= self.window:
-            left_out = 0 if seen is None else int(seen[2])
-            if len(self._seen) >= MOST_KINDS:
-                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
-                if len(self._seen) >= MOST_KINDS:  # that many different records in one window
-                    self._seen.clear()
-            self._seen[key] = [now, 1, 0]
-            if left_out:
-                self.inner.handle(_left_out(record, left_out, self.burst, self.window))
+        if seen is None:
+            if len(self._seen) >= MOST_KINDS:  # that many different records in one window
+                self._sweep(now, everything=True)
+            self._seen[key] = _Window(now, 1, record.name, (record.pathname, record.lineno), key[2])
             self.inner.handle(record)
-        elif seen[1] < self.burst:
-            seen[1] += 1
+        elif seen.written < self.burst:
+            seen.written += 1
             self.inner.handle(record)
         else:
-            seen[2] += 1
+            seen.left_out += 1
+
+    def _sweep(self, now: float, everything: bool = False) -> None:
+        """Close the windows that have passed, each with a line if it left records out."""
+        self._next_sweep = now + 1
+        for key, seen in list(self._seen.items()):
+            if everything or now - seen.began >= self.window:
+                del self._seen[key]
+                if seen.left_out:
+                    self.inner.handle(seen.summary(self.burst, self.window))
+
+
+@dataclass
+class _Window:
+    """One kind of record in its window: when it began, how many were written and left out, and
+    where the first came from (not the record itself, which may hold a traceback's frames)."""
+
+    began: float
+    written: int
+    name: str
+    where: tuple[str, int]
+    message: str
+    left_out: int = 0
+
+    def summary(self, burst: int, window: float) -> logging.LogRecord:
+        return logging.LogRecord(
+            self.name,
+            logging.WARNING,
+            *self.where,
+            "%d more records like this were left out of the log (more than %d in %g s): %s",
+            (self.left_out, burst, window, self.message[:500]),
+            None,
+        )
 
 
 MOST_KINDS = 1000
-
-
-def _left_out(record: logging.LogRecord, count: int, burst: int, window: float) -> logging.LogRecord:
-    return logging.LogRecord(
-        record.name,
-        logging.WARNING,
-        record.pathname,
-        record.lineno,
-        "%d records like the next were left out of the log: more than %d in %g s",
-        (count, burst, window),
-        None,
-    )
 
 
 def configure(level: str, format: str) -> None:
