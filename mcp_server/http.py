@@ -10,6 +10,8 @@ uvicorn on uvloop.
   no query strings.
 - Stateless, there is no session whose stream a GET could open or a DELETE could end: both get
   405 with the methods that work, instead of an empty stream.
+- Limits: what one agent may take (limits.py, inside authentication) and what any client may hold
+  (connections.py, uvicorn's protocol itself).
 """
 
 from __future__ import annotations
