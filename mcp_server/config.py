@@ -249,7 +249,7 @@ class Settings(BaseModel):
     # sending its body, in time is cut off; an idle kept-alive connection is closed.
     http_max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
-    http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    http_body_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     http_keep_alive_seconds: int = Field(default=5, ge=1, le=3600)
     # What one agent may take of a process (limits.py): requests a second (0: no limit), and
     # stateful sessions, per agent and in all; a session without requests ends after the idle time.

@@ -1,5 +1,5 @@
 """What any client may hold of an HTTP server process before it has proved anything: connections,
-and the time it takes to send a request. uvicorn's h11 protocol, with three things added:
+and the time it takes to send a request. uvicorn's h11 protocol, with these added:
 
 - A cap on open connections (`http_max_connections`). At the cap, a new connection takes the
   place of the one that has waited longest without sending a complete request head (an idle
@@ -12,7 +12,10 @@ and the time it takes to send a request. uvicorn's h11 protocol, with three thin
   when it sent part of one). uvicorn has none: a connection sending one byte a second stayed
   open for hours.
 - A body timeout (`http_body_timeout_seconds`): a request whose body has not all arrived this
-  long after its head is cut off (408 when no response has started).
+  long after its head is cut off (408 when no response has started). A request answered before
+  its body came (a 401 without a valid token) has the rest of its body read and dropped; if that
+  takes longer than `LINGER_SECONDS` the connection is closed, and meanwhile it makes way for a
+  new connection like an idle one.
 
 The open-file limit is raised to its hard limit at start, and the cap kept below it with room for
 what the process opens itself and for a burst the loop accepts before it can close the surplus, so
@@ -56,6 +59,8 @@ SPARE_FDS = 200
 MOST_BACKLOG = 2048
 LEAST_BACKLOG = 64
 ACCEPT_BURSTS = 4
+# How long the rest of a body answered before it came may take before its connection is closed.
+LINGER_SECONDS = 2.0
 
 
 def plan(max_connections: int) -> tuple[int, int]:
@@ -95,7 +100,7 @@ def limited_protocol(cap: int, header_timeout: float, body_timeout: float) -> ty
         _refused = False
         _sent_some = False
         _timer: asyncio.TimerHandle | None = None
-        _phase = ""  # "head", "body", "app" (the request is read), "gone"
+        _phase = ""  # "head", "body", "app" (the request is read), "linger" (answered early), "gone"
 
         def connection_made(self, transport: Any) -> None:
             if len(self.connections) >= cap and not _make_room():
@@ -116,7 +121,16 @@ def limited_protocol(cap: int, header_timeout: float, body_timeout: float) -> ty
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # may start the next request of a pipeline
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.SEND_BODY:
+                # Answered before its body came (a 401, a 429): the rest of the body is read and
+                # dropped, and the connection serves its next request, if the body comes soon;
+                # else it is closed, and meanwhile it makes way for a new connection. A client
+                # with no token could otherwise hold it by sending its body slowly.
+                self._begin("linger")
+                return
+            if self.conn.their_state is h11.IDLE:
                 self._begin("head")  # the clock of the next request head starts now
             self._follow()
 
@@ -130,9 +144,10 @@ def limited_protocol(cap: int, header_timeout: float, body_timeout: float) -> ty
                 self._timer.cancel()
             waiting.pop(self, None)
             self._phase, self._sent_some, self._timer = phase, False, None
-            if phase == "head":
-                waiting[self] = None
-                self._timer = self.loop.call_later(header_timeout, self._expired)
+            if phase in ("head", "linger"):
+                waiting[self] = None  # one of these makes way for a new connection
+                delay = header_timeout if phase == "head" else LINGER_SECONDS
+                self._timer = self.loop.call_later(delay, self._expired)
             elif phase == "body":
                 self._timer = self.loop.call_later(body_timeout, self._expired)
 
@@ -143,7 +158,7 @@ def limited_protocol(cap: int, header_timeout: float, body_timeout: float) -> ty
                 if self._phase != "head" and not self.transport.is_closing():
                     self._begin("head")
             elif state is h11.SEND_BODY:
-                if self._phase != "body":
+                if self._phase not in ("body", "linger"):
                     self._begin("body")
             elif self._phase != "app":
                 self._begin("app")
@@ -151,6 +166,9 @@ def limited_protocol(cap: int, header_timeout: float, body_timeout: float) -> ty
         def _expired(self) -> None:
             self._timer = None
             if self.transport.is_closing():
+                return
+            if self._phase == "linger":
+                self._close()
                 return
             if self._phase == "body" and self.flow.read_paused:  # the app is slow to read, not the client
                 self._timer = self.loop.call_later(body_timeout, self._expired)

@@ -6,11 +6,13 @@ when to come back: 429 with `Retry-After` for the agent's own limits, 503 with `
 when the process holds as many sessions as it may (`http_max_sessions`).
 
 - Requests: a token bucket per agent, `http_requests_per_second` refilled each second and up to
-  twice that saved for a burst.
-- Sessions (stateful HTTP): the SDK ends a session after `http_session_idle_seconds` without a
-  request, or at the client's DELETE; the same clock here counts an agent's sessions as open
-  until then. At most `http_max_sessions_per_agent` per agent, so one agent, even a read-only
-  one, cannot take the sessions every other agent needs.
+  twice that saved for a burst. Beyond it a request waits its turn for up to a second, and is
+  refused only past that. A DELETE, which ends a session, is never held back.
+- Sessions (stateful HTTP, the handshake eras): the SDK ends a session after
+  `http_session_idle_seconds` without a request, or at a DELETE it carries out; the same clock
+  here counts an agent's sessions as open until then, from the moment the answer that opens one
+  starts. At most `http_max_sessions_per_agent` per agent, so one agent, even a read-only one,
+  cannot take the sessions every other agent needs. Later eras have no sessions to count.
 
 Both are per process: behind a load balancer over N processes, an agent gets up to N times as much.
 """
@@ -24,7 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import anyio
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_server.auth import AgentToken
@@ -33,9 +38,11 @@ from mcp_server.config import Settings
 logger = logging.getLogger(__name__)
 
 SESSION_HEADER = b"mcp-session-id"
+PROTOCOL_VERSION_HEADER = MCP_PROTOCOL_VERSION_HEADER.lower().encode("ascii")
 # A JSON-RPC error without a request id, as the SDK answers what it refuses before reading a request.
 SERVER_ERROR = -32000
 MOST_BUCKETS = 10_000  # full buckets are forgotten beyond this many agents
+MOST_DELAY = 1.0  # seconds a request over the rate may wait its turn before it is refused instead
 
 
 @dataclass
@@ -45,7 +52,9 @@ class _Bucket:
 
 
 class RequestRates:
-    """Per agent, a token bucket of requests."""
+    """Per agent, a token bucket of requests. A request over the rate by less than `MOST_DELAY`
+    waits its turn (a busy client is slowed, not failed: clients rarely honour Retry-After); one
+    over it by more is refused, so what waits is bounded by the rate times that delay."""
 
     def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_second = per_second
@@ -53,8 +62,9 @@ class RequestRates:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
 
-    def take(self, agent: str) -> float:
-        """Take one request for `agent`: 0 when it may go on, else the seconds until it may."""
+    def take(self, agent: str) -> tuple[bool, float]:
+        """Take one request for `agent`: (True, seconds to wait first), or (False, seconds until
+        one would be taken without being refused)."""
         now = self._clock()
         bucket = self._buckets.get(agent)
         if bucket is None:
@@ -63,10 +73,11 @@ class RequestRates:
             bucket = self._buckets[agent] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.per_second)
         bucket.updated = now
-        if bucket.tokens >= 1:
-            bucket.tokens -= 1
-            return 0.0
-        return (1 - bucket.tokens) / self.per_second
+        wait = max(0.0, (1 - bucket.tokens) / self.per_second)
+        if wait > MOST_DELAY:
+            return False, wait - MOST_DELAY
+        bucket.tokens -= 1
+        return True, wait
 
     def _forget_full(self, now: float) -> None:
         full = [
@@ -191,18 +202,23 @@ class AgentLimits:
             return
         token = user.access_token
         agent = token.agent_id if isinstance(token, AgentToken) else token.client_id
-        if self.rates is not None and (wait := self.rates.take(agent)):
-            why = (
-                f"agent {agent} sent more than {self.rates.per_second:g} requests a second "
-                "(http_requests_per_second): wait as Retry-After says, then retry"
-            )
-            await _refuse(send, 429, why, wait)
-            return
+        # Ending a session frees what it holds: never held back.
+        if self.rates is not None and scope["method"] != "DELETE":
+            admitted, wait = self.rates.take(agent)
+            if not admitted:
+                why = (
+                    f"agent {agent} sent more than {self.rates.per_second:g} requests a second "
+                    "(http_requests_per_second): wait as Retry-After says, then retry"
+                )
+                await _refuse(send, 429, why, wait)
+                return
+            if wait:
+                await anyio.sleep(wait)
         if self.sessions is None:
             await self.app(scope, receive, send)
             return
         session_id = _header(scope, SESSION_HEADER)
-        if session_id is None and scope["method"] == "POST":
+        if session_id is None and scope["method"] == "POST" and _may_open_a_session(scope):
             await self._opening(agent, self.sessions, scope, receive, send)
             return
         if session_id is None:
@@ -213,7 +229,10 @@ class AgentLimits:
         try:
             status = await _answered(self.app, scope, receive, send)
         finally:
-            self.sessions.end(session_id, agent, gone=scope["method"] == "DELETE" or status == 404)
+            # Gone when the SDK says so: a DELETE it carried out, or "no such session". A DELETE
+            # it refused (a bad Origin, another protocol era) leaves the session open.
+            gone = (scope["method"] == "DELETE" and status < 300) or status == 404
+            self.sessions.end(session_id, agent, gone=gone)
 
     async def _opening(
         self, agent: str, sessions: Sessions, scope: Scope, receive: Receive, send: Send
@@ -223,19 +242,25 @@ class AgentLimits:
             logger.warning("refused a new session: %s", why)
             await _refuse(send, status, why, wait)
             return
-        opened: list[str] = []
+        settled = False
 
         async def watch(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] < 400:
-                opened.extend(
+            nonlocal settled
+            if message["type"] == "http.response.start" and not settled:
+                # Counted before the client can read the id, so a DELETE sent the moment it does
+                # finds the session here to end.
+                settled = True
+                ids = [
                     value.decode("latin-1") for name, value in message["headers"] if name == SESSION_HEADER
-                )
+                ]
+                sessions.opened(agent, ids[0] if ids and message["status"] < 400 else None)
             await send(message)
 
         try:
             await self.app(scope, receive, watch)
         finally:
-            sessions.opened(agent, opened[0] if opened else None)
+            if not settled:
+                sessions.opened(agent, None)
 
 
 async def _answered(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> int:
@@ -250,6 +275,14 @@ async def _answered(app: ASGIApp, scope: Scope, receive: Receive, send: Send) ->
 
     await app(scope, receive, watch)
     return status
+
+
+def _may_open_a_session(scope: Scope) -> bool:
+    """Whether the SDK would take this POST without a session id to its stateful path, where an
+    `initialize` opens a session: no protocol version header, or a handshake era's. Later eras
+    carry their version on every request and have no sessions."""
+    version = _header(scope, PROTOCOL_VERSION_HEADER)
+    return version is None or version in HANDSHAKE_PROTOCOL_VERSIONS
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

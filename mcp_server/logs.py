@@ -106,7 +106,7 @@ class RateLimited(logging.Handler):
         if record.levelno <= logging.DEBUG:
             self.inner.handle(record)
             return
-        key = (record.name, record.levelno, record.getMessage())
+        key = (record.name, record.levelno, _kind(record))
         seen = self._seen.get(key)
         if seen is None:
             if len(self._seen) >= MOST_KINDS:  # that many different records in one window
@@ -127,6 +127,18 @@ class RateLimited(logging.Handler):
                 del self._seen[key]
                 if seen.left_out:
                     self.inner.handle(seen.summary(self.burst, self.window))
+
+
+def _kind(record: logging.LogRecord) -> str:
+    """What makes two records the same: their message; for uvicorn's access line of a refused
+    request, the request and its status without the client's address, which differs with every
+    new connection (a flood of bad tokens would otherwise be written in full)."""
+    args = record.args
+    if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+        status = args[4]
+        if isinstance(status, int) and status >= 400:
+            return f'"{args[1]} {args[2]} HTTP/{args[3]}" {status}'
+    return record.getMessage()
 
 
 @dataclass
