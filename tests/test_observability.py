@@ -302,6 +302,11 @@ async def test_over_http_every_log_line_is_json_and_no_token_reaches_the_log(
             assert (await raw.post(url, headers={"Authorization": f"Bearer {stray}"})).status_code == 401
             assert (await raw.get(url.replace("/mcp", f"/nowhere?token={token}"))).status_code == 404
         port = int(url.rsplit(":", 1)[1].split("/")[0])
+        for _ in range(100):  # a flood of bad tokens, each on a new connection (a new client port)
+            async with await anyio.connect_tcp("127.0.0.1", port) as refused:
+                bad = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {stray}\r\n"
+                await refused.send(f"{bad}Content-Length: 0\r\n\r\n".encode())
+                assert (await refused.receive()).startswith(b"HTTP/1.1 401")
         slow = await anyio.connect_tcp("127.0.0.1", port)
         await slow.send(b"GET /mcp HTTP/1.1\r\n")  # and no more: closed after the header timeout
         with anyio.fail_after(10):
@@ -312,4 +317,6 @@ async def test_over_http_every_log_line_is_json_and_no_token_reaches_the_log(
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {"uvicorn.error", "uvicorn.access", "mcp_server.connections"} <= {r["logger"] for r in records}
     assert any("GET /nowhere?…" in record["message"] for record in records)
+    refused = [r for r in records if r["message"].endswith('"POST /mcp HTTP/1.1" 401')]
+    assert len(refused) == 20  # of 101 refused POSTs: the rest are counted (logs.RateLimited)
     assert token not in log and stray not in log
