@@ -212,7 +212,9 @@ async def run(scenario: str, version: Path | None, folder: Path, args: argparse.
     command = [sys.executable, "-m", "mcp_server", "--config", str(config), "serve"]
     command += ["--transport", "http", "--port", str(port)]
     with (folder / f"{name}.log").open("wb") as log:
-        process = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=log, env=env)
+        # Started in its own folder: `-m` puts the working directory first on the path, and from
+        # the repository's that would be this checkout's mcp_server, whatever PYTHONPATH says.
+        process = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=log, env=env, cwd=folder)
     try:
         await _listening(port)
         url = f"http://127.0.0.1:{port}/mcp"

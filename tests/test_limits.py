@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx2
 import pytest
 
@@ -42,6 +43,14 @@ def whole_response(raw: bytes) -> bool:
         line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
     ]
     return len(lengths) == 1 and int(lengths[0]) == len(body)
+
+
+async def unfinished_post(port: int, token: str) -> anyio.abc.SocketStream:
+    """A connection that has sent a POST to /mcp and the first byte of its 1,000-byte body."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    head = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    await stream.send(f"{head}Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{".encode())
+    return stream
 
 
 async def open_session(raw: httpx2.AsyncClient, url: str, token: str) -> httpx2.Response:
@@ -185,14 +194,7 @@ async def test_idle_and_slow_connections_cannot_lock_real_agents_out(
         assert closed == 650
         # Requests refused before their body came (no valid token), the body then sent slowly:
         # each connection is closed 2 s after its 401 and makes way meanwhile, so an agent is served.
-        head = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        dribbling = []
-        for _ in range(120):
-            stream = await anyio.connect_tcp("127.0.0.1", port)
-            await stream.send(
-                f"{head}Authorization: Bearer nope\r\nContent-Length: 1000000\r\n\r\n{{".encode()
-            )
-            dribbling.append(stream)
+        dribbling = [await unfinished_post(port, "nope") for _ in range(120)]
         with anyio.fail_after(SERVED_WITHIN_SECONDS):
             async with http_client(url, tokens["worker"]) as worker:
                 assert (await call(worker, "search_tasks", {}))["items"] == []
@@ -200,13 +202,7 @@ async def test_idle_and_slow_connections_cannot_lock_real_agents_out(
             await stream.aclose()
         # Requests being served, their bodies still coming, fill the cap: the next connection gets
         # 503 at once.
-        busy = []
-        for _ in range(100):
-            stream = await anyio.connect_tcp("127.0.0.1", port)
-            await stream.send(
-                f"{head}Authorization: Bearer {tokens['worker']}\r\nContent-Length: 1000\r\n\r\n{{".encode()
-            )
-            busy.append(stream)
+        busy = [await unfinished_post(port, tokens["worker"]) for _ in range(100)]
         extra = await anyio.connect_tcp("127.0.0.1", port)
         with anyio.fail_after(SERVED_WITHIN_SECONDS):
             refused = await extra.receive()
